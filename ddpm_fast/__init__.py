@@ -1,0 +1,15 @@
+"""ddpm_fast: fast, reproducible sampling from DDPM-style U-Nets (Ho et al. 2020).
+
+    import ddpm_fast as df
+    sampler = df.Sampler(df.UNet.from_pretrained(...), df.NoiseSchedule.linear(1000))
+    x0 = sampler.sample(16, seed=0)
+"""
+from . import ops, reference
+from ._extension import CompiledOpsUnavailable
+from .ops import randn
+from .sampler import Sampler
+from .schedule import NoiseSchedule
+from .unet import UNet
+
+__version__ = "0.1.0"
+__all__ = ["Sampler", "NoiseSchedule", "UNet", "randn", "ops", "reference", "CompiledOpsUnavailable", "__version__"]

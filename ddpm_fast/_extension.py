@@ -1,0 +1,66 @@
+"""Loads the compiled ops (ddpm_fast/_C*.so) and says exactly why when it cannot.
+
+Importing ddpm_fast never fails because of the compiled library: the pure-PyTorch and
+Triton paths work without it, and asking for a compiled op raises `CompiledOpsUnavailable`
+with the reason. A library built against another torch is refused before it is loaded
+(loading it would fail with an undefined symbol, or worse, not fail).
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import warnings
+from pathlib import Path
+
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` (or `make build`)"
+
+
+class CompiledOpsUnavailable(RuntimeError):
+    """A compiled (C++/CUDA) op was asked for but the library is missing or was refused."""
+
+
+def _library_path() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _PACKAGE_DIR / f"_C{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _load() -> tuple[bool, str, dict]:
+    path = _library_path()
+    if path is None:
+        return False, f"the compiled library ddpm_fast/_C*.so was not found in {_PACKAGE_DIR}; {_REBUILD_HINT}", {}
+    try:
+        from . import _build_info
+    except ImportError:
+        return False, f"{path.name} has no ddpm_fast/_build_info.py beside it; {_REBUILD_HINT}", {}
+    info = {k: getattr(_build_info, k) for k in ("TORCH_VERSION", "CUDA_VERSION", "WITH_CUDA", "CUDA_ARCH_LIST")}
+    if info["TORCH_VERSION"] != torch.__version__:
+        return False, (f"{path.name} was built against torch {info['TORCH_VERSION']} but torch "
+                       f"{torch.__version__} is installed; {_REBUILD_HINT}"), info
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as error:
+        return False, f"loading {path} failed: {error}; {_REBUILD_HINT}", info
+    return True, "", info
+
+
+AVAILABLE, REASON, BUILD_INFO = _load()
+if not AVAILABLE and _library_path() is not None:
+    # A library that exists but is refused is a broken install worth a word at import;
+    # a missing one is a normal pure-Python install, reported only when an op is asked for.
+    warnings.warn(f"ddpm_fast compiled ops disabled: {REASON}", RuntimeWarning, stacklevel=2)
+
+
+def require(op: str) -> None:
+    """Raise CompiledOpsUnavailable naming `op` and the reason, unless the library is loaded."""
+    if not AVAILABLE:
+        raise CompiledOpsUnavailable(f"ddpm_fast::{op} needs the compiled ops, which are unavailable: {REASON}")
+
+
+def cuda_built() -> bool:
+    """Whether the loaded library was compiled with its CUDA kernels."""
+    return AVAILABLE and bool(BUILD_INFO.get("WITH_CUDA"))

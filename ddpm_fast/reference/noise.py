@@ -1,0 +1,102 @@
+"""The noise contract (DESIGN §3) written plainly in PyTorch.
+
+Every Gaussian the sampler draws is a function of (seed, sample index s, noise key k,
+element index e), e being the logical NCHW index inside one sample:
+
+    (w0, w1, w2, w3) = Philox4x32-10(key=(seed mod 2^32, seed >> 32), counter=(e >> 2, s, k, version))
+    u_j = uint_to_uniform_float(w_j)
+    (n0, n1) = BoxMuller(u0, u1),  (n2, n3) = BoxMuller(u2, u3),  z = n_(e mod 4)
+
+This is the recipe of Triton's tl.philox + pair_uniform_to_normal; the compiled and Triton
+kernels must reproduce its Philox words bit for bit. Unsigned 32-bit words are held in
+int64 tensors, so the arithmetic runs on any device torch supports.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+NOISE_STREAM_VERSION = 0  # the counter's last word; bump it, never change the stream silently
+
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+_MASK32 = 0xFFFFFFFF
+UNIFORM_SCALE = 4.6566127342e-10  # largest float32 with (2^31 - 1) * scale < 1
+UINT32_RANGE = 1 << 32
+SEED_RANGE = 1 << 63  # seeds travel as int64 through torch.library schemas
+
+
+def _mulhilo(m: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The 64-bit product m·c split into 32-bit halves, built from 16-bit limbs so that no
+    # intermediate overflows int64.
+    p1 = m * (c >> 16)
+    p0 = m * (c & 0xFFFF)
+    hi = (p1 + (p0 >> 16)) >> 16
+    lo = (((p1 & 0xFFFF) << 16) + p0) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """Philox4x32-10 words for `counter` (int64 [..., 4], values in [0, 2^32)) under
+    key (seed mod 2^32, seed >> 32). Returns int64 [..., 4] in [0, 2^32)."""
+    c0, c1, c2, c3 = counter.to(torch.int64).unbind(-1)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def uint_to_uniform_float(words: torch.Tensor) -> torch.Tensor:
+    """Triton's mapping of uint32 words (held in int64) to float32 uniforms in [0, 1)."""
+    x = torch.where(words >= 1 << 31, words - UINT32_RANGE, words)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def pair_uniform_to_normal(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box–Muller in float32; `a` is clamped to 1e-7 so log(a) stays finite."""
+    a = torch.clamp_min(a, 1.0e-7)
+    theta = b * torch.tensor(2 * math.pi, dtype=torch.float32, device=b.device)
+    r = torch.sqrt(-2.0 * torch.log(a))
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def check_noise_args(shape: Sequence[int], seed: int, step: int, sample_offset: int) -> tuple[int, int]:
+    """Validate a draw's arguments; return (batch, elements per sample)."""
+    shape = tuple(shape)
+    if len(shape) < 1 or any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"shape must be a non-empty sequence of sizes >= 0 with the batch first, got {shape}")
+    for name, value, upper in (("seed", seed, SEED_RANGE), ("step", step, UINT32_RANGE),
+                               ("sample_offset", sample_offset, UINT32_RANGE)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
+            raise ValueError(f"{name} must be an int in [0, {upper}), got {value!r}")
+    batch, per_sample = shape[0], math.prod(shape[1:])
+    if sample_offset + batch > UINT32_RANGE:
+        raise ValueError(f"sample indices [{sample_offset}, {sample_offset + batch}) must lie below 2^32")
+    if per_sample > 4 * UINT32_RANGE:
+        raise ValueError(f"at most 2^34 elements per sample, got {per_sample}")
+    return batch, per_sample
+
+
+def randn(shape: Sequence[int], seed: int, step: int, sample_offset: int = 0,
+          device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 noise of `shape` ([B, ...]) for samples sample_offset .. sample_offset + B - 1
+    under noise key `step`, exactly as DESIGN §3 defines it."""
+    batch, per_sample = check_noise_args(shape, seed, step, sample_offset)
+    quads = -(-per_sample // 4)
+    q = torch.arange(quads, dtype=torch.int64, device=device)
+    s = torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64, device=device)
+    counter = torch.stack(torch.broadcast_tensors(q[None, :], s[:, None],
+                                                  torch.full((), step, dtype=torch.int64, device=device),
+                                                  torch.full((), NOISE_STREAM_VERSION, dtype=torch.int64, device=device)),
+                          dim=-1)
+    u = uint_to_uniform_float(philox4x32_10(counter, seed))
+    n0, n1 = pair_uniform_to_normal(u[..., 0], u[..., 1])
+    n2, n3 = pair_uniform_to_normal(u[..., 2], u[..., 3])
+    z = torch.stack([n0, n1, n2, n3], dim=-1).reshape(batch, 4 * quads)[:, :per_sample]
+    return z.reshape(shape).contiguous()

@@ -1,0 +1,92 @@
+"""NoiseSchedule: β_1..β_T and every table derived from them (Ho et al. 2020, DESIGN §2).
+
+Tables are computed once in float64 on the CPU and named after their formulas; callers
+cast them when they move them to a device. Timesteps are 0-based as in the original code:
+index i holds the paper's t = i + 1.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SPACINGS = ("uniform", "quadratic")
+
+
+class NoiseSchedule:
+    """A variance schedule β_1..β_T with its derived tables (all float64 CPU tensors of length T)."""
+
+    def __init__(self, betas: torch.Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a 1-D tensor with T >= 1 entries, got shape {tuple(betas.shape)}")
+        if not torch.isfinite(betas).all() or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"every beta must lie in (0, 1), got min {betas.min().item()}, max {betas.max().item()}")
+        self.betas = betas
+        self.num_timesteps = betas.numel()
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        # q(x_t | x_0), eq. 4
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        # q(x_{t-1} | x_t, x_0), eqs. 6-7
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = betas * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        """The paper's schedule: β linear from beta_start to beta_end over T steps."""
+        _check_T(T)
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+        """Improved DDPM's schedule (Nichol & Dhariwal 2021, eq. 17): ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2),
+        β_t = min(1 − ᾱ(t)/ᾱ(t−1), max_beta)."""
+        _check_T(T)
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return cls(torch.clamp(1 - alpha_bar[1:] / alpha_bar[:-1], max=max_beta))
+
+    def check_timesteps(self, t: torch.Tensor) -> None:
+        """Raise unless t is an integer tensor of timesteps in [0, T)."""
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timesteps must be an integer tensor, got {t.dtype}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}), got min {int(t.min())}, max {int(t.max())}")
+
+    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[int]:
+        """The kept timesteps, in sampling order (descending): all T by default, or a DDIM
+        subsequence of `steps` — "uniform" (i·⌊T/steps⌋, diffusers' "leading") or "quadratic"
+        (⌊(i·√(0.8T)/(steps−1))²⌋, Song et al. 2021, without repeats: at most `steps`)."""
+        T = self.num_timesteps
+        if steps is None or steps == T:
+            return list(range(T - 1, -1, -1))
+        if not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+        if spacing == "uniform":
+            kept = [i * (T // steps) for i in range(steps)]
+        elif spacing == "quadratic":
+            # Near t = 0 the squares can repeat an integer; DDIM's code runs a repeated
+            # timestep as a step from t to t, which returns x_t unchanged (ᾱ_s = ᾱ_t, σ = 0),
+            # so dropping repeats gives the same samples with fewer network evaluations.
+            kept = sorted(set((np.linspace(0, math.sqrt(T * 0.8), steps) ** 2).astype(np.int64).tolist()))
+        else:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        return kept[::-1]
+
+    def __repr__(self) -> str:
+        return (f"NoiseSchedule(T={self.num_timesteps}, beta_1={self.betas[0].item():.3g}, "
+                f"beta_T={self.betas[-1].item():.3g})")
+
+
+def _check_T(T: int) -> None:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T must be an int >= 1, got {T!r}")

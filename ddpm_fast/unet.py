@@ -1,0 +1,282 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B), layer for layer as in the original
+TensorFlow code (diffusion_tf/models/unet.py), with the parameter names of its PyTorch port
+(pesser/pytorch_diffusion) so that port's state dicts load as they are.
+
+ResBlocks: GroupNorm(32, eps 1e-6) → swish → conv3×3, + dense(swish(temb)), GroupNorm →
+swish → dropout → conv3×3, 1×1 shortcut when the width changes. Single-head self-attention
+at the listed resolutions; stride-2 3×3 conv downsampling with (0, 1, 0, 1) padding (TF's
+"SAME"); nearest ×2 upsampling then conv3×3.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference import ops as reference_ops
+
+_BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+_CONFIG_KEY = "ddpm_fast_config"
+
+
+def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [sin, cos] with frequencies 10000^(−k/(half−1)), in float32 whatever
+    the model dtype (timesteps up to 999 lose their low bits in bf16)."""
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=timesteps.device)
+                      * -(math.log(10000) / (half - 1)))
+    args = timesteps.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if embedding_dim % 2 else emb
+
+
+def _normalize(x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
+    """The original's nonlinearity(normalize(x + add)), through the group_norm_silu op's signature."""
+    return reference_ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
+
+
+def _variance_scaling_init_(module: nn.Module, scale: float = 1.0) -> None:
+    # The original's default_init: variance scaling, fan_avg, uniform; a scale of 1e-10 stands
+    # in for its "init_scale=0." on the last layer of each residual branch.
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+    bound = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2))
+    nn.init.uniform_(module.weight, -bound, bound)
+    nn.init.zeros_(module.bias)
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, scale: float = 1.0) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding)
+    _variance_scaling_init_(conv, scale)
+    return conv
+
+
+def _dense(in_features: int, out_features: int) -> nn.Linear:
+    dense = nn.Linear(in_features, out_features)
+    _variance_scaling_init_(dense)
+    return dense
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, num_groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
+        self.conv1 = _conv(in_channels, out_channels, 3, padding=1)
+        self.temb_proj = _dense(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _conv(out_channels, out_channels, 3, padding=1, scale=1e-10)
+        self.nin_shortcut = _conv(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_normalize(x, self.norm1))
+        h = self.conv2(self.dropout(_normalize(h, self.norm2, add=self.temb_proj(F.silu(temb)))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels, eps=1e-6)
+        self.q = _conv(channels, channels, 1)
+        self.k = _conv(channels, channels, 1)
+        self.v = _conv(channels, channels, 1)
+        self.proj_out = _conv(channels, channels, 1, scale=1e-10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = _normalize(x, self.norm, act=False)
+        # single head over the H·W positions: [B, 1, N, C]
+        q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        h = reference_ops.attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): x [B, in_channels, H, W], t [B] 0-based integer timesteps → [B, out_ch, H, W]."""
+
+    def __init__(self, ch: int = 128, out_ch: int = 3, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
+                 in_channels: int = 3, resolution: int = 32, num_groups: int = 32):
+        super().__init__()
+        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
+        for name, value in (("ch", ch), ("out_ch", out_ch), ("num_res_blocks", num_res_blocks),
+                            ("in_channels", in_channels), ("resolution", resolution), ("num_groups", num_groups)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not ch_mult or any(not isinstance(m, int) or m < 1 for m in ch_mult):
+            raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {ch_mult!r}")
+        if any(ch * m % num_groups for m in ch_mult):
+            raise ValueError(f"every width ch * ch_mult = {[ch * m for m in ch_mult]} must be divisible by num_groups={num_groups}")
+        if resolution % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"resolution {resolution} must be divisible by 2^(len(ch_mult) - 1) = {2 ** (len(ch_mult) - 1)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        self.config = dict(ch=ch, out_ch=out_ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
+                           attn_resolutions=list(attn_resolutions), dropout=dropout, in_channels=in_channels,
+                           resolution=resolution, num_groups=num_groups)
+        self.ch, self.in_channels, self.resolution = ch, in_channels, resolution
+        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
+        temb_ch = 4 * ch
+        block = lambda c_in, c_out: ResnetBlock(c_in, c_out, temb_ch, dropout, num_groups)  # noqa: E731
+
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([_dense(ch, temb_ch), _dense(temb_ch, temb_ch)])
+        self.conv_in = _conv(in_channels, ch, 3, padding=1)
+
+        in_ch_mult, curr_res, block_in = (1,) + ch_mult, resolution, ch
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                down.block.append(block(block_in, block_out))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    down.attn.append(AttnBlock(block_in, num_groups))
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample(block_in)
+                curr_res //= 2
+            self.down.append(down)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = block(block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in, num_groups)
+        self.mid.block_2 = block(block_in, block_in)
+
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for i_block in range(num_res_blocks + 1):
+                skip_in = ch * (in_ch_mult[i_level] if i_block == num_res_blocks else ch_mult[i_level])
+                up.block.append(block(block_in + skip_in, block_out))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    up.attn.append(AttnBlock(block_in, num_groups))
+            if i_level != 0:
+                up.upsample = Upsample(block_in)
+                curr_res *= 2
+            self.up.insert(0, up)
+
+        self.norm_out = nn.GroupNorm(num_groups, block_in, eps=1e-6)
+        self.conv_out = _conv(block_in, out_ch, 3, padding=1, scale=1e-10)
+
+    @classmethod
+    def ddpm_cifar10(cls, **overrides) -> "UNet":
+        """The paper's CIFAR-10 network (35,746,307 parameters)."""
+        return cls(**{**dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                             dropout=0.1, in_channels=3, resolution=32), **overrides})
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        factor = 2 ** (self.num_resolutions - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"H and W must be divisible by {factor}, got {tuple(x.shape[2:])}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError("t must be finite")
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = self._check_inputs(x, t)
+        temb = get_timestep_embedding(t, self.ch).to(x.dtype)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+
+        hs = [self.conv_in(x)]
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](hs[-1], temb)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+                hs.append(h)
+            if i_level != self.num_resolutions - 1:
+                hs.append(down.downsample(hs[-1]))
+
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block in range(self.num_res_blocks + 1):
+                h = up.block[i_block](torch.cat([h, hs.pop()], dim=1), temb)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)
+        return self.conv_out(_normalize(h, self.norm_out))
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the weights as safetensors with the constructor arguments in its metadata."""
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={_CONFIG_KEY: json.dumps(self.config)})
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "UNet":
+        """Load a bundled model by name, our safetensors file, or a diffusers UNet2DModel folder."""
+        path = Path(name_or_path)
+        if path.is_dir():
+            from .integrations.diffusers import load_diffusers_unet
+            return load_diffusers_unet(path)
+        if path.suffix == ".safetensors" and path.is_file():
+            return _load_safetensors(path)
+        bundled = _BUNDLED_DIR / f"{name_or_path}.safetensors"
+        if bundled.is_file():
+            return _load_safetensors(bundled)
+        names = sorted(p.stem for p in _BUNDLED_DIR.glob("*.safetensors"))
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} is neither a bundled model (bundled: {names or 'none yet'}), "
+            "a .safetensors file, nor a diffusers UNet2DModel folder")
+
+    def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":
+        """load_state_dict that names every missing, unexpected or mis-shaped key of `source`."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        misshaped = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
+                           for k, v in state_dict.items() if k in own and v.shape != own[k].shape)
+        if missing or unexpected or misshaped:
+            raise ValueError(f"{source} does not match UNet({self.config}): missing keys {missing}, "
+                             f"unexpected keys {unexpected}, mismatched shapes {misshaped}")
+        self.load_state_dict(state_dict)
+        return self
+
+
+def _load_safetensors(path: Path) -> UNet:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if _CONFIG_KEY not in metadata:
+            raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not a ddpm_fast checkpoint")
+        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    return UNet(**json.loads(metadata[_CONFIG_KEY])).load_checked(state_dict, str(path))

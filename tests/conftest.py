@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests parametrised over `device` run on the CPU everywhere and on CUDA
+where a GPU is present; DDPM_FAST_REQUIRE_CUDA=1 (the GPU report) turns a missing GPU into a
+failure instead of a skip. Triton kernels run in Triton's interpreter on machines without
+CUDA: TRITON_INTERPRET must be set before any kernel is defined, hence here."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REQUIRE_CUDA = os.environ.get("DDPM_FAST_REQUIRE_CUDA") == "1"
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        if REQUIRE_CUDA:
+            pytest.fail("DDPM_FAST_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where a Triton kernel runs: the GPU when there is one, else the interpreter on the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

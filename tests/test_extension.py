@@ -1,0 +1,102 @@
+"""The compiled library: built, loaded, every schema backed by a CPU kernel (and a CUDA kernel
+whenever the CUDA ops were built, GPU or not), and clear failures when it is missing or stale."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+
+
+def test_the_library_is_built_and_loaded():
+    assert OPS, "csrc/ops.cpp defines no op"
+    assert _extension.AVAILABLE, _extension.REASON
+    assert _extension.BUILD_INFO["TORCH_VERSION"] == torch.__version__
+
+
+def test_cuda_ops_are_built_wherever_nvcc_is_found():
+    # A build that silently skipped csrc/cuda would leave every CUDA kernel unchecked on CPU-only CI.
+    nvcc = shutil.which("nvcc") or os.environ.get("CUDA_HOME")
+    if nvcc and torch.version.cuda and os.environ.get("DDPM_FAST_CUDA") != "0":
+        assert _extension.cuda_built(), "nvcc and a CUDA torch are present but the CUDA ops were not built"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_its_kernels(op):
+    name = f"ddpm_fast::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has no CPU kernel"
+    if _extension.cuda_built():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"), f"{name} has no fake kernel"
+
+
+def _registering_files(key: str) -> set:
+    files = set()
+    for op in OPS:
+        # lines read "CPU: registered at /path/csrc/cpu/noise.cpp:53 :: (schema) [ boxed unboxed ]"
+        files.update(re.findall(rf"^{key}: registered at (\S+):\d+", torch._C._dispatch_dump(f"ddpm_fast::{op}"), re.M))
+    return files
+
+
+def test_every_kernel_file_registers_kernels():
+    # A .cpp/.cu file that compiles but registers nothing fails here.
+    backends = [("CPU", "cpu", "*.cpp")] + ([("CUDA", "cuda", "*.cu")] if _extension.cuda_built() else [])
+    for key, folder, pattern in backends:
+        registered = _registering_files(key)
+        for source in sorted((ROOT / "csrc" / folder).glob(pattern)):
+            suffix = f"csrc/{folder}/{source.name}"
+            assert any(f.endswith(suffix) for f in registered), f"{suffix} registers no {key} kernel"
+
+
+def _run_package_copy(tmp_path: Path, with_library: bool, code: str, torch_version: str | None = None):
+    source = Path(ddpm_fast.__file__).parent
+    ignore = ["__pycache__"] + ([] if with_library else ["_C.*"])
+    shutil.copytree(source, tmp_path / "ddpm_fast", ignore=shutil.ignore_patterns(*ignore))
+    if torch_version is not None:
+        info = tmp_path / "ddpm_fast" / "_build_info.py"
+        info.write_text(re.sub(r"TORCH_VERSION = .*", f"TORCH_VERSION = {torch_version!r}", info.read_text()))
+    prelude = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "default"})
+
+
+def test_import_works_without_the_library_and_says_what_is_missing(tmp_path):
+    result = _run_package_copy(tmp_path, with_library=False, code="""
+        import warnings
+        warnings.simplefilter("error")  # a library that is simply absent is not worth a warning
+        import ddpm_fast as df
+        assert df.__file__.startswith(sys.path[0]), df.__file__
+        z = df.randn((2, 3), seed=0, step=1)  # impl="auto" falls back to the reference
+        assert z.shape == (2, 3)
+        try:
+            df.randn((2, 3), seed=0, step=1, impl="cpu")
+        except df.CompiledOpsUnavailable as error:
+            print("ERROR:", error)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR: ddpm_fast::randn needs the compiled ops" in result.stdout
+    assert "_C*.so was not found" in result.stdout and "pip install" in result.stdout
+
+
+def test_a_library_built_for_another_torch_is_refused(tmp_path):
+    result = _run_package_copy(tmp_path, with_library=True, torch_version="1.0.0+elsewhere", code="""
+        import ddpm_fast as df
+        assert df.__file__.startswith(sys.path[0]), df.__file__
+        try:
+            df.ops.philox4x32_10(__import__("torch").zeros(1, 4, dtype=__import__("torch").int64), 0, impl="cpu")
+        except df.CompiledOpsUnavailable as error:
+            print("ERROR:", error)
+    """)
+    assert result.returncode == 0, result.stderr
+    for text in (result.stderr, result.stdout):  # the import warning and the op's error
+        assert "built against torch 1.0.0+elsewhere" in text and f"torch {torch.__version__} is installed" in text

@@ -1,0 +1,123 @@
+"""Sampler with backend="reference": the public API of DESIGN §9 and the noise keys of §3."""
+import pytest
+import torch
+
+import ddpm_fast as df
+from ddpm_fast.reference import diffusion as D
+
+SMALL = dict(ch=16, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
+             in_channels=1, resolution=8, num_groups=8)
+
+
+class Recorder(torch.nn.Module):
+    """ε_θ = a fixed function of (x, t) that remembers its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.3))
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append((x.clone(), t.clone()))
+        return self.scale * torch.tanh(x) + 1e-3 * t.to(x.dtype)[:, None, None, None]
+
+
+def _small_model(seed=0):
+    torch.manual_seed(seed)
+    model = df.UNet(**SMALL)
+    with torch.no_grad():  # leave the near-zero init so samples depend on the weights
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_ancestral_loop_uses_the_documented_noise_keys():
+    T, n = 5, 3
+    schedule = df.NoiseSchedule.linear(T, 0.1, 0.3)
+    model = Recorder()
+    x0 = df.Sampler(model, schedule, sample_shape=(2, 3, 3), variance="fixed_small").sample(n, seed=7, sample_offset=4)
+    x = df.randn((n, 2, 3, 3), seed=7, step=T, sample_offset=4, impl="reference")
+    assert torch.equal(model.calls[0][0], x)  # x_T = randn(step=T)
+    for i in reversed(range(T)):
+        t = torch.full((n,), i)
+        assert torch.equal(model.calls[T - 1 - i][1], t)
+        noise = df.randn(x.shape, seed=7, step=i, sample_offset=4, impl="reference") if i > 0 else None
+        x = D.p_sample(schedule, model(x, t), x, t, noise, clip_denoised=True, variance="fixed_small")
+    assert torch.equal(x0, x)
+
+
+def test_ddim_loop_visits_the_subsequence():
+    schedule = df.NoiseSchedule.linear(100)
+    model = Recorder()
+    sampler = df.Sampler(model, schedule, method="ddim", steps=4, eta=1.0, sample_shape=(1, 2, 2))
+    sampler.sample(2, seed=0)
+    assert [int(t[0]) for _, t in model.calls] == [75, 50, 25, 0] == sampler.timesteps
+
+
+def test_samples_do_not_depend_on_the_batch():
+    sampler = df.Sampler(_small_model(), df.NoiseSchedule.linear(50))
+    whole = sampler.sample(6, seed=3)
+    assert whole.shape == (6, 1, 8, 8) and whole.dtype == torch.float32
+    assert whole.min() >= -1 and whole.max() <= 1  # clipped x̂_0 at the last step
+    assert torch.allclose(sampler.sample(2, seed=3, sample_offset=3), whole[3:5], atol=1e-5)
+    assert torch.allclose(sampler.sample(6, seed=3, batch_size=4), whole, atol=1e-5)
+    assert torch.equal(sampler.sample(6, seed=3), whole)
+    assert not torch.allclose(sampler.sample(6, seed=4), whole)
+
+
+def test_model_runs_in_eval_mode_without_autograd_and_is_restored():
+    model = _small_model().train()
+    sampler = df.Sampler(model, df.NoiseSchedule.linear(20), method="ddim", steps=5)
+    a, b = sampler.sample(2, seed=0), sampler.sample(2, seed=0)
+    assert torch.equal(a, b)  # dropout is off
+    assert not a.requires_grad and model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_keeps_x_in_float32(dtype):
+    model = _small_model()
+    reference = df.Sampler(_small_model(), df.NoiseSchedule.linear(20), method="ddim", steps=10).sample(4, seed=1)
+    low = df.Sampler(model, df.NoiseSchedule.linear(20), method="ddim", steps=10, dtype=dtype).sample(4, seed=1)
+    assert low.dtype == torch.float32 and next(model.parameters()).dtype == dtype
+    assert ((low - reference).norm() / reference.norm()) < 0.05
+
+
+def test_float64_sampling():
+    out = df.Sampler(_small_model(), df.NoiseSchedule.linear(10), dtype=torch.float64).sample(2, seed=0)
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="plms"), ValueError, "method"), (dict(variance="learned"), ValueError, "variance"),
+    (dict(method="ddim", eta=1.5), ValueError, "eta"), (dict(steps=10), ValueError, "method='ddim'"),
+    (dict(eta=0.5), ValueError, "eta applies"), (dict(backend="tpu"), ValueError, "backend"),
+    (dict(backend="cpu"), NotImplementedError, "diffusion_step"), (dict(dtype=torch.int8), ValueError, "dtype"),
+    (dict(prediction_type="score"), ValueError, "prediction_type"),
+    (dict(method="ddim", steps=0), ValueError, "steps"),
+])
+def test_bad_sampler_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        df.Sampler(_small_model(), df.NoiseSchedule.linear(20), **kwargs)
+
+
+def test_bad_sample_calls():
+    sampler = df.Sampler(_small_model(), df.NoiseSchedule.linear(5))
+    for n in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="num_samples"):
+            sampler.sample(n)
+    with pytest.raises(ValueError, match="batch_size"):
+        sampler.sample(2, batch_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.sample(2, seed=-1)
+    with pytest.raises(TypeError, match="NoiseSchedule"):
+        df.Sampler(_small_model(), [0.1, 0.2])
+    with pytest.raises(ValueError, match="sample_shape"):
+        df.Sampler(lambda x, t: x, df.NoiseSchedule.linear(5))
+    wrong = df.Sampler(lambda x, t: x[:, :1], df.NoiseSchedule.linear(5), sample_shape=(2, 4, 4))
+    with pytest.raises(ValueError, match="shape"):
+        wrong.sample(1)
+
+
+def test_progress_bar(capsys):
+    df.Sampler(_small_model(), df.NoiseSchedule.linear(5)).sample(2, progress=True, batch_size=1)
+    assert "10/10" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""The DDPM U-Net: the paper's architecture and parameter count, checkpoints, bad input.
+(Numerical equality with diffusers' UNet2DModel is in test_diffusers_parity.py.)"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast import UNet
+from ddpm_fast.unet import get_timestep_embedding
+
+SMALL = dict(ch=16, out_ch=2, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+             in_channels=2, resolution=8, num_groups=8)
+
+
+def test_cifar10_net_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        model = UNet.ddpm_cifar10()
+    assert sum(p.numel() for p in model.parameters()) == 35_746_307
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 51
+    assert len([m for m in model.modules() if type(m).__name__ == "AttnBlock"]) == 6
+
+
+def test_timestep_embedding_is_the_originals():
+    t = torch.tensor([0, 1, 999])
+    emb = get_timestep_embedding(t, 8)
+    freqs = [math.exp(-math.log(10000) * k / 3) for k in range(4)]
+    expected = [[math.sin(ti * f) for f in freqs] + [math.cos(ti * f) for f in freqs] for ti in (0, 1, 999)]
+    assert torch.allclose(emb, torch.tensor(expected), atol=1e-4)
+    assert get_timestep_embedding(t, 9).shape == (3, 9)
+
+
+def test_forward_shapes_dtypes_and_layouts():
+    torch.manual_seed(0)
+    model = UNet(**SMALL).eval()
+    x, t = torch.randn(3, 2, 8, 8), torch.tensor([0, 10, 999])
+    with torch.no_grad():
+        out = model(x, t)
+        assert out.shape == (3, 2, 8, 8) and out.dtype == torch.float32
+        assert torch.allclose(model(x[1:2], t[1:2]), out[1:2], atol=1e-6)  # batch 1
+        assert torch.allclose(model(x, torch.tensor(10)), model(x, torch.full((3,), 10)))  # scalar t broadcasts
+        cl = model(x.to(memory_format=torch.channels_last), t)
+        assert torch.allclose(cl, out, atol=1e-5)
+        assert torch.allclose(model.double()(x.double(), t).float(), out, atol=1e-5)
+
+
+def test_downsample_pads_like_tf_same():
+    model = UNet(**SMALL)
+    down = model.down[0].downsample
+    x = torch.randn(1, 16, 8, 8)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    assert torch.allclose(down(x), expected) and down(x).shape == (1, 16, 4, 4)
+
+
+def test_residual_branches_start_at_zero():
+    # the original's init_scale=0 on each branch's last layer: a fresh net is near identity per block
+    model = UNet(**SMALL)
+    assert model.conv_out.weight.abs().max() < 1e-4 and model.down[0].block[0].conv2.weight.abs().max() < 1e-4
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    model = UNet(**SMALL)
+    model.save_pretrained(tmp_path / "m.safetensors")
+    loaded = UNet.from_pretrained(tmp_path / "m.safetensors")
+    assert loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
+    from safetensors.torch import save_file
+    model = UNet(**SMALL)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state.pop("conv_in.weight")
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="no 'ddpm_fast_config' metadata"):
+        UNet.from_pretrained(tmp_path / "plain.safetensors")
+    save_file(state, str(tmp_path / "cut.safetensors"), metadata={"ddpm_fast_config": __import__("json").dumps(model.config)})
+    with pytest.raises(ValueError, match=r"missing keys \['conv_in.weight'\]"):
+        UNet.from_pretrained(tmp_path / "cut.safetensors")
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        UNet.from_pretrained("no-such-model")
+
+
+@pytest.mark.parametrize("x_shape,t,match", [
+    ((2, 3, 8, 8), [1, 2], r"\[B, 2, H, W\]"), ((2, 8, 8), [1, 2], r"\[B, 2, H, W\]"),
+    ((2, 2, 7, 8), [1, 2], "divisible by 2"), ((2, 2, 8, 8), [1, 2, 3], "shape \\[B\\]"),
+    ((2, 2, 8, 8), [1.0, float("nan")], "finite"),
+])
+def test_bad_inputs(x_shape, t, match):
+    model = UNet(**SMALL)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(x_shape), torch.tensor(t))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ch_mult=()), "ch_mult"), (dict(ch=12), "divisible by num_groups"), (dict(resolution=7), "divisible"),
+    (dict(dropout=1.0), "dropout"), (dict(ch=0), "ch"),
+])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**{**SMALL, **kwargs})
