@@ -1,8 +1,11 @@
 """Sampler: draws x_0 ~ p_θ by ancestral sampling (Algorithm 2) or DDIM.
 
-Noise comes from the stream of DESIGN §3: x_T is randn(step=T) and the update at timestep i
-adds randn(step=i), per global sample index, so sample j is the same whatever batch, device
-or backend draws it.
+Each network evaluation is followed by one fused update (ops.diffusion_step_) whose
+coefficient row, timestep and noise key come from a StepTable held on the device at a step
+index held in device memory, so the loop never waits for the host; on CUDA the whole step
+(model forward + update + index increment) is captured once in a CUDA graph and replayed.
+Noise follows DESIGN §3: x_T is randn(step=T), the update at timestep i adds randn(step=i),
+per global sample index — sample j is the same whatever batch, device or backend draws it.
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .ops import randn
-from .reference import diffusion
-from .schedule import NoiseSchedule
+from . import _extension
+from .ops import diffusion_step_, randn
+from .ops._dispatch import resolve
+from .reference.step import diffusion_step as reference_step
+from .schedule import METHODS, NoiseSchedule, StepTable
 from .unet import UNet
 
-METHODS = ("ddpm", "ddim")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
@@ -26,39 +30,37 @@ class Sampler:
 
     model: any callable (x [B, C, H, W], t [B] int64) → ε (or x_0 / v, see prediction_type);
     a diffusers UNet2DModel is accepted as is. An nn.Module is cast to `dtype` and run in
-    eval mode without autograd (its training flag is restored afterwards).
+    eval mode without autograd (its training flag is restored afterwards). x stays float32
+    (float64 with dtype=float64 on the reference backend).
+
+    backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
+    cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
+    finite_check_every: if set to K, a device-side flag records the first step whose x is not
+    finite and is read every K steps (one sync per K steps); sampling then stops with an error.
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, method: str = "ddpm",
                  variance: str = "fixed_large", clip_denoised: bool = True, backend: str = "auto",
                  dtype: torch.dtype = torch.float32, steps: int | None = None, eta: float = 0.0,
                  spacing: str = "uniform", prediction_type: str = "epsilon",
-                 sample_shape: tuple[int, int, int] | None = None):
+                 sample_shape: tuple[int, int, int] | None = None, cuda_graph: bool = True,
+                 finite_check_every: int | None = None):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if variance not in diffusion.VARIANCES:
-            raise ValueError(f"variance must be one of {diffusion.VARIANCES}, got {variance!r}")
-        if prediction_type not in diffusion.PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {diffusion.PREDICTION_TYPES}, got {prediction_type!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend not in ("auto", "reference"):
-            raise NotImplementedError(f"backend={backend!r} runs the fused diffusion_step op, which is not "
-                                      "built yet; use backend='reference' (or 'auto')")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
-        if method == "ddpm" and steps not in (None, schedule.num_timesteps):
-            raise ValueError(f"method='ddpm' runs all T={schedule.num_timesteps} steps; for steps={steps} use method='ddim'")
-        if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-        if method == "ddpm" and eta != 0.0:
-            raise ValueError("eta applies to method='ddim' only")
-        self.model, self.schedule, self.method = model, schedule, method
-        self.variance, self.clip_denoised, self.backend = variance, clip_denoised, "reference"
-        self.dtype, self.eta, self.prediction_type = dtype, float(eta), prediction_type
-        self.timesteps = schedule.timesteps(steps, spacing)
+        if dtype == torch.float64 and backend != "reference":
+            raise ValueError("dtype=float64 runs on backend='reference' only (the fused kernels keep x in float32)")
+        if finite_check_every is not None and (not isinstance(finite_check_every, int) or finite_check_every < 1):
+            raise ValueError(f"finite_check_every must be a positive int or None, got {finite_check_every!r}")
+        self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing)
+        self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
+        self.dtype, self.cuda_graph, self.finite_check_every = dtype, cuda_graph, finite_check_every
+        self.timesteps = self.table.timesteps.tolist()
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(model)
         if isinstance(model, torch.nn.Module):
             model.to(dtype)
@@ -74,41 +76,82 @@ class Sampler:
     def sample(self, num_samples: int, seed: int = 0, sample_offset: int = 0, progress: bool = False,
                batch_size: int | None = None) -> torch.Tensor:
         """x_0 for global samples sample_offset .. sample_offset + num_samples − 1: float32
-        [num_samples, C, H, W] (float64 when dtype=float64), in [−1, 1] when clip_denoised.
-        batch_size splits the work without changing any sample."""
+        [num_samples, C, H, W], in [−1, 1] when clip_denoised. batch_size splits the work
+        without changing any sample's noise."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         batch_size = num_samples if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        with self._eval_mode():
-            starts = range(0, num_samples, batch_size)
-            bar = tqdm(total=len(starts) * len(self.timesteps), disable=not progress, unit="step",
-                       desc=f"{self.method}, {num_samples} samples in {len(starts)} batch(es)")
-            chunks = [self._sample_batch(min(batch_size, num_samples - start), seed, sample_offset + start, bar)
-                      for start in starts]
-            bar.close()
-        return torch.cat(chunks)
+        randn((num_samples, 1), seed=seed, step=0, sample_offset=sample_offset, impl="reference")  # checks the ids
+        backend = resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
+        starts = range(0, num_samples, batch_size)
+        with self._eval_mode(), tqdm(total=len(starts) * len(self.table), disable=not progress, unit="step",
+                                     desc=f"{self.method} [{backend}], {num_samples} samples") as bar:
+            run = self._sample_reference if backend == "reference" else self._sample_fused
+            return torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend)
+                              for start in starts])
 
-    def _sample_batch(self, n: int, seed: int, sample_offset: int, bar) -> torch.Tensor:
-        device, x_dtype = self.device, torch.float64 if self.dtype == torch.float64 else torch.float32
-        T = self.schedule.num_timesteps
-        x = randn((n, *self.sample_shape), seed=seed, step=T, sample_offset=sample_offset,
-                  device=device, impl="reference").to(x_dtype)
-        for index, i in enumerate(self.timesteps):
-            t = torch.full((n,), i, dtype=torch.int64, device=device)
-            out = self._model_output(x.to(self.dtype), t).to(x_dtype)
-            noise = None if i == 0 or (self.method == "ddim" and self.eta == 0.0) else randn(
-                x.shape, seed=seed, step=i, sample_offset=sample_offset, device=device, impl="reference").to(x_dtype)
-            if self.method == "ddpm":
-                x = diffusion.p_sample(self.schedule, out, x, t, noise, self.clip_denoised, self.variance,
-                                       self.prediction_type)
-            else:
-                t_prev = torch.full_like(t, self.timesteps[index + 1] if index + 1 < len(self.timesteps) else -1)
-                x = diffusion.ddim_step(self.schedule, out, x, t, t_prev, noise, self.eta, self.clip_denoised,
-                                        self.prediction_type)
+    def _initial_noise(self, n: int, seed: int, sample_offset: int, backend: str) -> torch.Tensor:
+        device = self.device
+        compiled = ("cuda" if device.type == "cuda" else "cpu") if _extension.AVAILABLE else "reference"
+        if compiled == "cuda" and not _extension.cuda_built():
+            compiled = "reference"
+        impl = "reference" if backend == "reference" else compiled
+        return randn((n, *self.sample_shape), seed=seed, step=self.schedule.num_timesteps, sample_offset=sample_offset,
+                     device=device, impl=impl)
+
+    def _sample_reference(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
+        x = self._initial_noise(n, seed, sample_offset, backend).to(torch.float64 if self.dtype == torch.float64
+                                                                    else torch.float32)
+        first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
+        rows = zip(self.table.coefs, self.table.timesteps.tolist(), self.table.noise_keys.tolist())
+        for index, (row, t, key) in enumerate(rows):
+            out = self._model_output(x.to(self.dtype), torch.full((n,), t, dtype=torch.int64, device=x.device))
+            z = randn(x.shape, seed=seed, step=key, sample_offset=sample_offset, device=x.device, impl="reference")
+            x = reference_step(x, out, row, z)
+            self._note_non_finite(x, first_bad, torch.tensor([index], device=x.device))
             bar.update(1)
+            self._check_finite(index + 1, first_bad)
         return x
+
+    def _sample_fused(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
+        table: StepTable = self.table.to(self.device)
+        x = self._initial_noise(n, seed, sample_offset, backend)
+        step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
+        first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
+
+        def step() -> None:
+            t = table.timesteps[step_index].expand(n)  # gathered on the device: no host round trip
+            out = self._model_output(x.to(self.dtype), t)
+            diffusion_step_(x, out, table.coefs, table.noise_keys, step_index, seed=seed,
+                            sample_offset=sample_offset, impl=backend, check=False)
+            self._note_non_finite(x, first_bad, step_index)
+            step_index.add_(1)
+
+        replay = step
+        if x.device.type == "cuda" and self.cuda_graph:
+            replay = _capture(step, [x, step_index, first_bad])
+        for done in range(1, len(table) + 1):
+            replay()
+            bar.update(1)
+            self._check_finite(done, first_bad)
+        return x
+
+    def _note_non_finite(self, x: torch.Tensor, first_bad: torch.Tensor, step_index: torch.Tensor) -> None:
+        # device-side bookkeeping only: the row index of the first update that left x non-finite
+        if self.finite_check_every is not None:
+            bad = (first_bad < 0) & ~torch.isfinite(x).all()
+            first_bad.copy_(torch.where(bad, step_index, first_bad))
+
+    def _check_finite(self, done: int, first_bad: torch.Tensor) -> None:
+        # reads the flag (one sync) every finite_check_every steps and after the last
+        if self.finite_check_every is None or (done % self.finite_check_every and done != len(self.table)):
+            return
+        index = int(first_bad.item())
+        if index >= 0:
+            raise FloatingPointError(f"x stopped being finite after the update at timestep "
+                                     f"{self.timesteps[index]} (step {index + 1} of {len(self.table)})")
 
     def _model_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.model(x, t)
@@ -129,6 +172,24 @@ class Sampler:
         finally:
             if was_training:
                 module.train()
+
+
+def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:
+    """Capture `step` in a CUDA graph and return its replay. Warm-up (allocator, cuDNN and
+    Triton autotuning) runs on a side stream against copies of `state`, which is restored, so
+    the captured tensors start where they were."""
+    saved = [t.clone() for t in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _infer_sample_shape(model) -> tuple[int, int, int]:

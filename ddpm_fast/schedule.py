@@ -7,11 +7,15 @@ index i holds the paper's t = i + 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 SPACINGS = ("uniform", "quadratic")
+METHODS = ("ddpm", "ddim")
+VARIANCES = ("fixed_large", "fixed_small")
+PREDICTION_TYPES = ("epsilon", "x0", "v")
 
 
 class NoiseSchedule:
@@ -82,6 +86,49 @@ class NoiseSchedule:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         return kept[::-1]
 
+    def step_table(self, method: str = "ddpm", variance: str = "fixed_large", clip_denoised: bool = True,
+                   prediction_type: str = "epsilon", steps: int | None = None, eta: float = 0.0,
+                   spacing: str = "uniform") -> "StepTable":
+        """The float64 coefficient rows (STEP_COLUMNS) of a DDPM or DDIM run, in sampling order."""
+        for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
+                                     ("prediction_type", prediction_type, PREDICTION_TYPES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        if method == "ddpm" and (steps not in (None, self.num_timesteps) or eta != 0.0):
+            raise ValueError(f"method='ddpm' runs all T={self.num_timesteps} steps with no eta; "
+                             f"for steps={steps}, eta={eta} use method='ddim'")
+        kept = self.timesteps(steps, spacing)
+        ab = self.alphas_cumprod.tolist()
+        rows = []
+        for index, t in enumerate(kept):
+            sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
+            # x̂0 = A·x + B·out and ε = Fx·x + Fo·out for each kind of network output
+            A, B, Fx, Fo = {"epsilon": (1.0 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, 0.0, 1.0),
+                            "x0": (0.0, 1.0, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab),
+                            "v": (sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab)}[prediction_type]
+            if method == "ddpm":  # μ̃_t(x_t, x̂0), eq. 7; σ² = β_t or β̃_t
+                C, D, E = self.posterior_mean_coef1[t].item(), self.posterior_mean_coef2[t].item(), 0.0
+                sigma = math.sqrt((self.betas if variance == "fixed_large" else self.posterior_variance)[t].item())
+            else:  # DDIM eq. 12 towards the previous kept timestep s (ᾱ_s = 1 after the last)
+                ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0
+                sigma = eta * math.sqrt((1 - ab_s) / (1 - ab[t]) * (1 - ab[t] / ab_s))
+                c_eps = math.sqrt(max(1.0 - ab_s - sigma ** 2, 0.0))
+                if clip_denoised:  # ε re-derived from the clipped x̂0: ε' = (x − √ᾱ_t x̂0)/√(1−ᾱ_t)
+                    k = c_eps / sqrt_1m_ab
+                    C, D, E = math.sqrt(ab_s) - k * sqrt_ab, k, 0.0
+                else:
+                    C, D, E = math.sqrt(ab_s), c_eps * Fx, c_eps * Fo
+            if t == 0:
+                sigma = 0.0  # no noise on the last step, whatever the variance choice
+            rows.append((A, B, C, D, E, sigma, float(clip_denoised)))
+        coefs = torch.tensor(rows, dtype=torch.float64)
+        if not torch.isfinite(coefs).all():
+            raise ValueError("the schedule gives non-finite step coefficients")
+        timesteps = torch.tensor(kept, dtype=torch.int64)
+        return StepTable(coefs, timesteps, timesteps.clone())
+
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, beta_1={self.betas[0].item():.3g}, "
                 f"beta_T={self.betas[-1].item():.3g})")
@@ -90,3 +137,28 @@ class NoiseSchedule:
 def _check_T(T: int) -> None:
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
         raise ValueError(f"T must be an int >= 1, got {T!r}")
+
+
+# One sampling update, whatever the method (DESIGN §2), with `out` the network output:
+#   x̂0 = A·x + B·out   (clipped to [−1, 1] when clip = 1)
+#   x_prev = C·x̂0 + D·x + E·out + σ·z
+# For ε-prediction out = ε and these are DESIGN §2's coefficients; x₀- and v-prediction only
+# change how x̂0 and ε are formed from out, which folds into A, B, D and E.
+STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip")
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """The coefficient rows of a sampling run, one per network evaluation, in sampling order.
+
+    coefs: [S, 7] (columns STEP_COLUMNS); timesteps: int64 [S], the model's 0-based timestep;
+    noise_keys: int64 [S], the noise key of the row's z (its timestep: DESIGN §3)."""
+    coefs: torch.Tensor
+    timesteps: torch.Tensor
+    noise_keys: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "StepTable":
+        return StepTable(self.coefs.to(device=device, dtype=dtype), self.timesteps.to(device), self.noise_keys.to(device))
+
+    def __len__(self) -> int:
+        return self.timesteps.numel()

@@ -11,16 +11,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-REQUIRE_CUDA = os.environ.get("DDPM_FAST_REQUIRE_CUDA") == "1"
+from helpers import cuda_or_skip  # noqa: E402
 
 
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request) -> torch.device:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        if REQUIRE_CUDA:
-            pytest.fail("DDPM_FAST_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
-        pytest.skip("no CUDA device")
-    return torch.device(request.param)
+    return cuda_or_skip() if request.param == "cuda" else torch.device("cpu")
 
 
 @pytest.fixture

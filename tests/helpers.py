@@ -1,5 +1,20 @@
-"""Error measures shared by the tests (DESIGN §6)."""
+"""Helpers shared by the tests: error measures (DESIGN §6) and the CUDA skip rule."""
+import os
+
+import pytest
 import torch
+
+REQUIRE_CUDA = os.environ.get("DDPM_FAST_REQUIRE_CUDA") == "1"
+
+
+def cuda_or_skip() -> torch.device:
+    """The CUDA device; a skip where there is none, a failure when DDPM_FAST_REQUIRE_CUDA=1
+    (the GPU report), so no CUDA test can pass by not running."""
+    if not torch.cuda.is_available():
+        if REQUIRE_CUDA:
+            pytest.fail("DDPM_FAST_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

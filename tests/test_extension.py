@@ -15,7 +15,7 @@ import ddpm_fast
 from ddpm_fast import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
+OPS = re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
 
 
 def test_the_library_is_built_and_loaded():

@@ -1,5 +1,6 @@
 """Public ops: argument checks, backend choice (impl="auto" | "reference" | "cpu" | "cuda" |
 "triton") and torch.library registration. Kernels live in csrc/ and ddpm_fast/kernels/."""
 from .noise import philox4x32_10, randn
+from .step import diffusion_step_
 
-__all__ = ["philox4x32_10", "randn"]
+__all__ = ["diffusion_step_", "philox4x32_10", "randn"]

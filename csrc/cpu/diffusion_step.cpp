@@ -1,0 +1,68 @@
+// CPU kernel of the fused sampling update: one Philox call per four consecutive logical
+// elements of a sample, at::parallel_for (OpenMP) over those quads. Each quad's noise depends
+// only on (seed, sample, key, quad), so results never depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../step.h"
+
+namespace ddpm_fast {
+namespace {
+
+constexpr int64_t kGrain = 2048;  // quads per task
+
+bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
+  return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width &&
+         l.stride_b == per_sample;
+}
+
+template <typename out_t>
+void step_kernel(float* x, const out_t* out, const Layout4d& lx, const Layout4d& lo, const NoiseShape& shape,
+                 const StepCoefs& k, uint64_t seed, uint32_t key, uint32_t sample_offset) {
+  const bool contiguous = is_nchw_contiguous(lx, shape.per_sample) && is_nchw_contiguous(lo, shape.per_sample);
+  at::parallel_for(0, shape.batch * shape.quads, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / shape.quads, q = i % shape.quads;
+      const Normal4 z = normal4(seed, static_cast<uint32_t>(q), sample_offset + static_cast<uint32_t>(b), key);
+      const int64_t count = std::min<int64_t>(4, shape.per_sample - 4 * q);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t e = 4 * q + j;
+        const int64_t ox = contiguous ? b * shape.per_sample + e : lx.offset(b, e);
+        const int64_t oo = contiguous ? ox : lo.offset(b, e);
+        x[ox] = step_update(k, x[ox], static_cast<float>(out[oo]), z.v[j]);
+      }
+    }
+  });
+}
+
+void diffusion_step_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
+                        const at::Tensor& noise_keys, const at::Tensor& step_index, int64_t seed,
+                        int64_t sample_offset) {
+  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset);
+  TORCH_CHECK(x.device().is_cpu(), "ddpm_fast::diffusion_step_ (CPU kernel): x on ", x.device());
+  const int64_t index = step_index.data_ptr<int64_t>()[0];
+  TORCH_CHECK(index >= 0 && index < coefs.size(0), "ddpm_fast::diffusion_step_: step index ", index,
+              " is outside the table of ", coefs.size(0), " rows");
+  const float* row = coefs.data_ptr<float>() + index * kStepColumns;
+  const StepCoefs k{row[0], row[1], row[2], row[3], row[4], row[5], row[6]};
+  const int64_t key = noise_keys.data_ptr<int64_t>()[index];
+  TORCH_CHECK(key >= 0 && key < kUint32Range, "ddpm_fast::diffusion_step_: noise key ", key,
+              " is outside [0, 2^32)");
+  if (shape.batch == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffusion_step_cpu", [&] {
+    step_kernel<scalar_t>(x.data_ptr<float>(), out.data_ptr<scalar_t>(), layout_of(x), layout_of(out), shape, k,
+                          static_cast<uint64_t>(seed), static_cast<uint32_t>(key),
+                          static_cast<uint32_t>(sample_offset));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("diffusion_step_", &diffusion_step_cpu);
+}
+
+}  // namespace ddpm_fast

@@ -1,0 +1,76 @@
+// CUDA kernel of the fused sampling update: one thread per Philox call (four consecutive
+// logical elements of a sample), grid-stride loop with 64-bit offsets. The coefficient row
+// is read at a step index held in device memory, so the launch never needs the host and a
+// whole sampling step can be captured in a CUDA graph. An index outside the table (which no
+// host check can see without a sync) writes NaN, so the sampler's finite check catches it.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../step.h"
+
+namespace ddpm_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename out_t>
+__global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out, Layout4d lx, Layout4d lo,
+                            NoiseShape shape, const float* __restrict__ coefs, const int64_t* __restrict__ keys,
+                            const int64_t* __restrict__ step_index, int64_t rows, uint64_t seed,
+                            uint32_t sample_offset) {
+  const int64_t index = *step_index;
+  const bool valid = index >= 0 && index < rows;
+  StepCoefs k{};
+  uint32_t key = 0;
+  if (valid) {
+    const float* row = coefs + index * kStepColumns;
+    k = StepCoefs{row[0], row[1], row[2], row[3], row[4], row[5], row[6]};
+    key = static_cast<uint32_t>(keys[index]);
+  }
+  const int64_t calls = shape.batch * shape.quads;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < calls;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t b = i / shape.quads, q = i % shape.quads;
+    const Normal4 z = normal4(seed, static_cast<uint32_t>(q), sample_offset + static_cast<uint32_t>(b), key);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t e = 4 * q + j;
+      if (e < shape.per_sample) {
+        const int64_t ox = lx.offset(b, e);
+        x[ox] = valid ? step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e)]), z.v[j])
+                      : std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+  }
+}
+
+void diffusion_step_cuda(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
+                         const at::Tensor& noise_keys, const at::Tensor& step_index, int64_t seed,
+                         int64_t sample_offset) {
+  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t calls = shape.batch * shape.quads;
+  if (calls == 0) return;
+  const auto blocks = static_cast<unsigned int>(std::min<int64_t>((calls + kThreads - 1) / kThreads, 65535 * 32));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffusion_step_cuda", [&] {
+    step_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<float>(), out.data_ptr<scalar_t>(), layout_of(x), layout_of(out), shape,
+        coefs.data_ptr<float>(), noise_keys.data_ptr<int64_t>(), step_index.data_ptr<int64_t>(), coefs.size(0),
+        static_cast<uint64_t>(seed), static_cast<uint32_t>(sample_offset));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+  m.impl("diffusion_step_", &diffusion_step_cuda);
+}
+
+}  // namespace ddpm_fast

@@ -1,0 +1,87 @@
+// The fused sampling update (DESIGN §2), shared by csrc/cpu/diffusion_step.cpp and
+// csrc/cuda/diffusion_step.cu: argument checks, the strided layout of x and the network
+// output, and the per-element arithmetic.
+//   x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);  x ← C·x̂0 + D·x + E·out + σ·z
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "noise.h"
+#include "philox.h"
+
+namespace ddpm_fast {
+
+constexpr int64_t kStepColumns = 7;  // A, B, C, D, E, sigma, clip — ddpm_fast/schedule.py
+
+// Offsets of a [B, C, H, W] tensor's elements, addressed by (sample, logical NCHW index e).
+struct Layout4d {
+  int64_t channels, height, width;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+
+  DDPM_FAST_HD int64_t offset(int64_t b, int64_t e) const {
+    const int64_t hw = height * width;
+    const int64_t c = e / hw, rest = e - c * hw;
+    const int64_t h = rest / width, w = rest - h * width;
+    return b * stride_b + c * stride_c + h * stride_h + w * stride_w;
+  }
+};
+
+// Tensors of any rank are seen as [B, C, H, W]; ranks other than 4 must be contiguous.
+inline Layout4d layout_of(const at::Tensor& t) {
+  if (t.dim() == 4) {
+    return {t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  }
+  const int64_t per = t.size(0) == 0 ? 0 : t.numel() / t.size(0);
+  return {per, 1, 1, per, 1, 1, 1};
+}
+
+struct StepCoefs {
+  float A, B, C, D, E, sigma, clip;
+};
+
+DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float z) {
+  float x0_hat = k.A * x + k.B * out;
+  if (k.clip != 0.0f) x0_hat = fminf(fmaxf(x0_hat, -1.0f), 1.0f);
+  return k.C * x0_hat + k.D * x + k.E * out + k.sigma * z;
+}
+
+inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
+                                  const at::Tensor& noise_keys, const at::Tensor& step_index,
+                                  int64_t seed, int64_t sample_offset) {
+  constexpr const char* op = "ddpm_fast::diffusion_step_";
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf ||
+                  out.scalar_type() == at::kBFloat16,
+              op, ": model_output must be float32, float16 or bfloat16, got ", out.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && out.sizes() == x.sizes(), op, ": model_output must have x's shape ",
+              x.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(x.dim() == 4 || (x.is_contiguous() && out.is_contiguous()), op,
+              ": tensors that are not 4-D must be contiguous");
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.dim() == 2 && coefs.size(1) == kStepColumns &&
+                  coefs.is_contiguous(),
+              op, ": coefs must be a contiguous float32 [S, ", kStepColumns, "] table, got ",
+              coefs.scalar_type(), " ", coefs.sizes());
+  TORCH_CHECK(noise_keys.scalar_type() == at::kLong && noise_keys.dim() == 1 &&
+                  noise_keys.size(0) == coefs.size(0) && noise_keys.is_contiguous(),
+              op, ": noise_keys must be a contiguous int64 [S] tensor with S = ", coefs.size(0));
+  TORCH_CHECK(step_index.scalar_type() == at::kLong && step_index.numel() == 1, op,
+              ": step_index must be a one-element int64 tensor");
+  for (const at::Tensor* t : {&out, &coefs, &noise_keys, &step_index}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on x's device ", x.device(),
+                ", got one on ", t->device());
+  }
+  check_seed(op, seed);
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(sample_offset >= 0 && sample_offset + batch <= kUint32Range, op,
+              ": sample indices must lie in [0, 2^32)");
+  const int64_t per_sample = batch == 0 ? 0 : x.numel() / batch;
+  const int64_t quads = (per_sample + 3) / 4;
+  TORCH_CHECK(quads <= kUint32Range, op, ": at most 2^34 elements per sample, got ", per_sample);
+  return {batch, per_sample, quads};
+}
+
+}  // namespace ddpm_fast

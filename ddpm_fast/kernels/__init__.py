@@ -1,0 +1,1 @@
+"""Triton kernels, one family per file: kernel, launcher, then the torch.library op."""

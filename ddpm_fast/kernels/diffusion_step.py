@@ -1,0 +1,88 @@
+"""Triton kernel of the fused sampling update (DESIGN §2) with in-kernel noise (DESIGN §3).
+
+Each program updates BLOCK quads (four consecutive logical elements) of one sample: one
+tl.philox call per quad gives its four normals — the exact recipe of the reference and of
+csrc/philox.h. The coefficient row and noise key are read at a step index in device memory;
+an index outside the table writes NaN (a device-side error the sampler's finite check sees).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..schedule import STEP_COLUMNS
+
+NUM_COLUMNS = len(STEP_COLUMNS)
+
+
+@triton.jit
+def _update(X, Out, b, e, z, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+            A, B, Cx0, D, E, sigma, clip, valid):
+    mask = e < per_sample
+    c = e // (H * W)
+    h = (e // W) % H
+    w = e % W
+    x_ptr = X + b * sxb + c * sxc + h * sxh + w * sxw
+    x = tl.load(x_ptr, mask=mask, other=0.0)
+    out = tl.load(Out + b * sob + c * soc + h * soh + w * sow, mask=mask, other=0.0).to(tl.float32)
+    x0_hat = A * x + B * out
+    x0_hat = tl.where(clip != 0.0, tl.minimum(tl.maximum(x0_hat, -1.0), 1.0), x0_hat)
+    x_prev = Cx0 * x0_hat + D * x + E * out + sigma * z
+    tl.store(x_ptr, tl.where(valid, x_prev, float("nan")), mask=mask)
+
+
+@triton.jit
+def diffusion_step_kernel(X, Out, Coefs, Keys, StepIndex, rows, seed, sample_offset, per_sample, quads, blocks,
+                          C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // blocks).to(tl.int64)
+    q = (pid % blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = tl.load(StepIndex)
+    valid = (index >= 0) & (index < rows)
+    row = Coefs + tl.where(valid, index, 0) * 7
+    A, B, Cx0 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    D, E, sigma, clip = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
+    key = tl.load(Keys + tl.where(valid, index, 0)).to(tl.uint32)
+    zero = tl.zeros([BLOCK], dtype=tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, q.to(tl.uint32), zero + (sample_offset + b).to(tl.uint32), zero + key, zero)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
+    e = q * 4
+    _update(X, Out, b, e, n0, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
+    _update(X, Out, b, e + 1, n1, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
+    _update(X, Out, b, e + 2, n2, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
+    _update(X, Out, b, e + 3, n3, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
+
+
+def _dims(t: torch.Tensor) -> tuple[int, ...]:
+    # (C, H, W, stride_b, stride_c, stride_h, stride_w) of t seen as [B, C, H, W]
+    if t.dim() == 4:
+        return (*t.shape[1:], *t.stride())
+    per = t[0].numel() if t.shape[0] else 0
+    return (per, 1, 1, per, 1, 1, 1)
+
+
+# A custom_op rather than a triton_op: its explicit fake kernel also holds under Triton's
+# interpreter (which would run a triton_op's kernel on fake tensors), and the kernel is opaque
+# to torch.compile either way since it mutates x.
+@torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x"})
+def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
+                           noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
+    batch = x.shape[0]
+    per_sample = x[0].numel() if batch else 0
+    quads = (per_sample + 3) // 4
+    if batch == 0 or quads == 0:
+        return
+    block = min(256, triton.next_power_of_2(quads))
+    blocks = triton.cdiv(quads, block)
+    C, H, W, *x_strides = _dims(x)
+    out_strides = _dims(model_output)[3:]
+    diffusion_step_kernel[(batch * blocks,)](
+        x, model_output, coefs, noise_keys, step_index, coefs.shape[0], seed, sample_offset, per_sample, quads,
+        blocks, C, H, W, *x_strides, *out_strides, BLOCK=block)
+
+
+@diffusion_step_triton_.register_fake
+def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+    return None

@@ -1,0 +1,75 @@
+"""diffusion_step_: the fused sampling update of DESIGN §2, in place on x, with the noise of
+DESIGN §3 drawn inside the kernel. Backends: Triton (ddpm_fast/kernels/diffusion_step.py),
+CUDA and CPU C++ (csrc/{cuda,cpu}/diffusion_step.*), and the reference (plain PyTorch)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ..kernels.diffusion_step import diffusion_step_triton_  # noqa: F401  registers the Triton op
+from ..reference import noise as reference_noise
+from ..reference.step import diffusion_step as reference_step
+from ..schedule import STEP_COLUMNS
+from ._dispatch import resolve
+
+_AVAILABLE = ("triton", "cuda", "cpu")  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
+
+if _extension.AVAILABLE:
+    @torch.library.register_fake("ddpm_fast::diffusion_step_")
+    def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+        return None
+
+
+def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
+                    step_index: torch.Tensor, *, seed: int, sample_offset: int = 0, impl: str = "auto",
+                    check: bool = True) -> torch.Tensor:
+    """x ← C·x̂0 + D·x + E·out + σ·z with x̂0 = A·x + B·out (clipped if the row says so), for the
+    row of `coefs` ([S, 7] float32, a StepTable's) at `step_index` (one-element int64 tensor on
+    x's device) and z = randn(x.shape, seed, noise_keys[step_index], sample_offset).
+
+    x: float32 [B, ...], any strides when 4-D; model_output: x's shape, float32/float16/bfloat16.
+    check=True also validates the step index and the row's finiteness, which reads device
+    memory (a sync on CUDA); the sampler passes check=False inside its loop. Returns x."""
+    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+    if check:
+        index = int(step_index.reshape(()).item())
+        if not 0 <= index < coefs.shape[0]:
+            raise IndexError(f"step index {index} is outside the table of {coefs.shape[0]} rows")
+        if not bool(torch.isfinite(coefs[index]).all()):
+            raise ValueError(f"coefficient row {index} is not finite: {coefs[index].tolist()}")
+    backend = resolve("diffusion_step", impl, x.device, _AVAILABLE)
+    if backend == "triton":
+        torch.ops.ddpm_fast.diffusion_step_triton_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+    elif backend in ("cuda", "cpu"):
+        torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+    else:
+        index = int(step_index.reshape(()).item())
+        z = reference_noise.randn(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
+        x.copy_(reference_step(x, model_output, coefs[index], z))
+    return x
+
+
+def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"diffusion_step_: x must be float32 (the sampler keeps x in float32), got {x.dtype}")
+    if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"diffusion_step_: model_output must be float32, float16 or bfloat16, got {model_output.dtype}")
+    if x.dim() < 1 or model_output.shape != x.shape:
+        raise ValueError(f"diffusion_step_: model_output must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(model_output.shape)}")
+    if x.dim() != 4 and not (x.is_contiguous() and model_output.is_contiguous()):
+        raise ValueError("diffusion_step_: tensors that are not 4-D must be contiguous")
+    if coefs.dtype != torch.float32 or coefs.dim() != 2 or coefs.shape[1] != len(STEP_COLUMNS) or not coefs.is_contiguous():
+        raise ValueError(f"diffusion_step_: coefs must be a contiguous float32 [S, {len(STEP_COLUMNS)}] table "
+                         f"({', '.join(STEP_COLUMNS)}), got {coefs.dtype} {tuple(coefs.shape)}")
+    if noise_keys.dtype != torch.int64 or noise_keys.shape != (coefs.shape[0],) or not noise_keys.is_contiguous():
+        raise ValueError(f"diffusion_step_: noise_keys must be a contiguous int64 [{coefs.shape[0]}] tensor, "
+                         f"got {noise_keys.dtype} {tuple(noise_keys.shape)}")
+    if step_index.dtype != torch.int64 or step_index.numel() != 1:
+        raise ValueError(f"diffusion_step_: step_index must be a one-element int64 tensor, got "
+                         f"{step_index.dtype} {tuple(step_index.shape)}")
+    for name, t in (("model_output", model_output), ("coefs", coefs), ("noise_keys", noise_keys),
+                    ("step_index", step_index)):
+        if t.device != x.device:
+            raise ValueError(f"diffusion_step_: {name} is on {t.device} but x is on {x.device}")
+    reference_noise.check_noise_args((x.shape[0], 1), seed, 0, sample_offset)
