@@ -45,7 +45,10 @@ struct StepCoefs {
 
 DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float z) {
   float x0_hat = k.A * x + k.B * out;
-  if (k.clip != 0.0f) x0_hat = fminf(fmaxf(x0_hat, -1.0f), 1.0f);
+  if (k.clip != 0.0f) {  // comparisons, not fminf/fmaxf: a NaN stays NaN for the finite check
+    x0_hat = x0_hat < -1.0f ? -1.0f : x0_hat;
+    x0_hat = x0_hat > 1.0f ? 1.0f : x0_hat;
+  }
   return k.C * x0_hat + k.D * x + k.E * out + k.sigma * z;
 }
 

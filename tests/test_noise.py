@@ -195,3 +195,18 @@ def test_reference_matches_triton_philox(triton_device, seed, step, offset):
         torch.tensor(step), torch.tensor(ref.NOISE_STREAM_VERSION)), dim=-1)
     assert torch.equal(words.cpu().to(torch.int64) & 0xFFFFFFFF, ref.philox4x32_10(counter, seed))
     assert ulp_distance(normals, ref.randn((batch, per_sample), seed, step, offset)).max() <= 4
+
+
+def test_scalar_cpu_path_matches_too():
+    # The AVX2 path runs on every x86 CI machine; force the portable scalar path once.
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, ddpm_fast as df; from ddpm_fast.reference import noise as ref; "
+            "from helpers import ulp_distance; "
+            "z = df.randn((3, 3, 7, 9), seed=2 ** 40 + 7, step=3, sample_offset=5, impl='cpu'); "
+            "print(int(ulp_distance(z, ref.randn((3, 3, 7, 9), 2 ** 40 + 7, 3, 5)).max()))")
+    env = {**os.environ, "DDPM_FAST_DISABLE_AVX2": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) <= 4

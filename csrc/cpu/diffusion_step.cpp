@@ -1,38 +1,47 @@
-// CPU kernel of the fused sampling update: one Philox call per four consecutive logical
-// elements of a sample, at::parallel_for (OpenMP) over those quads. Each quad's noise depends
-// only on (seed, sample, key, quad), so results never depend on the thread count.
+// CPU kernel of the fused sampling update: the noise of a chunk of a sample (normal_quads.h,
+// AVX2 where available) then the update of that chunk, at::parallel_for (OpenMP) over chunks.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../step.h"
+#include "common/normal_quads.h"
 
 namespace ddpm_fast {
 namespace {
-
-constexpr int64_t kGrain = 2048;  // quads per task
 
 bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
   return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width &&
          l.stride_b == per_sample;
 }
 
+// Unit-stride update of n elements; restrict and the clip test outside the loop let the
+// compiler vectorise it.
+template <typename out_t, bool kClip>
+void update_run(float* __restrict__ x, const out_t* __restrict__ out, const float* __restrict__ z, int64_t n,
+                const StepCoefs k) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float o = static_cast<float>(out[j]);
+    float x0_hat = k.A * x[j] + k.B * o;
+    if (kClip) x0_hat = std::min(std::max(x0_hat, -1.0f), 1.0f);
+    x[j] = k.C * x0_hat + k.D * x[j] + k.E * o + k.sigma * z[j];
+  }
+}
+
 template <typename out_t>
 void step_kernel(float* x, const out_t* out, const Layout4d& lx, const Layout4d& lo, const NoiseShape& shape,
                  const StepCoefs& k, uint64_t seed, uint32_t key, uint32_t sample_offset) {
   const bool contiguous = is_nchw_contiguous(lx, shape.per_sample) && is_nchw_contiguous(lo, shape.per_sample);
-  at::parallel_for(0, shape.batch * shape.quads, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / shape.quads, q = i % shape.quads;
-      const Normal4 z = normal4(seed, static_cast<uint32_t>(q), sample_offset + static_cast<uint32_t>(b), key);
-      const int64_t count = std::min<int64_t>(4, shape.per_sample - 4 * q);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t e = 4 * q + j;
-        const int64_t ox = contiguous ? b * shape.per_sample + e : lx.offset(b, e);
-        const int64_t oo = contiguous ? ox : lo.offset(b, e);
-        x[ox] = step_update(k, x[ox], static_cast<float>(out[oo]), z.v[j]);
+  for_each_noise_chunk(shape, seed, key, sample_offset, [&](int64_t b, int64_t e0, const float* z, int64_t n) {
+    if (contiguous) {
+      float* xs = x + b * shape.per_sample + e0;
+      const out_t* os = out + b * shape.per_sample + e0;
+      for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), z[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t ox = lx.offset(b, e0 + j);
+        x[ox] = step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e0 + j)]), z[j]);
       }
     }
   });

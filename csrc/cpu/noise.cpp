@@ -8,6 +8,7 @@
 
 #include "../noise.h"
 #include "../philox.h"
+#include "common/normal_quads.h"
 
 namespace ddpm_fast {
 namespace {
@@ -37,15 +38,10 @@ void randn_cpu(const at::Tensor& out, int64_t seed, int64_t step, int64_t sample
   const NoiseShape shape = check_randn_args(out, seed, step, sample_offset);
   TORCH_CHECK(out.device().is_cpu(), "ddpm_fast::randn_ (CPU kernel): out on ", out.device());
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, shape.batch * shape.quads, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / shape.quads, q = i % shape.quads;
-      const Normal4 n = normal4(static_cast<uint64_t>(seed), static_cast<uint32_t>(q),
-                                static_cast<uint32_t>(sample_offset + b), static_cast<uint32_t>(step));
-      const int64_t e = 4 * q, count = std::min<int64_t>(4, shape.per_sample - e);
-      std::copy(n.v, n.v + count, dst + b * shape.per_sample + e);
-    }
-  });
+  for_each_noise_chunk(shape, static_cast<uint64_t>(seed), static_cast<uint32_t>(step),
+                       static_cast<uint32_t>(sample_offset), [&](int64_t b, int64_t e0, const float* z, int64_t n) {
+                         std::copy(z, z + n, dst + b * shape.per_sample + e0);
+                       });
 }
 
 }  // namespace

@@ -27,7 +27,9 @@ def _update(X, Out, b, e, z, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, 
     x = tl.load(x_ptr, mask=mask, other=0.0)
     out = tl.load(Out + b * sob + c * soc + h * soh + w * sow, mask=mask, other=0.0).to(tl.float32)
     x0_hat = A * x + B * out
-    x0_hat = tl.where(clip != 0.0, tl.minimum(tl.maximum(x0_hat, -1.0), 1.0), x0_hat)
+    # comparisons rather than min/max, so a NaN stays NaN for the sampler's finite check
+    clipped = tl.where(x0_hat < -1.0, -1.0, tl.where(x0_hat > 1.0, 1.0, x0_hat))
+    x0_hat = tl.where(clip != 0.0, clipped, x0_hat)
     x_prev = Cx0 * x0_hat + D * x + E * out + sigma * z
     tl.store(x_ptr, tl.where(valid, x_prev, float("nan")), mask=mask)
 
