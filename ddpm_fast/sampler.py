@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import _extension
 from .ops import diffusion_step_, randn
 from .ops._dispatch import resolve
+from .reference.noise import check_noise_args
 from .reference.step import diffusion_step as reference_step
 from .schedule import METHODS, NoiseSchedule, StepTable
 from .unet import UNet
@@ -61,6 +62,7 @@ class Sampler:
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
         self.dtype, self.cuda_graph, self.finite_check_every = dtype, cuda_graph, finite_check_every
         self.timesteps = self.table.timesteps.tolist()
+        self._tables: dict[torch.device, StepTable] = {}
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(model)
         if isinstance(model, torch.nn.Module):
             model.to(dtype)
@@ -83,7 +85,7 @@ class Sampler:
         batch_size = num_samples if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        randn((num_samples, 1), seed=seed, step=0, sample_offset=sample_offset, impl="reference")  # checks the ids
+        check_noise_args((num_samples, 1), seed, 0, sample_offset)
         backend = resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
         starts = range(0, num_samples, batch_size)
         with self._eval_mode(), tqdm(total=len(starts) * len(self.table), disable=not progress, unit="step",
@@ -116,7 +118,7 @@ class Sampler:
         return x
 
     def _sample_fused(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
-        table: StepTable = self.table.to(self.device)
+        table = self._device_table(self.device)
         x = self._initial_noise(n, seed, sample_offset, backend)
         step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
@@ -137,6 +139,12 @@ class Sampler:
             bar.update(1)
             self._check_finite(done, first_bad)
         return x
+
+    def _device_table(self, device: torch.device) -> StepTable:
+        # uploaded once per device: later sample() calls start without a host-to-device copy
+        if device not in self._tables:
+            self._tables[device] = self.table.to(device)
+        return self._tables[device]
 
     def _note_non_finite(self, x: torch.Tensor, first_bad: torch.Tensor, step_index: torch.Tensor) -> None:
         # device-side bookkeeping only: the row index of the first update that left x non-finite
