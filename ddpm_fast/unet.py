@@ -34,7 +34,11 @@ def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch
     return F.pad(emb, (0, 1)) if embedding_dim % 2 else emb
 
 
-def _normalize(x: torch.Tensor, norm: nn.GroupNorm, add: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _normalize(x: torch.Tensor, norm: nn.GroupNorm, backend: str, add: torch.Tensor | None = None,
+               act: bool = True) -> torch.Tensor:
     """The original's nonlinearity(normalize(x + add)), through the group_norm_silu op's signature."""
     return reference_ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
 
@@ -61,6 +65,8 @@ def _dense(in_features: int, out_features: int) -> nn.Linear:
 
 
 class ResnetBlock(nn.Module):
+    backend = "auto"  # set for every block by UNet.backend
+
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, num_groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
@@ -72,12 +78,14 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = _conv(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_normalize(x, self.norm1))
-        h = self.conv2(self.dropout(_normalize(h, self.norm2, add=self.temb_proj(F.silu(temb)))))
+        h = self.conv1(_normalize(x, self.norm1, self.backend))
+        h = self.conv2(self.dropout(_normalize(h, self.norm2, self.backend, add=self.temb_proj(F.silu(temb)))))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
 class AttnBlock(nn.Module):
+    backend = "auto"  # set for every block by UNet.backend
+
     def __init__(self, channels: int, num_groups: int):
         super().__init__()
         self.norm = nn.GroupNorm(num_groups, channels, eps=1e-6)
@@ -88,7 +96,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = _normalize(x, self.norm, act=False)
+        h = _normalize(x, self.norm, self.backend, act=False)
         # single head over the H·W positions: [B, 1, N, C]
         q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
         h = reference_ops.attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
@@ -114,11 +122,14 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): x [B, in_channels, H, W], t [B] 0-based integer timesteps → [B, out_ch, H, W]."""
+    """ε_θ(x_t, t): x [B, in_channels, H, W], t [B] 0-based integer timesteps → [B, out_ch, H, W].
+
+    backend picks the implementation of the fusable pieces (GroupNorm+SiLU, attention):
+    "reference" runs the plain PyTorch maths; "auto" the fastest op for the tensors' device."""
 
     def __init__(self, ch: int = 128, out_ch: int = 3, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 in_channels: int = 3, resolution: int = 32, num_groups: int = 32):
+                 in_channels: int = 3, resolution: int = 32, num_groups: int = 32, backend: str = "auto"):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         for name, value in (("ch", ch), ("out_ch", out_ch), ("num_res_blocks", num_res_blocks),
@@ -184,6 +195,20 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(num_groups, block_in, eps=1e-6)
         self.conv_out = _conv(block_in, out_ch, 3, padding=1, scale=1e-10)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        for module in self.modules():
+            if isinstance(module, (ResnetBlock, AttnBlock)):
+                module.backend = value
 
     @classmethod
     def ddpm_cifar10(cls, **overrides) -> "UNet":
@@ -231,7 +256,7 @@ class UNet(nn.Module):
                     h = up.attn[i_block](h)
             if i_level != 0:
                 h = up.upsample(h)
-        return self.conv_out(_normalize(h, self.norm_out))
+        return self.conv_out(_normalize(h, self.norm_out, self.backend))
 
     # -- checkpoints ---------------------------------------------------------------------
 

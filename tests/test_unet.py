@@ -94,6 +94,16 @@ def test_bad_inputs(x_shape, t, match):
         model(torch.randn(x_shape), torch.tensor(t))
 
 
+def test_backend_reaches_every_block():
+    model = UNet(**SMALL, backend="reference")
+    blocks = [m for m in model.modules() if type(m).__name__ in ("ResnetBlock", "AttnBlock")]
+    assert blocks and all(m.backend == "reference" for m in blocks)
+    model.backend = "auto"
+    assert all(m.backend == "auto" for m in blocks)
+    with pytest.raises(ValueError, match="backend"):
+        model.backend = "fast"
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(ch_mult=()), "ch_mult"), (dict(ch=12), "divisible by num_groups"), (dict(resolution=7), "divisible"),
     (dict(dropout=1.0), "dropout"), (dict(ch=0), "ch"),
