@@ -1,0 +1,52 @@
+"""attention: softmax(q kᵀ · scale) v for the U-Net's attention blocks, head dims up to 512.
+
+impl="auto": the Triton flash kernel (ddpm_fast/kernels/attention.py) on CUDA tensors,
+torch's scaled_dot_product_attention on CPU ones; "triton" forces the kernel (CPU tensors run
+it in Triton's interpreter under TRITON_INTERPRET=1); "reference" materialises the N×N weights
+(reference/ops.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.attention import MAX_HEAD_DIM, PRECISIONS, attention_triton
+from ..reference import ops as reference
+from ._dispatch import resolve
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, impl: str = "auto",
+              precision: str = "ieee") -> torch.Tensor:
+    """q [B, heads, N_q, d], k and v [B, heads, N_k, d] (any strides) → [B, heads, N_q, d].
+
+    scale defaults to d^(−1/2). precision applies to float32 inputs on the GPU: "ieee" (float32
+    products, the default: 1e-5 relative accuracy) or "tf32" (tensor cores, ~1e-3)."""
+    _check(q, k, v, precision)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = resolve("attention", impl, q.device, ("triton",))
+    if backend == "triton":
+        return attention_triton(q, k, v, scale, precision)
+    if impl == "auto":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return reference.attention(q, k, v, scale)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be [B, heads, N, d], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise TypeError(f"attention: q, k, v must share one dtype of float32/float16/bfloat16, "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: need q [B, heads, N_q, d] and k = v [B, heads, N_k, d], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]) < 1:
+        raise ValueError(f"attention: every size must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim must be <= {MAX_HEAD_DIM}, got {q.shape[3]}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
