@@ -77,7 +77,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     grid = (triton.cdiv(N_q, config["BLOCK_M"]), B * H)
     attention_kernel[grid](q, k, v, out, scale * 1.4426950408889634, H, N_q, N_k, D,
                            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           INPUT_PRECISION=precision, **config)
+                           INPUT_PRECISION=precision if q.dtype == torch.float32 else None, **config)
     return out
 
 
