@@ -1,6 +1,7 @@
 """ddpm-fast: the command line.
 
-    ddpm-fast sample --model random-small --num 16 --seed 0 --out samples/grid.png
+    ddpm-fast sample --model digits --num 16 --seed 0 --out samples/grid.png
+    ddpm-fast train --dataset digits --out runs/digits --steps 6000 --seed 0
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import torch
 
 from . import NoiseSchedule, Sampler, UNet
-from .images import save_grid
+from .images import save_samples, save_trajectory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RANDOM_SMALL = "random-small"
@@ -35,9 +36,49 @@ def _sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     x0 = sampler.sample(args.num, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
-    path = save_grid(x0, args.out)
+    path = save_samples(x0, args.out)
     print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}) to {path} "
           f"in {seconds:.1f} s")
+    if args.trajectory:
+        frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)))
+        print(f"wrote the x̂0 trajectory of {frames.shape[1]} samples to {save_trajectory(frames, args.trajectory)}")
+    return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data import digits_dataset, image_folder_dataset
+    from .train import EMA_WEIGHTS, TrainConfig, train
+    torch.manual_seed(args.seed)
+    model = UNet(ch=args.ch, out_ch=args.channels, ch_mult=_ints(args.ch_mult), num_res_blocks=args.num_res_blocks,
+                 attn_resolutions=_ints(args.attn_resolutions), dropout=args.dropout, in_channels=args.channels,
+                 resolution=args.resolution, num_groups=args.num_groups).to(args.device)
+    data = (digits_dataset(args.resolution) if args.dataset == "digits"
+            else image_folder_dataset(args.dataset, args.resolution, args.channels))
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)
+    start = time.perf_counter()
+    train(model, data, config, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"trained {args.steps} steps on {data.shape[0]} images in {time.perf_counter() - start:.0f} s; "
+          f"EMA weights: {args.out}/{EMA_WEIGHTS}")
+    return 0
+
+
+PRESETS = {"cifar10": lambda: UNet.ddpm_cifar10().config}
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import json
+    config = None
+    if args.config:
+        config = PRESETS[args.config]() if args.config in PRESETS else json.loads(open(args.config).read())
+    model = UNet.from_pretrained(args.source, config=config)
+    model.save_pretrained(args.out)
+    print(f"wrote {sum(p.numel() for p in model.parameters()):,} parameters of UNet({model.config}) to {args.out}")
     return 0
 
 
@@ -56,12 +97,46 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--timesteps", type=int, default=1000, help="T of the linear schedule")
     sample.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="samples/grid.png", help="PNG grid to write")
+    sample.add_argument("--out", default="samples/grid.png",
+                        help="grid.png (a PNG grid), samples.npz (arr_0 uint8 [N, H, W, C]) or DIR/ (one PNG each)")
+    sample.add_argument("--trajectory", default=None, help="also write the predicted x̂0 over time to this PNG")
     sample.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "cuda"), default="auto")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(run=_sample)
+
+    train = commands.add_parser("train", help="train a DDPM U-Net (Algorithm 1) on the digits set or a folder")
+    train.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, offline) or a folder of images")
+    train.add_argument("--out", required=True, help="folder for checkpoint.safetensors and model.safetensors (EMA)")
+    train.add_argument("--steps", type=int, default=20000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--warmup", type=int, default=500, help="learning-rate warm-up steps")
+    train.add_argument("--ema-decay", type=float, default=0.999)
+    train.add_argument("--grad-clip", type=float, default=1.0)
+    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resolution", type=int, default=16)
+    train.add_argument("--channels", type=int, default=1)
+    train.add_argument("--ch", type=int, default=32)
+    train.add_argument("--ch-mult", default="1,2,2")
+    train.add_argument("--num-res-blocks", type=int, default=1)
+    train.add_argument("--attn-resolutions", default="4")
+    train.add_argument("--dropout", type=float, default=0.1)
+    train.add_argument("--num-groups", type=int, default=8)
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    convert = commands.add_parser("convert", help="turn a diffusers UNet2DModel folder or a .pt/.ckpt state dict "
+                                                  "(original-DDPM PyTorch port names) into our .safetensors")
+    convert.add_argument("source", help="a diffusers UNet2DModel folder, or a .pt/.pth/.ckpt file")
+    convert.add_argument("out", help="the .safetensors file to write")
+    convert.add_argument("--config", default=None,
+                         help=f"for bare state dicts: a preset ({', '.join(PRESETS)}) or a JSON file of UNet arguments")
+    convert.set_defaults(run=_convert)
     return parser
 
 

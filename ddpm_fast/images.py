@@ -31,3 +31,29 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, paddin
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
     return path
+
+
+def save_samples(x: torch.Tensor, out: str | Path, sample_offset: int = 0) -> Path:
+    """Write samples where FID tools read them: `*.png` one grid; `*.npz` arr_0 = uint8
+    [N, H, W, C] (the common evaluators' format); a folder (ending in / or existing) one PNG
+    per sample named by its global index (what clean-fid and torch-fidelity read)."""
+    from PIL import Image
+    path = Path(out)
+    if str(out).endswith(("/", "\\")) or path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(to_uint8(x)):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path / f"{sample_offset + i:06d}.png")
+        return path
+    if path.suffix == ".npz":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, arr_0=to_uint8(x))
+        return path
+    if path.suffix == ".png":
+        return save_grid(x, path)
+    raise ValueError(f"--out must end in .png (a grid), .npz (arr_0 uint8 [N, H, W, C]) or / (a folder), got {out!r}")
+
+
+def save_trajectory(frames: torch.Tensor, path: str | Path) -> Path:
+    """[frames, N, C, H, W] → one PNG: a row per sample, x̂0 over time from left to right."""
+    n_frames, n = frames.shape[:2]
+    return save_grid(frames.transpose(0, 1).reshape(n * n_frames, *frames.shape[2:]), path, nrow=n_frames)

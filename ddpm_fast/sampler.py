@@ -103,13 +103,37 @@ class Sampler:
         return randn((n, *self.sample_shape), seed=seed, step=self.schedule.num_timesteps, sample_offset=sample_offset,
                      device=device, impl=impl)
 
-    def _sample_reference(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
+    @torch.inference_mode()
+    def trajectory(self, num_samples: int, seed: int = 0, sample_offset: int = 0, frames: int = 12) -> torch.Tensor:
+        """The paper's progressive generation (Fig. 6): the predicted x̂0 (clipped as the update
+        clips it) at `frames` evenly spaced steps, the last being the final x_0. Runs the
+        reference loop; returns float32 [frames, num_samples, C, H, W]."""
+        if not isinstance(frames, int) or not 1 <= frames <= len(self.table):
+            raise ValueError(f"frames must be an int in [1, {len(self.table)}], got {frames!r}")
+        keep = {round(i * (len(self.table) - 1) / max(frames - 1, 1)) for i in range(frames)}
+        shots: list[torch.Tensor] = []
+
+        def record(index: int, x: torch.Tensor, out: torch.Tensor, row: torch.Tensor) -> None:
+            if index in keep:
+                A, B, clip = row[0].item(), row[1].item(), row[6].item()
+                x0_hat = A * x + B * out.to(x.dtype)
+                shots.append((x0_hat.clamp(-1, 1) if clip else x0_hat).float())
+
+        check_noise_args((num_samples, 1), seed, 0, sample_offset)
+        with self._eval_mode(), tqdm(disable=True) as bar:
+            self._sample_reference(num_samples, seed, sample_offset, bar, "reference", on_step=record)
+        return torch.stack(shots)
+
+    def _sample_reference(self, n: int, seed: int, sample_offset: int, bar, backend: str,
+                          on_step: Callable | None = None) -> torch.Tensor:
         x = self._initial_noise(n, seed, sample_offset, backend).to(torch.float64 if self.dtype == torch.float64
                                                                     else torch.float32)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
         rows = zip(self.table.coefs, self.table.timesteps.tolist(), self.table.noise_keys.tolist())
         for index, (row, t, key) in enumerate(rows):
             out = self._model_output(x.to(self.dtype), torch.full((n,), t, dtype=torch.int64, device=x.device))
+            if on_step is not None:
+                on_step(index, x, out, row)
             z = randn(x.shape, seed=seed, step=key, sample_offset=sample_offset, device=x.device, impl="reference")
             x = reference_step(x, out, row, z)
             self._note_non_finite(x, first_bad, torch.tensor([index], device=x.device))

@@ -283,14 +283,20 @@ class UNet(nn.Module):
                   metadata={_CONFIG_KEY: json.dumps(self.config)})
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> "UNet":
-        """Load a bundled model by name, our safetensors file, or a diffusers UNet2DModel folder."""
+    def from_pretrained(cls, name_or_path: str | Path, config: dict | None = None) -> "UNet":
+        """Load a bundled model by name ("digits"), our .safetensors file, a diffusers
+        UNet2DModel folder, or a .pt/.pth/.ckpt state dict in this class's (pesser/
+        pytorch_diffusion's) names — read with torch.load(weights_only=True), never
+        unpickling code; `config` gives its constructor arguments unless the file holds
+        {"config": ..., "state_dict": ...}."""
         path = Path(name_or_path)
         if path.is_dir():
             from .integrations.diffusers import load_diffusers_unet
             return load_diffusers_unet(path)
         if path.suffix == ".safetensors" and path.is_file():
             return _load_safetensors(path)
+        if path.suffix in (".pt", ".pth", ".ckpt") and path.is_file():
+            return _load_torch(path, config)
         bundled = _BUNDLED_DIR / f"{name_or_path}.safetensors"
         if bundled.is_file():
             return _load_safetensors(bundled)
@@ -311,6 +317,21 @@ class UNet(nn.Module):
                              f"unexpected keys {unexpected}, mismatched shapes {misshaped}")
         self.load_state_dict(state_dict)
         return self
+
+
+def _load_torch(path: Path, config: dict | None) -> UNet:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated files and pickled code both end here
+        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
+    if isinstance(content, dict) and "state_dict" in content:
+        config = content.get("config", config)
+        content = content["state_dict"]
+    if config is None:
+        raise ValueError(f"{path} holds a bare state dict: pass config= (e.g. UNet.ddpm_cifar10().config)")
+    if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return UNet(**config).load_checked(content, str(path))
 
 
 def _load_safetensors(path: Path) -> UNet:

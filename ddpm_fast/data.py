@@ -1,0 +1,42 @@
+"""Training images as tensors in [−1, 1]: scikit-learn's digits (offline) or a folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def digits_dataset(resolution: int = 16) -> torch.Tensor:
+    """scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), bilinearly upsampled to
+    `resolution`, as float32 [1797, 1, resolution, resolution] in [−1, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from error
+    images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
+    images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return (images * 2 - 1).clamp(-1, 1).contiguous()
+
+
+def image_folder_dataset(folder: str | Path, resolution: int, channels: int = 3) -> torch.Tensor:
+    """Every image in `folder` (recursively), centre-cropped to a square and resized to
+    `resolution`, as float32 [N, channels, resolution, resolution] in [−1, 1]."""
+    from PIL import Image
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    mode = {1: "L", 3: "RGB"}[channels]
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+            array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
+            images.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1)
+    return torch.stack(images).contiguous()

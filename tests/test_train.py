@@ -1,0 +1,105 @@
+"""Training (Algorithm 1), its checkpoints and resume, the data loaders, and the converter."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm_fast as df
+from ddpm_fast.cli import main
+from ddpm_fast.data import digits_dataset, image_folder_dataset
+from ddpm_fast.train import CHECKPOINT, EMA_WEIGHTS, TrainConfig, train
+
+TINY = dict(ch=8, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, in_channels=1,
+            resolution=8, num_groups=4)
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return df.UNet(**TINY)
+
+
+def test_digits_dataset():
+    sklearn = pytest.importorskip("sklearn")  # noqa: F841
+    data = digits_dataset(16)
+    assert data.shape == (1797, 1, 16, 16) and data.dtype == torch.float32
+    assert data.min() == -1 and data.max() == 1
+
+
+def test_image_folder_dataset(tmp_path):
+    for i, size in enumerate([(20, 10), (8, 8), (9, 15)]):
+        Image.fromarray(np.full((size[1], size[0], 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    data = image_folder_dataset(tmp_path, 8)
+    assert data.shape == (3, 3, 8, 8)
+    assert torch.allclose(data[:, 0, 0, 0], torch.tensor([0.0, 40.0, 80.0]) / 127.5 - 1, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        image_folder_dataset(tmp_path / "empty", 8)
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
+    data = torch.rand(32, 1, 8, 8) * 2 - 1
+    config = TrainConfig(steps=4, batch_size=8, warmup=1, checkpoint_every=2, timesteps=50)
+    ema = train(_tiny_model(), data, config, tmp_path, progress=False)
+    assert (tmp_path / CHECKPOINT).is_file() and (tmp_path / EMA_WEIGHTS).is_file()
+    loaded = df.UNet.from_pretrained(tmp_path / EMA_WEIGHTS)
+    for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    data = torch.rand(32, 1, 8, 8) * 2 - 1
+    config = dict(batch_size=8, warmup=2, checkpoint_every=3, timesteps=50, seed=5)
+    straight = train(_tiny_model(), data, TrainConfig(steps=6, **config), tmp_path / "a", progress=False)
+    train(_tiny_model(), data, TrainConfig(steps=3, **config), tmp_path / "b", progress=False)
+    torch.manual_seed(1234)  # the resumed run must not depend on the global state it starts with
+    resumed = train(_tiny_model(), data, TrainConfig(steps=6, **config), tmp_path / "b", resume=True, progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="other settings"):
+        train(_tiny_model(), data, TrainConfig(steps=6, **{**config, "lr": 1e-3}), tmp_path / "b", resume=True,
+              progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_tiny_model(), data, TrainConfig(steps=6, **config), tmp_path / "c", resume=True, progress=False)
+
+
+def test_cli_train_then_sample_every_output(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--out", str(run), "--steps", "2", "--batch-size", "4",
+                 "--resolution", "8", "--ch", "8", "--ch-mult", "1,2", "--attn-resolutions", "4",
+                 "--num-groups", "4", "--quiet"]) == 0
+    model = str(run / EMA_WEIGHTS)
+    common = ["--model", model, "--num", "3", "--method", "ddim", "--steps", "4", "--timesteps", "1000", "--quiet"]
+    assert main(["sample", *common, "--out", str(tmp_path / "s.npz"), "--trajectory", str(tmp_path / "t.png")]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (3, 8, 8, 1) and arr.dtype == np.uint8
+    assert Image.open(tmp_path / "t.png").size == (4 * 10 + 2, 3 * 10 + 2)  # 4 frames (all steps) × 3 samples
+    assert main(["sample", *common, "--out", str(tmp_path / "pngs") + "/"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert main(["sample", *common, "--out", str(tmp_path / "s.jpg")]) == 2
+    assert "--out must end in" in capsys.readouterr().err
+
+
+def test_convert_state_dicts(tmp_path, capsys):
+    model = _tiny_model(3)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    (tmp_path / "config.json").write_text(json.dumps(model.config))
+    assert main(["convert", str(tmp_path / "bare.pt"), str(tmp_path / "m.safetensors"),
+                 "--config", str(tmp_path / "config.json")]) == 0
+    converted = df.UNet.from_pretrained(tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), model.state_dict().values()))
+    assert main(["convert", str(tmp_path / "bare.pt"), str(tmp_path / "x.safetensors")]) == 2
+    assert "pass config=" in capsys.readouterr().err
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, tmp_path / "full.pth")
+    assert df.UNet.from_pretrained(tmp_path / "full.pth").config == model.config
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "bare.pt").read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable weights-only"):
+        df.UNet.from_pretrained(tmp_path / "cut.pt", config=model.config)
+    torch.save({"state_dict": model.state_dict(), "config": model.config, "code": Image.Image}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights-only"):
+        df.UNet.from_pretrained(tmp_path / "evil.pt")
+    partial = {k: v for k, v in model.state_dict().items() if not k.startswith("conv_out")}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"missing keys \['conv_out.bias', 'conv_out.weight'\]"):
+        df.UNet.from_pretrained(tmp_path / "partial.pt", config=model.config)
