@@ -36,7 +36,7 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest tests
 
 sample: $(BUILD_STAMP)
-	$(VENV)/bin/ddpm-fast sample --model random-small --num 16 --seed 0 --out $(SAMPLE_OUT)
+	$(VENV)/bin/ddpm-fast sample --model digits --num 64 --seed 0 --out $(SAMPLE_OUT)
 
 # On a GPU machine with torch/triton installed and no network: uses that python, no venv.
 gpu-report:

@@ -118,5 +118,6 @@ def _load_checkpoint(path: Path, model: UNet, ema: UNet, optimizer: torch.optim.
                                   "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
                                   "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
     generator.set_state(tensors["generator_state"])
-    torch.set_rng_state(tensors["torch_rng_state"])
+    if "torch_rng_state" in tensors:  # absent from checkpoints written before dropout's state was saved
+        torch.set_rng_state(tensors["torch_rng_state"])
     return int(metadata["step"])
