@@ -1,9 +1,10 @@
 // CPU kernels of the fused GroupNorm + SiLU (csrc/group_norm.h), forward and backward:
-// at::parallel_for (OpenMP) over (n, group) blocks. A block is read in unit-stride inner loops
-// (a channel's positions in NCHW, a position's channels in NHWC) that the compiler vectorises:
-// `omp simd` reductions for the sums, SiLU through a polynomial e^x instead of a libm call.
-// A block of the DDPM U-Net (≤ 32 KiB) stays in L2 between its passes, so x comes from memory
-// once; larger ones (LSUN-256: 4 channels × 65,536 positions) are simply read again.
+// at::parallel_for (OpenMP) over blocks — one (n, group) in NCHW, one sample's groups together in
+// NHWC, so that the inner loops are long unit-stride runs either way (a channel's positions, a
+// position's channels) that the compiler vectorises: `omp simd` reductions for the sums, SiLU
+// through a polynomial e^x instead of a libm call. A DDPM U-Net block (≤ 32 KiB in NCHW, ≤ 512 KiB
+// in NHWC) stays in cache between its passes, so x comes from memory once; larger ones
+// (LSUN-256: 4 channels × 65,536 positions a group) are simply read again.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
@@ -75,14 +76,34 @@ void with_bool(bool b, const F& f) {
   }
 }
 
-// sums[c] = Σ_p f(c, offset of (c, p)) over the channels c and positions p of one block:
+// One task's share of a sample: one group in NCHW (a channel's positions make long unit-stride
+// rows), every group in NHWC (a position's C channels are contiguous, so the inner loops run
+// over all C of them rather than C/G).
+struct Block {
+  int64_t n, g0, groups;  // sample, first group, groups in the block
+  int64_t c0, channels;   // first channel, channels in the block
+  int64_t hw, row;        // positions, and the stride between positions in NHWC (C)
+  int64_t offset;         // of element (n, c0, 0, 0)
+};
+
+int64_t groups_per_block(const GroupNormShape& s) {
+  return s.nchw ? 1 : s.groups;
+}
+
+Block block_of(const GroupNormShape& s, int64_t i) {
+  const int64_t groups = groups_per_block(s), per_sample = s.groups / groups;
+  const int64_t n = i / per_sample, g0 = (i % per_sample) * groups, cg = s.group_channels();
+  return {n, g0, groups, g0 * cg, groups * cg, s.hw, s.channels, s.group_offset(n, g0)};
+}
+
+// sums[c] = Σ_p f(c, offset of (c, p)) over the channels c and positions p of a block:
 // float partial sums over at most kChunk elements, gathered in double.
 template <bool kNCHW, typename F>
-C10_ALWAYS_INLINE void channel_sums(const GroupNormShape& s, const F& f, double* sums) {
+C10_ALWAYS_INLINE void channel_sums(const Block& b, const F& f, double* sums) {
   using V = decltype(f(int64_t{0}, int64_t{0}));
-  const int64_t cg = s.group_channels(), hw = s.hw;
+  const int64_t cb = b.channels, hw = b.hw;
   if constexpr (kNCHW) {
-    for (int64_t c = 0; c < cg; ++c) {
+    for (int64_t c = 0; c < cb; ++c) {
       double total = 0;
       for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
         const int64_t p1 = std::min(hw, p0 + kChunk);
@@ -94,41 +115,48 @@ C10_ALWAYS_INLINE void channel_sums(const GroupNormShape& s, const F& f, double*
       sums[c] = total;
     }
   } else {
-    std::vector<V> part(cg);
-    std::fill(sums, sums + cg, 0.0);
-    const int64_t rows = std::max<int64_t>(1, kChunk / cg);
+    std::vector<V> part(cb);
+    std::fill(sums, sums + cb, 0.0);
+    const int64_t rows = std::max<int64_t>(1, kChunk / cb);
     for (int64_t p0 = 0; p0 < hw; p0 += rows) {
       std::fill(part.begin(), part.end(), V(0));
       V* __restrict__ acc = part.data();
       for (int64_t p = p0; p < std::min(hw, p0 + rows); ++p) {
 #pragma omp simd
-        for (int64_t c = 0; c < cg; ++c) acc[c] += f(c, p * s.channels + c);
+        for (int64_t c = 0; c < cb; ++c) acc[c] += f(c, p * b.row + c);
       }
-      for (int64_t c = 0; c < cg; ++c) sums[c] += part[c];
+      for (int64_t c = 0; c < cb; ++c) sums[c] += part[c];
     }
   }
 }
 
 template <bool kNCHW, typename F>
-C10_ALWAYS_INLINE void for_each_element(const GroupNormShape& s, const F& f) {
-  const int64_t cg = s.group_channels(), hw = s.hw;
+C10_ALWAYS_INLINE void for_each_element(const Block& b, const F& f) {
+  const int64_t cb = b.channels, hw = b.hw;
   if constexpr (kNCHW) {
-    for (int64_t c = 0; c < cg; ++c) {
+    for (int64_t c = 0; c < cb; ++c) {
 #pragma omp simd
       for (int64_t p = 0; p < hw; ++p) f(c, c * hw + p);
     }
   } else {
     for (int64_t p = 0; p < hw; ++p) {
 #pragma omp simd
-      for (int64_t c = 0; c < cg; ++c) f(c, p * s.channels + c);
+      for (int64_t c = 0; c < cb; ++c) f(c, p * b.row + c);
     }
   }
 }
 
-double total(const std::vector<double>& sums) {
-  double t = 0;
-  for (const double v : sums) t += v;
-  return t;
+// Per channel of the block, the mean over its group of sums[c]/hw: Σ_{c' in c's group} sums[c'] / (C/G·hw).
+template <typename A>
+std::vector<A> group_means(const Block& b, const std::vector<double>& sums) {
+  const int64_t cg = b.channels / b.groups;
+  std::vector<A> means(b.channels);
+  for (int64_t j = 0; j < b.groups; ++j) {
+    double t = 0;
+    for (int64_t c = j * cg; c < (j + 1) * cg; ++c) t += sums[c];
+    std::fill(means.begin() + j * cg, means.begin() + (j + 1) * cg, static_cast<A>(t / static_cast<double>(cg * b.hw)));
+  }
+  return means;
 }
 
 // The pointers of one call; per-channel tensors and add are contiguous, add may be null.
@@ -142,50 +170,56 @@ struct GroupNormArgs {
   A* rstd;
 };
 
-// add[n, c0 + c] (0 without an add) for the channels c of block (n, g)
+// The block's per-channel add[n, c0 + c] (0 without an add), weight and bias in the statistics' type.
+template <typename A>
+struct ChannelParams {
+  std::vector<A> add, weight, bias;
+};
+
 template <typename T, typename A>
-std::vector<A> channel_add(const GroupNormArgs<T, A>& a, const GroupNormShape& s, int64_t n, int64_t g) {
-  const int64_t cg = s.group_channels();
-  std::vector<A> add(cg, A(0));
-  if (a.add != nullptr) {
-    for (int64_t c = 0; c < cg; ++c) add[c] = static_cast<A>(a.add[n * s.channels + g * cg + c]);
+ChannelParams<A> channel_params(const GroupNormArgs<T, A>& a, const GroupNormShape& s, const Block& b) {
+  ChannelParams<A> p{std::vector<A>(b.channels, A(0)), std::vector<A>(b.channels), std::vector<A>(b.channels)};
+  for (int64_t c = 0; c < b.channels; ++c) {
+    if (a.add != nullptr) p.add[c] = static_cast<A>(a.add[b.n * s.channels + b.c0 + c]);
+    p.weight[c] = static_cast<A>(a.weight[b.c0 + c]);
+    p.bias[c] = static_cast<A>(a.bias[b.c0 + c]);
   }
-  return add;
+  return p;
 }
 
 template <typename T, bool kNCHW, bool kAct>
-DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, int64_t n, int64_t g, const GroupNormArgs<T, at::opmath_type<T>>& a,
-                   T* y, double eps) {
+DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, const Block& b,
+                                           const GroupNormArgs<T, at::opmath_type<T>>& a, T* y, double eps) {
   using A = at::opmath_type<T>;
-  const int64_t cg = s.group_channels(), c0 = g * cg, offset = s.group_offset(n, g);
-  const T* __restrict__ xb = a.x + offset;
-  T* __restrict__ yb = y + offset;
-  const double count = static_cast<double>(cg * s.hw);
-  std::vector<double> sums(cg);
-  const std::vector<A> add = channel_add(a, s, n, g);
-  const A* ad = add.data();
+  const T* __restrict__ xb = a.x + b.offset;
+  T* __restrict__ yb = y + b.offset;
+  const ChannelParams<A> params = channel_params(a, s, b);
+  const A *ad = params.add.data(), *w = params.weight.data(), *bi = params.bias.data();
+  std::vector<double> sums(b.channels);
   // (x + add) − mean, never x + (add − mean): a value equal to the mean gives exactly 0
   const auto value = [&](int64_t c, int64_t o) { return static_cast<A>(xb[o]) + ad[c]; };
-  channel_sums<kNCHW>(s, value, sums.data());
-  const A mean = static_cast<A>(total(sums) / count);
-  channel_sums<kNCHW>(s, [&](int64_t c, int64_t o) {  // two passes: not E[x²] − mean²
-    const A d = value(c, o) - mean;
+  channel_sums<kNCHW>(b, value, sums.data());
+  const std::vector<A> mean = group_means<A>(b, sums);
+  const A* m = mean.data();
+  channel_sums<kNCHW>(b, [&](int64_t c, int64_t o) {  // two passes: not E[x²] − mean²
+    const A d = value(c, o) - m[c];
     return d * d;
   }, sums.data());
-  const A rstd = static_cast<A>(1.0 / std::sqrt(total(sums) / count + eps));
-  std::vector<A> scale(cg), bias(cg);  // y = act((x + add − mean)·scale + bias) per channel
-  for (int64_t c = 0; c < cg; ++c) {
-    scale[c] = rstd * static_cast<A>(a.weight[c0 + c]);
-    bias[c] = static_cast<A>(a.bias[c0 + c]);
+  std::vector<A> rstd = group_means<A>(b, sums), scale(b.channels);  // y = act((x + add − mean)·scale + bias)
+  for (int64_t c = 0; c < b.channels; ++c) {
+    rstd[c] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(rstd[c]) + eps));
+    scale[c] = rstd[c] * w[c];
   }
   const A* sc = scale.data();
-  const A* bi = bias.data();
-  for_each_element<kNCHW>(s, [&](int64_t c, int64_t o) {
-    const A z = (value(c, o) - mean) * sc[c] + bi[c];
+  for_each_element<kNCHW>(b, [&](int64_t c, int64_t o) {
+    const A z = (value(c, o) - m[c]) * sc[c] + bi[c];
     yb[o] = static_cast<T>(kAct ? z * sigmoid(z) : z);
   });
-  a.mean[n * s.groups + g] = mean;
-  a.rstd[n * s.groups + g] = rstd;
+  const int64_t cg = s.group_channels();
+  for (int64_t j = 0; j < b.groups; ++j) {
+    a.mean[b.n * s.groups + b.g0 + j] = mean[j * cg];
+    a.rstd[b.n * s.groups + b.g0 + j] = rstd[j * cg];
+  }
 }
 
 // The per-(n, c) outputs of the backward: Σ dz, Σ dz·x̂ and grad_add = Σ grad_x.
@@ -197,62 +231,64 @@ struct BackwardSums {
 };
 
 template <typename T, bool kNCHW, bool kAct>
-DDPM_FAST_VECTOR_CLONES void backward_block(const GroupNormShape& s, int64_t n, int64_t g, const GroupNormArgs<T, at::opmath_type<T>>& a,
-                    const T* grad_y, T* grad_x, const BackwardSums<at::opmath_type<T>>& out) {
+DDPM_FAST_VECTOR_CLONES void backward_block(const GroupNormShape& s, const Block& b,
+                                            const GroupNormArgs<T, at::opmath_type<T>>& a, const T* grad_y,
+                                            T* grad_x, const BackwardSums<at::opmath_type<T>>& out) {
   using A = at::opmath_type<T>;
-  const int64_t cg = s.group_channels(), c0 = g * cg, offset = s.group_offset(n, g);
-  const T* __restrict__ xb = a.x + offset;
-  const T* __restrict__ gy = grad_y + offset;
-  T* __restrict__ gx = grad_x + offset;
-  const A mean = a.mean[n * s.groups + g], rstd = a.rstd[n * s.groups + g];
-  const std::vector<A> add = channel_add(a, s, n, g);
-  std::vector<A> weight(cg), bias(cg);
-  for (int64_t c = 0; c < cg; ++c) {
-    weight[c] = static_cast<A>(a.weight[c0 + c]);
-    bias[c] = static_cast<A>(a.bias[c0 + c]);
+  const T* __restrict__ xb = a.x + b.offset;
+  const T* __restrict__ gy = grad_y + b.offset;
+  T* __restrict__ gx = grad_x + b.offset;
+  const ChannelParams<A> params = channel_params(a, s, b);
+  const A *ad = params.add.data(), *w = params.weight.data(), *bi = params.bias.data();
+  const int64_t cg = s.group_channels();
+  std::vector<A> mean(b.channels), rstd(b.channels);
+  for (int64_t c = 0; c < b.channels; ++c) {
+    mean[c] = a.mean[b.n * s.groups + b.g0 + c / cg];
+    rstd[c] = a.rstd[b.n * s.groups + b.g0 + c / cg];
   }
-  const A *ad = add.data(), *w = weight.data(), *b = bias.data();
-  const auto xhat = [&](int64_t c, int64_t o) { return (static_cast<A>(xb[o]) + ad[c] - mean) * rstd; };
+  const A *m = mean.data(), *r = rstd.data();
+  const auto xhat = [&](int64_t c, int64_t o) { return (static_cast<A>(xb[o]) + ad[c] - m[c]) * r[c]; };
   const auto dz = [&](int64_t c, int64_t o) {  // the gradient at z = x̂·weight + bias
     const A g_out = static_cast<A>(gy[o]);
     if constexpr (!kAct) return g_out;
-    const A z = xhat(c, o) * w[c] + b[c], sig = sigmoid(z);
+    const A z = xhat(c, o) * w[c] + bi[c], sig = sigmoid(z);
     return g_out * sig * (A(1) + z * (A(1) - sig));
   };
-  std::vector<double> sum_dz(cg), sum_dz_xhat(cg), sum_dx(cg);
-  channel_sums<kNCHW>(s, dz, sum_dz.data());
-  channel_sums<kNCHW>(s, [&](int64_t c, int64_t o) { return dz(c, o) * xhat(c, o); }, sum_dz_xhat.data());
-  double m1 = 0, m2 = 0;  // the group means of dx̂ = dz·weight and of dx̂·x̂
-  for (int64_t c = 0; c < cg; ++c) {
-    m1 += w[c] * sum_dz[c];
-    m2 += w[c] * sum_dz_xhat[c];
+  std::vector<double> sum_dz(b.channels), sum_dz_xhat(b.channels), sum_dx(b.channels);
+  channel_sums<kNCHW>(b, dz, sum_dz.data());
+  channel_sums<kNCHW>(b, [&](int64_t c, int64_t o) { return dz(c, o) * xhat(c, o); }, sum_dz_xhat.data());
+  std::vector<double> w_dz(b.channels), w_dz_xhat(b.channels);  // summed over a group: Σ dx̂ and Σ dx̂·x̂
+  for (int64_t c = 0; c < b.channels; ++c) {
+    w_dz[c] = w[c] * sum_dz[c];
+    w_dz_xhat[c] = w[c] * sum_dz_xhat[c];
   }
-  const double count = static_cast<double>(cg * s.hw);
-  const A mean_dxhat = static_cast<A>(m1 / count), mean_dxhat_xhat = static_cast<A>(m2 / count);
+  const std::vector<A> mean_dxhat = group_means<A>(b, w_dz), mean_dxhat_xhat = group_means<A>(b, w_dz_xhat);
+  const A *m1 = mean_dxhat.data(), *m2 = mean_dxhat_xhat.data();
   // grad_x = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), written while its channel sums (grad_add) are taken
-  channel_sums<kNCHW>(s, [&](int64_t c, int64_t o) {
-    const A dx = rstd * (w[c] * dz(c, o) - mean_dxhat - xhat(c, o) * mean_dxhat_xhat);
+  channel_sums<kNCHW>(b, [&](int64_t c, int64_t o) {
+    const A dx = r[c] * (w[c] * dz(c, o) - m1[c] - xhat(c, o) * m2[c]);
     gx[o] = static_cast<T>(dx);
     return dx;
   }, sum_dx.data());
-  for (int64_t c = 0; c < cg; ++c) {
-    const int64_t i = n * s.channels + c0 + c;
+  for (int64_t c = 0; c < b.channels; ++c) {
+    const int64_t i = b.n * s.channels + b.c0 + c;
     out.dz[i] = static_cast<A>(sum_dz[c]);
     out.dz_xhat[i] = static_cast<A>(sum_dz_xhat[c]);
     out.grad_add[i] = static_cast<A>(sum_dx[c]);
   }
 }
 
-// Calls f(nchw, act, n, g) for every (n, group) in parallel, with nchw = s.nchw and act as
+// Calls f(nchw, act, block) for every block in parallel, with nchw = s.nchw and act as
 // std::integral_constant<bool, ...> to be used as template arguments.
 template <typename F>
 void for_each_block(const GroupNormShape& s, bool act, const F& f) {
   with_bool(s.nchw, [&](auto nchw) {
     with_bool(act, [&](auto kact) {
-      const int64_t grain = std::max<int64_t>(1, kGrain / (s.group_channels() * s.hw));
-      at::parallel_for(0, s.batch * s.groups, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) f(nchw, kact, i / s.groups, i % s.groups);
-      });
+      const int64_t groups = groups_per_block(s), elements = groups * s.group_channels() * s.hw;
+      at::parallel_for(0, s.batch * s.groups / groups, std::max<int64_t>(1, kGrain / elements),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t i = begin; i < end; ++i) f(nchw, kact, block_of(s, i));
+                       });
     });
   });
 }
@@ -276,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_silu_cpu", [&] {
     const auto args = args_of<scalar_t>(in, mean, rstd);
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_block(s, act, [&](auto nchw, auto kact, int64_t n, int64_t g) {
-      forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value>(s, n, g, args, out, eps);
+    for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
+      forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value>(s, b, args, out, eps);
     });
   });
   return {y, mean, rstd};
@@ -302,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const auto args = args_of<scalar_t>(in, mean, rstd);
     const scalar_t* g_out = gy.const_data_ptr<scalar_t>();
     scalar_t* g_in = grad_x.data_ptr<scalar_t>();
-    for_each_block(s, act, [&](auto nchw, auto kact, int64_t n, int64_t g) {
-      backward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value>(s, n, g, args, g_out, g_in, sums);
+    for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
+      backward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value>(s, b, args, g_out, g_in, sums);
     });
   });
   return {grad_x, sum_dz, sum_dz_xhat, grad_add};
