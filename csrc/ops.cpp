@@ -13,4 +13,16 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
       "int seed, int sample_offset) -> ()");
+  // Fused GroupNorm + SiLU (DESIGN §5): y = act((x + add[:, :, None, None] − mean)·rstd·weight + bias),
+  // act = SiLU when act else identity, over [N, C, H, W] x (NCHW or channels_last; y in x's layout).
+  // Returns (y, mean, rstd) with the per-(n, group) statistics [N, G] in float32 (float64 for
+  // float64 x), which the backward reuses.
+  m.def(
+      "group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, int num_groups, float eps, bool act) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x, Σ_hw dz, Σ_hw dz·x̂, grad_add) with dz the gradient at the affine output; the
+  // last three are [N, C] in the statistics' dtype (weight and bias gradients are their sums over n).
+  m.def(
+      "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor mean, "
+      "Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -40,8 +40,11 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 def _normalize(x: torch.Tensor, norm: nn.GroupNorm, backend: str, add: torch.Tensor | None = None,
                act: bool = True) -> torch.Tensor:
-    """The original's nonlinearity(normalize(x + add)), through the group_norm_silu op's signature."""
-    return reference_ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
+    """The original's nonlinearity(normalize(x + add)): the fused group_norm_silu op (impl=backend,
+    "auto" being the op's own choice), or the unfused reference maths for backend "reference"."""
+    if backend == "reference":
+        return reference_ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act, impl=backend)
 
 
 def _variance_scaling_init_(module: nn.Module, scale: float = 1.0) -> None:

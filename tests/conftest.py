@@ -23,3 +23,13 @@ def device(request) -> torch.device:
 def triton_device() -> torch.device:
     """Where a Triton kernel runs: the GPU when there is one, else the interpreter on the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(params=["cpu", "triton", "cuda"])
+def fused(request, triton_device):
+    """(impl, device) of one fused backend: the C++ CPU op, Triton (GPU, or the interpreter on
+    the CPU), the CUDA C++ op."""
+    impl = request.param
+    if impl == "cuda":
+        return impl, cuda_or_skip()
+    return impl, torch.device("cpu") if impl == "cpu" else triton_device

@@ -10,7 +10,7 @@ from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import noise as ref_noise
 from ddpm_fast.reference.step import diffusion_step as reference_step
-from helpers import cuda_or_skip, relative_error, ulp_distance
+from helpers import relative_error, ulp_distance
 from test_noise import GOLDEN
 
 T = 1000
@@ -24,16 +24,6 @@ OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(scope="module")
 def schedule():
     return df.NoiseSchedule.linear(T)
-
-
-@pytest.fixture(params=["cpu", "triton", "cuda"])
-def fused(request, triton_device):
-    """(impl, device) of one fused backend: the C++ CPU op, Triton (GPU, or the interpreter on
-    the CPU), the CUDA C++ op."""
-    impl = request.param
-    if impl == "cuda":
-        return impl, cuda_or_skip()
-    return impl, torch.device("cpu") if impl == "cpu" else triton_device
 
 
 def _table(schedule, method, variance, eta, clip, prediction_type, steps=None):

@@ -1,0 +1,101 @@
+"""group_norm_silu: GroupNorm with the ResBlock's time-embedding add and SiLU in one op (DESIGN
+§5), forward and backward. Backends: Triton (ddpm_fast/kernels/group_norm_silu.py), CUDA and
+CPU C++ (csrc/{cuda,cpu}/group_norm_silu.*), and the reference (plain PyTorch).
+
+Every fast backend returns (y, mean, rstd) with the per-(n, group) statistics kept for its
+backward, which gives grad_x plus per-(n, c) sums: weight and bias gradients are those sums
+summed over the batch. The C++ op's backward on CUDA tensors is the Triton backward kernel."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _extension
+from ..kernels.group_norm_silu import (backward_outputs, dense, forward_outputs, group_norm_silu_backward_triton,
+                                       group_norm_silu_triton)
+from ..reference import ops as reference
+from ._dispatch import resolve
+
+_AVAILABLE = ("triton", "cuda", "cpu")  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6,
+                    add: torch.Tensor | None = None, act: bool = True, impl: str = "auto") -> torch.Tensor:
+    """act(GroupNorm(x + add[:, :, None, None]) · weight + bias), act = SiLU (act=True) or identity.
+
+    x: [N, C, H, W] float32/float16/bfloat16 (float64 on the reference and C++ paths), NCHW,
+    channels_last or any strides; weight, bias: [C]; add: [N, C] or None; all of x's dtype and
+    device. Statistics are float32 (float64 for float64 x). The output has x's memory format
+    (NCHW for strided views). Differentiable in x, weight, bias and add on every backend."""
+    _check(x, weight, bias, num_groups, eps, add)
+    backend = resolve("group_norm_silu", impl, x.device, _AVAILABLE)
+    if backend == "reference":
+        return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, act=act)
+    op = torch.ops.ddpm_fast.group_norm_silu_triton if backend == "triton" else torch.ops.ddpm_fast.group_norm_silu
+    return op(dense(x), weight, bias, add, num_groups, float(eps), bool(act))[0]
+
+
+def _check(x, weight, bias, num_groups, eps, add) -> None:
+    name = "group_norm_silu"
+    if x.dim() != 4:
+        raise ValueError(f"{name}: x must be 4-D [N, C, H, W], got {x.dim()}-D {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: x must not be empty, got shape {tuple(x.shape)}")
+    N, C = x.shape[:2]
+    if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
+        raise ValueError(f"{name}: the channel count C = {C} must be divisible by num_groups, got "
+                         f"num_groups = {num_groups!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{name}: eps must be a finite number ≥ 0, got {eps!r}")
+    params = [("weight", weight, (C,)), ("bias", bias, (C,))] + ([("add", add, (N, C))] if add is not None else [])
+    for what, t, shape in params:
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {what} must have shape {shape} for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: {what} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {what} is on {t.device} but x is on {x.device}")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, add, num_groups, eps, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+    ctx.num_groups, ctx.act = num_groups, act
+
+
+def _autograd(backward_op):
+    """The backward of a forward op returning (y, mean, rstd), through `backward_op`."""
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        x, weight, bias, add, mean, rstd = ctx.saved_tensors
+        grad_x, sum_dz, sum_dz_xhat, grad_add = backward_op(grad_y, x, weight, bias, add, mean, rstd,
+                                                            ctx.num_groups, ctx.act)
+        grad_add = grad_add.to(add.dtype) if add is not None else None
+        return grad_x, sum_dz_xhat.sum(0).to(weight.dtype), sum_dz.sum(0).to(bias.dtype), grad_add, None, None, None
+    return backward
+
+
+group_norm_silu_triton.register_autograd(_autograd(torch.ops.ddpm_fast.group_norm_silu_backward_triton),
+                                         setup_context=_setup_context)
+
+if _extension.AVAILABLE:
+    @torch.library.register_fake("ddpm_fast::group_norm_silu")
+    def _group_norm_silu_fake(x, weight, bias, add, num_groups, eps, act):
+        return forward_outputs(x, num_groups)
+
+    @torch.library.register_fake("ddpm_fast::group_norm_silu_backward")
+    def _group_norm_silu_backward_fake(grad_y, x, weight, bias, add, mean, rstd, num_groups, act):
+        return backward_outputs(x, mean)
+
+    torch.library.register_autograd("ddpm_fast::group_norm_silu",
+                                    _autograd(torch.ops.ddpm_fast.group_norm_silu_backward),
+                                    setup_context=_setup_context)
+
+    if _extension.cuda_built():
+        # No CUDA C++ backward kernel: on CUDA tensors the C++ op's backward is the Triton one.
+        torch.library.impl("ddpm_fast::group_norm_silu_backward", "CUDA")(group_norm_silu_backward_triton)

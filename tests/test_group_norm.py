@@ -1,0 +1,321 @@
+"""The fused GroupNorm + SiLU (ops.group_norm_silu) on every backend against
+F.silu(F.group_norm(x + add)) in float64 (DESIGN §6): seeded random shapes, layouts and
+dtypes, the multi-pass path of groups too large for the chip, fp16 overflow, gradients,
+torch.library checks, torch.compile, the U-Net built on it, and bad inputs."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast import UNet
+from ddpm_fast.kernels import group_norm_silu as triton_kernels
+from ddpm_fast.ops import group_norm_silu
+from helpers import cuda_or_skip, relative_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+SIZES = [1, 2, 3, 5, 7, 8, 9, 16, 32, 64]
+
+
+def _interpreted(impl, device):
+    return impl == "triton" and device.type == "cpu"
+
+
+def _reference(x, weight, bias, num_groups, add=None, act=True, eps=1e-6):
+    """F.silu(F.group_norm(x + add)) in float64 on the CPU."""
+    x, weight, bias = (t.double().cpu() for t in (x, weight, bias))
+    if add is not None:
+        x = x + add.double().cpu()[:, :, None, None]
+    h = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(h) if act else h
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a view with gaps in every dimension but the batch
+        wide = torch.zeros(x.shape[0], 2 * x.shape[1], x.shape[2], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+        wide[:, ::2, :, ::2] = x
+        return wide[:, ::2, :, ::2]
+    return x.contiguous()
+
+
+def _inputs(shape, num_groups, dtype, device, layout="contiguous", with_add=True, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    N, C = shape[:2]
+    x = (torch.randn(shape, generator=g) * scale + 0.5).to(dtype)
+    weight = (1 + 0.5 * torch.randn(C, generator=g)).to(dtype)
+    bias = (0.5 * torch.randn(C, generator=g)).to(dtype)
+    add = torch.randn(N, C, generator=g).to(dtype) if with_add else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return _layout(x.to(device), layout), to(weight), to(bias), to(add)
+
+
+def _random_cases(seed, count, max_numel):
+    """Seeded draws: batch 1–8, groups 1, 8 or 32 with C any multiple, H, W in 1..64 (odd
+    sizes included), each layout and dtype, with and without the add and the SiLU."""
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        groups = rng.choice([1, 8, 32])
+        shape = (rng.randint(1, 8), groups * rng.randint(1, 3), rng.choice(SIZES), rng.choice(SIZES))
+        if shape[0] * shape[1] * shape[2] * shape[3] > max_numel:
+            continue
+        cases.append((shape, groups, DTYPES[len(cases) % 3], LAYOUTS[(len(cases) // 3) % 3],
+                      rng.random() < 0.7, rng.random() < 0.8))
+    return cases
+
+
+def _case_id(case):
+    shape, groups, dtype, layout, with_add, act = case
+    return f"{'x'.join(map(str, shape))}-g{groups}-{str(dtype)[6:]}-{layout}-{'add' if with_add else 'noadd'}-" \
+           f"{'silu' if act else 'id'}"
+
+
+def _check_forward(impl, device, shape, groups, dtype, layout, with_add, act, seed=0):
+    x, weight, bias, add = _inputs(shape, groups, dtype, device, layout, with_add, seed)
+    out = group_norm_silu(x, weight, bias, groups, add=add, act=act, impl=impl)
+    assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+    expected = _reference(x, weight, bias, groups, add, act)
+    err = relative_error(out, expected)
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+    else:  # DESIGN §6: below 1e-2, or at most twice the error of the reference run in dtype
+        low = F.group_norm(x.cpu().float() + (0 if add is None else add.cpu().float()[:, :, None, None]), groups,
+                           weight.cpu().float(), bias.cpu().float(), 1e-6)
+        low = (F.silu(low) if act else low).to(dtype)
+        assert err < 1e-2 or err <= 2 * relative_error(low, expected), err
+
+
+CPU_CASES = _random_cases(seed=1, count=36, max_numel=1 << 20)
+INTERPRETER_CASES = _random_cases(seed=2, count=12, max_numel=1200)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_cpu_op_matches_group_norm_silu(case):
+    _check_forward("cpu", torch.device("cpu"), *case)
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=_case_id)
+def test_triton_matches_group_norm_silu(triton_device, case):
+    _check_forward("triton", triton_device, *case)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_cuda_op_matches_group_norm_silu(case):
+    _check_forward("cuda", cuda_or_skip(), *case)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_op_group_too_large_for_the_chip(layout):
+    # LSUN-256: 128 channels at 256×256, 32 groups, i.e. 4 channels × 65,536 positions per group
+    _check_forward("cpu", torch.device("cpu"), (1, 128, 256, 256), 32, torch.float32, layout, True, True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_multi_pass_path(triton_device, monkeypatch, layout, dtype):
+    # groups of 4 × 63 elements against an on-chip limit of 64: three sweeps of 8-position chunks
+    monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", 64)
+    monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", 32)
+    assert not triton_kernels._blocks(torch.empty(1, 8, 7, 9), 2)[2]
+    _check_forward("triton", triton_device, (2, 8, 7, 9), 2, dtype, layout, True, True)
+
+
+def test_cuda_op_group_too_large_for_shared_memory():
+    _check_forward("cuda", cuda_or_skip(), (2, 128, 256, 256), 32, torch.float32, "channels_last", True, True)
+
+
+def test_fp16_magnitudes_around_300_stay_finite(fused):
+    # x² reaches 9·10⁴ > 65504: statistics must not be taken in float16
+    impl, device = fused
+    x, weight, bias, add = _inputs((2, 16, 6, 5), 8, torch.float16, device, scale=300.0)
+    out = group_norm_silu(x, weight, bias, 8, add=add * 100, impl=impl)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, _reference(x, weight, bias, 8, add * 100)) < 1e-2
+
+
+def _gradients(impl, device, dtype, layout, with_add, act, shape=(2, 8, 5, 3), groups=4):
+    x, weight, bias, add = _inputs(shape, groups, dtype, device, layout, with_add, seed=3)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) + ((add,) if with_add else ())]
+    out = group_norm_silu(*leaves[:3], groups, add=leaves[3] if with_add else None, act=act, impl=impl)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype).to(device)
+    return leaves, torch.autograd.grad(out, leaves, grad_out), grad_out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("with_add,act", [(True, True), (False, True), (True, False)])
+def test_gradients_match_autograd_through_the_reference(fused, layout, with_add, act):
+    impl, device = fused
+    leaves, grads, grad_out = _gradients(impl, device, torch.float32, layout, with_add, act)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    expected = _reference(*ref_leaves[:3], 4, ref_leaves[3] if with_add else None, act)
+    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out.double().cpu())
+    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert relative_error(got, want) < 1e-5, name
+    assert grads[0].is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                  else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_gradients(fused, dtype):
+    impl, device = fused
+    leaves, grads, grad_out = _gradients(impl, device, dtype, "channels_last", True, True)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], 4, ref_leaves[3]), ref_leaves,
+                                    grad_out.double().cpu())
+    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
+        assert got.dtype == dtype and relative_error(got, want) < 1e-2, name
+
+
+def test_triton_multi_pass_gradients(triton_device, monkeypatch):
+    monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", 16)
+    monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", 8)
+    leaves, grads, grad_out = _gradients("triton", triton_device, torch.float32, "contiguous", True, True)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], 4, ref_leaves[3]), ref_leaves,
+                                    grad_out.double().cpu())
+    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
+        assert relative_error(got, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [True, False])
+def test_gradcheck_cpu_op(layout, act):
+    x, weight, bias, add = _inputs((2, 6, 3, 4), 3, torch.float64, torch.device("cpu"), layout)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, add)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, a: group_norm_silu(x, w, b, 3, add=a, act=act, impl="cpu"), leaves)
+
+
+def _op_and_args(impl, device, dtype=torch.float32, layout="contiguous"):
+    x, weight, bias, add = _inputs((2, 8, 3, 5), 4, dtype, device, layout)
+    op = torch.ops.ddpm_fast.group_norm_silu_triton if impl == "triton" else torch.ops.ddpm_fast.group_norm_silu
+    return op, (x, weight, bias, add, 4, 1e-6, True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(fused, layout):
+    impl, device = fused
+    op, args = _op_and_args(impl, device, torch.bfloat16, layout)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not _interpreted(impl, device):
+        tests += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(op.default, args, test_utils=tests)
+    grad_args = tuple(t.float().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op.default, grad_args, test_utils=tests)
+    _, mean, rstd = op(*grad_args)
+    backward = (torch.ops.ddpm_fast.group_norm_silu_backward_triton if impl == "triton"
+                else torch.ops.ddpm_fast.group_norm_silu_backward)
+    x = grad_args[0].detach()
+    torch.library.opcheck(backward.default, (torch.randn_like(x), x, *(t.detach() for t in grad_args[1:4]),
+                                             mean.detach(), rstd.detach(), 4, True), test_utils=tests)
+
+
+def test_compiles_without_graph_breaks(fused):
+    impl, device = fused
+    _, (x, weight, bias, add, groups, eps, act) = _op_and_args(impl, device)
+
+    def f(x, weight, bias, add):
+        h = group_norm_silu(x * 1.0, weight, bias, groups, eps, add=add, impl=impl)
+        return group_norm_silu(h, weight, bias, groups, eps, act=False, impl=impl) + 0.0
+
+    # inductor on GPUs; aot_eager on the CPU keeps the test quick and still traces through the fake
+    # kernels, forward and backward
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, add)]
+    out = compiled(*leaves)
+    assert torch.allclose(out, f(x, weight, bias, add), rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    eager_leaves = [t.detach().requires_grad_() for t in (x, weight, bias, add)]
+    eager_grads = torch.autograd.grad(f(*eager_leaves).square().sum(), eager_leaves)
+    for got, want in zip(grads, eager_grads):
+        assert relative_error(got, want) < 1e-5
+
+
+SMALL_UNET = dict(ch=16, out_ch=2, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                  in_channels=2, resolution=8, num_groups=8)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_unet_on_the_fused_op_equals_the_reference_unet(backend, memory_format, triton_device):
+    device = cuda_or_skip() if backend == "cuda" else triton_device if backend == "triton" else torch.device("cpu")
+    torch.manual_seed(0)
+    model = UNet(**SMALL_UNET, backend="reference").to(device)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)):
+        torch.nn.init.normal_(norm.weight, 1.0, 0.3)  # not the identity affine of a fresh model
+        torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    x = torch.randn(3, 2, 8, 8, device=device).to(memory_format=memory_format)
+    t = torch.tensor([0, 500, 999], device=device)
+    with torch.no_grad():
+        expected = model(x, t)
+        model.backend = backend
+        got = model(x, t)
+    assert relative_error(got, expected) < 1e-5
+
+
+def test_the_unet_trains_through_the_fused_op():
+    torch.manual_seed(1)
+    model = UNet(**SMALL_UNET, backend="cpu")
+    reference = UNet(**SMALL_UNET, backend="reference")
+    reference.load_state_dict(model.state_dict())
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 700])
+    model(x, t).square().mean().backward()
+    reference(x, t).square().mean().backward()
+    grads = dict((name, p.grad) for name, p in model.named_parameters())
+    ref_grads = dict((name, p.grad) for name, p in reference.named_parameters())
+    assert relative_error(torch.cat([g.flatten() for g in grads.values()]),
+                          torch.cat([g.flatten() for g in ref_grads.values()])) < 1e-5
+    # every norm's own parameters (an attention key's bias, whose gradient is 0 up to rounding, is not)
+    norms = [name for name in grads if "norm" in name]
+    assert norms and all(relative_error(grads[name], ref_grads[name]) < 1e-4 for name in norms)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton", "reference"])
+def test_bad_inputs(impl):
+    x, weight, bias, add = _inputs((2, 8, 3, 3), 4, torch.float32, torch.device("cpu"))
+
+    def call(**kw):
+        args = dict(x=x, weight=weight, bias=bias, num_groups=4, add=add, impl=impl)
+        return group_norm_silu(**{**args, **kw})
+
+    with pytest.raises(ValueError, match=r"C = 8 must be divisible by num_groups, got num_groups = 3"):
+        call(num_groups=3)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\) for x of shape \(2, 8, 3, 3\), got \(6,\)"):
+        call(weight=weight[:6])
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\).*got \(8, 1\)"):
+        call(bias=bias[:, None])
+    with pytest.raises(ValueError, match=r"add must have shape \(2, 8\).*got \(2, 8, 1, 1\)"):
+        call(add=add[:, :, None, None])
+    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\], got 3-D \(8, 3, 3\)"):
+        call(x=x[0])
+    with pytest.raises(TypeError, match="weight must have x's dtype torch.float16, got torch.float32"):
+        call(x=x.half(), bias=bias.half(), add=add.half())
+    with pytest.raises(TypeError, match="add must have x's dtype torch.float32, got torch.bfloat16"):
+        call(add=add.bfloat16())
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16 or float64, got torch.int64"):
+        call(x=x.long())
+    with pytest.raises(ValueError, match="add is on meta but x is on cpu"):
+        call(add=add.to("meta"))
+    with pytest.raises(ValueError, match="must not be empty"):
+        call(x=x[:0], add=add[:0])
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        call(eps=float("nan"))
+
+
+def test_raw_cpu_op_checks_its_arguments():
+    x, weight, bias, add = _inputs((2, 8, 3, 3), 4, torch.float32, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"C = 8 must be divisible by num_groups = 3"):
+        torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add, 3, 1e-6, True)
+    with pytest.raises(RuntimeError, match=r"add must have shape \[2, 8\], got \[8\]"):
+        torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add[0], 4, 1e-6, True)
+    with pytest.raises(RuntimeError, match="weight must have x's dtype Double, got Float"):
+        torch.ops.ddpm_fast.group_norm_silu(x.double(), weight, bias.double(), None, 4, 1e-6, True)
