@@ -7,6 +7,7 @@ index i holds the paper's t = i + 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,11 +67,18 @@ class NoiseSchedule:
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}), got min {int(t.min())}, max {int(t.max())}")
 
-    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[int]:
+    def timesteps(self, steps: int | Sequence[int] | None = None, spacing: str = "uniform") -> list[int]:
         """The kept timesteps, in sampling order (descending): all T by default, or a DDIM
         subsequence of `steps` — "uniform" (i·⌊T/steps⌋, diffusers' "leading") or "quadratic"
-        (⌊(i·√(0.8T)/(steps−1))²⌋, Song et al. 2021, without repeats: at most `steps`)."""
+        (⌊(i·√(0.8T)/(steps−1))²⌋, Song et al. 2021, without repeats: at most `steps`) — or
+        `steps` itself when it is a sequence (e.g. a diffusers scheduler's own timesteps)."""
         T = self.num_timesteps
+        if isinstance(steps, (list, tuple, torch.Tensor)):
+            kept = [int(t) for t in (steps.tolist() if isinstance(steps, torch.Tensor) else steps)]
+            if not kept or any(not 0 <= t < T for t in kept) or any(a <= b for a, b in zip(kept, kept[1:])):
+                raise ValueError(f"explicit timesteps must be a non-empty, strictly descending sequence in "
+                                 f"[0, {T}), got {kept[:8]}{' ...' if len(kept) > 8 else ''}")
+            return kept
         if steps is None or steps == T:
             return list(range(T - 1, -1, -1))
         if not isinstance(steps, int) or not 1 <= steps <= T:
@@ -87,7 +95,7 @@ class NoiseSchedule:
         return kept[::-1]
 
     def step_table(self, method: str = "ddpm", variance: str = "fixed_large", clip_denoised: bool = True,
-                   prediction_type: str = "epsilon", steps: int | None = None, eta: float = 0.0,
+                   prediction_type: str = "epsilon", steps: int | Sequence[int] | None = None, eta: float = 0.0,
                    spacing: str = "uniform") -> "StepTable":
         """The float64 coefficient rows (STEP_COLUMNS) of a DDPM or DDIM run, in sampling order."""
         for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
@@ -96,23 +104,31 @@ class NoiseSchedule:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-        if method == "ddpm" and (steps not in (None, self.num_timesteps) or eta != 0.0):
-            raise ValueError(f"method='ddpm' runs all T={self.num_timesteps} steps with no eta; "
-                             f"for steps={steps}, eta={eta} use method='ddim'")
+        if method == "ddpm" and eta != 0.0:
+            raise ValueError(f"method='ddpm' takes no eta (its variance is set by `variance`), got eta={eta}; "
+                             f"for DDIM's η use method='ddim'")
         kept = self.timesteps(steps, spacing)
         ab = self.alphas_cumprod.tolist()
         rows = []
         for index, t in enumerate(kept):
+            ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0  # ᾱ at the next kept timestep
             sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
             # x̂0 = A·x + B·out and ε = Fx·x + Fo·out for each kind of network output
             A, B, Fx, Fo = {"epsilon": (1.0 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, 0.0, 1.0),
                             "x0": (0.0, 1.0, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab),
                             "v": (sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab)}[prediction_type]
-            if method == "ddpm":  # μ̃_t(x_t, x̂0), eq. 7; σ² = β_t or β̃_t
+            if method == "ddpm" and len(kept) == self.num_timesteps:  # μ̃_t(x_t, x̂0), eq. 7; σ² = β_t or β̃_t
                 C, D, E = self.posterior_mean_coef1[t].item(), self.posterior_mean_coef2[t].item(), 0.0
                 sigma = math.sqrt((self.betas if variance == "fixed_large" else self.posterior_variance)[t].item())
+            elif method == "ddpm":
+                # Respaced DDPM (Nichol & Dhariwal 2021 §4; diffusers' DDPMScheduler with fewer
+                # inference steps): eqs. 6-7 for the chain of kept timesteps, whose β'_t =
+                # 1 − ᾱ_t/ᾱ_s. The full chain above uses the exact tables instead, since
+                # 1 − ᾱ_t/ᾱ_{t−1} loses ~12 digits of β_t to cancellation.
+                beta = 1.0 - ab[t] / ab_s
+                C, D, E = beta * math.sqrt(ab_s) / (1.0 - ab[t]), (1.0 - ab_s) * math.sqrt(1.0 - beta) / (1.0 - ab[t]), 0.0
+                sigma = math.sqrt(beta if variance == "fixed_large" else beta * (1.0 - ab_s) / (1.0 - ab[t]))
             else:  # DDIM eq. 12 towards the previous kept timestep s (ᾱ_s = 1 after the last)
-                ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0
                 sigma = eta * math.sqrt((1 - ab_s) / (1 - ab[t]) * (1 - ab[t] / ab_s))
                 c_eps = math.sqrt(max(1.0 - ab_s - sigma ** 2, 0.0))
                 if clip_denoised:  # ε re-derived from the clipped x̂0: ε' = (x − √ᾱ_t x̂0)/√(1−ᾱ_t)

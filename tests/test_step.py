@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ddpm_fast as df
+from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import noise as ref_noise
@@ -65,6 +66,20 @@ def test_ddim_eta1_table_equals_ddpm_fixed_small_table(schedule):
     ddpm = schedule.step_table("ddpm", "fixed_small", clip_denoised=True)
     assert torch.allclose(ddim.coefs, ddpm.coefs, rtol=1e-9, atol=1e-12)
     assert torch.equal(ddim.timesteps, ddpm.timesteps) and torch.equal(ddim.noise_keys, ddpm.timesteps)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+@pytest.mark.parametrize("steps", [1, 7, 50, T - 1])
+def test_respaced_ddpm_table_is_the_full_table_of_the_respaced_schedule(schedule, variance, steps):
+    # Nichol & Dhariwal 2021 §4: DDPM over kept timesteps S is DDPM (eqs. 6-7) for the schedule
+    # β'_t = 1 − ᾱ_t/ᾱ_s (s the previous kept timestep), i.e. the chain of kept ᾱ's.
+    table = schedule.step_table("ddpm", variance, steps=steps)
+    kept = table.timesteps.flip(0)
+    ab = schedule.alphas_cumprod[kept]
+    respaced = NoiseSchedule(1 - ab / torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]]))
+    expected = respaced.step_table("ddpm", variance)
+    assert torch.allclose(table.coefs, expected.coefs, rtol=1e-10, atol=0), (table.coefs - expected.coefs).abs().max()
+    assert torch.equal(table.noise_keys, table.timesteps) and kept[0].item() == 0
 
 
 def test_last_row_has_no_noise(schedule):
@@ -255,7 +270,7 @@ def test_gpu_out_of_table_index_writes_nan(device, schedule):
         assert torch.isnan(x).all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(eta=1.5), dict(eta=-0.1), dict(method="ddpm", steps=10),
+@pytest.mark.parametrize("kwargs", [dict(eta=1.5), dict(eta=-0.1), dict(method="ddpm", steps=0),
                                     dict(method="ddpm", eta=0.5), dict(prediction_type="score")])
 def test_bad_tables(schedule, kwargs):
     with pytest.raises(ValueError):

@@ -158,17 +158,22 @@ class AttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        from ..ops import attention
+        from ..ops import attention, group_norm_silu
         if attention_mask is not None or getattr(attn, "spatial_norm", None) is not None:
             raise NotImplementedError("ddpm_fast AttnProcessor: attention masks and spatial norms are not supported")
         if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
             raise NotImplementedError("ddpm_fast AttnProcessor: cross-attention normalisation is not supported")
         residual = hidden_states
         shape = hidden_states.shape
+        norm = attn.group_norm
+        if norm is not None and hidden_states.dim() == 4 and norm.affine:  # the fused op, without SiLU
+            hidden_states = group_norm_silu(hidden_states, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                                            act=False, impl=self.impl)
+            norm = None
         if hidden_states.dim() == 4:
             hidden_states = hidden_states.flatten(2).transpose(1, 2)  # [B, N, C]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if norm is not None:
+            hidden_states = norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         heads = attn.heads
@@ -199,3 +204,15 @@ def use_fast_attention(model, impl: str = "auto", precision: str = "ieee") -> in
             module.set_processor(processor)
             switched += 1
     return switched
+
+
+def __getattr__(name: str):
+    # The pieces that subclass or import diffusers itself load on first use, so the converter
+    # above keeps working without diffusers installed.
+    if name == "accelerate":
+        from .diffusers_accelerate import accelerate
+        return accelerate
+    if name == "FusedDDPMScheduler":
+        from .diffusers_scheduler import FusedDDPMScheduler
+        return FusedDDPMScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
