@@ -12,7 +12,7 @@ import time
 import torch
 
 from . import NoiseSchedule, Sampler, UNet
-from .images import save_samples, save_trajectory
+from .images import check_output, save_samples, save_trajectory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RANDOM_SMALL = "random-small"
@@ -29,6 +29,9 @@ def _load_model(name: str) -> UNet:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    check_output(args.out)  # before minutes of sampling, not after
+    if args.trajectory:
+        check_output(args.trajectory, suffixes=(".png",))
     model = _load_model(args.model).to(args.device)
     sampler = Sampler(model, NoiseSchedule.linear(args.timesteps), method=args.method, steps=args.steps,
                       eta=args.eta, backend=args.backend, dtype=DTYPES[args.dtype],
@@ -82,19 +85,38 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line on stderr and exit status 2 (argparse's usage block
+    would bury the reason); --help still prints the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ddpm-fast", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="draw samples and write an image grid")
     sample.add_argument("--model", default=RANDOM_SMALL,
                         help=f"a bundled model's name, our .safetensors file, a diffusers UNet2DModel folder, "
                              f"or {RANDOM_SMALL!r} (default)")
-    sample.add_argument("--num", type=int, default=16, help="number of samples")
-    sample.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: all at once)")
+    sample.add_argument("--num", type=_positive, default=16, help="number of samples")
+    sample.add_argument("--batch-size", type=_positive, default=None, help="samples per batch (default: all at once)")
     sample.add_argument("--method", choices=("ddpm", "ddim"), default="ddpm")
-    sample.add_argument("--steps", type=int, default=None, help="DDIM steps (default: all T)")
+    sample.add_argument("--steps", type=_positive, default=None,
+                        help="network evaluations (default: all T); fewer give DDIM's or a respaced DDPM's chain")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
-    sample.add_argument("--timesteps", type=int, default=1000, help="T of the linear schedule")
+    sample.add_argument("--timesteps", type=_positive, default=1000, help="T of the linear schedule")
     sample.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="samples/grid.png",
@@ -110,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, offline) or a folder of images")
     train.add_argument("--out", required=True, help="folder for checkpoint.safetensors and model.safetensors (EMA)")
     train.add_argument("--steps", type=int, default=20000)
-    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--batch-size", type=_positive, default=64)
     train.add_argument("--lr", type=float, default=2e-4)
     train.add_argument("--warmup", type=int, default=500, help="learning-rate warm-up steps")
     train.add_argument("--ema-decay", type=float, default=0.999)
@@ -144,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, OSError, NotImplementedError) as error:
         print(f"ddpm-fast: error: {error}", file=sys.stderr)
         return 2
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,26 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, paddin
     return path
 
 
+OUTPUT_KINDS = "a .png (one grid), a .npz (arr_0 uint8 [N, H, W, C]) or a folder ending in /"
+
+
+def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz")) -> Path:
+    """Raise now, with the reason, if `out` is not a kind of output we write or its folder
+    cannot be created and written; return it as a Path."""
+    path = Path(out)
+    folder = str(out).endswith(("/", "\\")) or path.is_dir()
+    if not folder and path.suffix not in suffixes:
+        kinds = OUTPUT_KINDS if suffixes == (".png", ".npz") else " or ".join(suffixes)
+        raise ValueError(f"output must be {kinds}, got {str(out)!r}")
+    directory = path if folder else path.parent
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write {str(out)!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {str(out)!r}: no write permission in {existing}")
+    return path
+
+
 def save_samples(x: torch.Tensor, out: str | Path, sample_offset: int = 0) -> Path:
     """Write samples where FID tools read them: `*.png` one grid; `*.npz` arr_0 = uint8
     [N, H, W, C] (the common evaluators' format); a folder (ending in / or existing) one PNG
@@ -50,7 +71,7 @@ def save_samples(x: torch.Tensor, out: str | Path, sample_offset: int = 0) -> Pa
         return path
     if path.suffix == ".png":
         return save_grid(x, path)
-    raise ValueError(f"--out must end in .png (a grid), .npz (arr_0 uint8 [N, H, W, C]) or / (a folder), got {out!r}")
+    raise ValueError(f"output must be {OUTPUT_KINDS}, got {str(out)!r}")
 
 
 def save_trajectory(frames: torch.Tensor, path: str | Path) -> Path:

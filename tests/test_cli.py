@@ -1,4 +1,7 @@
 """ddpm-fast sample, and the picture it writes."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +31,42 @@ def test_sample_ddim_and_errors(tmp_path, capsys):
     assert "eta must be" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--method", "plms"])
+
+
+@pytest.mark.parametrize("args,reason", [
+    (["--num", "0"], "--num: expected a positive integer, got 0"),
+    (["--num", "-3"], "--num: expected a positive integer, got -3"),
+    (["--num", "many"], "--num: expected a positive integer, got 'many'"),
+    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["--steps", "0", "--method", "ddim"], "--steps: expected a positive integer"),
+    (["--dtype", "float8"], "--dtype: invalid choice: 'float8'"),
+    (["--model", "no-such-model"], "neither a bundled model"),
+    (["--out", "{tmp}/a-file/grid.png"], "is a file, not a folder"),
+    (["--out", "{tmp}/grid.jpg"], "output must be a .png"),
+    (["--trajectory", "{tmp}/traj.npz"], "output must be .png"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, args, reason):
+    (tmp_path / "a-file").write_text("not a folder")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    argv = ["sample", "--timesteps", "5", "--quiet", "--out", str(tmp_path / "ok.png")] + args
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's own checks
+        status = exit.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and reason in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "ok.png").exists()
+
+
+def test_an_unwritable_folder_is_refused_before_sampling(tmp_path):
+    # Through the installed entry point, as a user runs it; as root a read-only folder is still
+    # writable, so the unwritable place is a path through a regular file.
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "ddpm_fast.cli", "sample", "--num", "2", "--timesteps", "5",
+                           "--out", str(tmp_path / "a-file" / "out") + "/"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith("ddpm-fast: error: cannot write")
+    assert "Traceback" not in done.stderr
 
 
 def test_to_uint8_truncates_like_the_original():
