@@ -18,8 +18,12 @@ def digits_dataset(resolution: int = 16) -> torch.Tensor:
     except ImportError as error:
         raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from error
     images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
-    images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return (images * 2 - 1).clamp(-1, 1).contiguous()
+    return (upsample_digits(images, resolution) * 2 - 1).clamp(-1, 1).contiguous()
+
+
+def upsample_digits(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The (linear) map from 8×8 digits to the training resolution: bilinear interpolation."""
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
 
 
 def image_folder_dataset(folder: str | Path, resolution: int, channels: int = 3) -> torch.Tensor:
