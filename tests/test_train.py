@@ -76,9 +76,16 @@ def test_cli_train_then_sample_every_output(tmp_path, capsys):
     assert arr.shape == (3, 8, 8, 1) and arr.dtype == np.uint8
     assert Image.open(tmp_path / "t.png").size == (4 * 10 + 2, 3 * 10 + 2)  # 4 frames (all steps) × 3 samples
     assert main(["sample", *common, "--out", str(tmp_path / "pngs") + "/"]) == 0
-    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    names = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert names == ["000000.png", "000001.png", "000002.png"]
+    # the same seed gives the same samples in every format
+    pngs = np.stack([np.asarray(Image.open(tmp_path / "pngs" / name)) for name in names])
+    assert pngs.dtype == np.uint8 and np.array_equal(pngs, arr[..., 0]) and arr.max() > arr.min()
+    assert main(["sample", *common, "--out", str(tmp_path / "grid.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert np.array_equal(grid[2:10, 2:10], arr[0, ..., 0]) and np.array_equal(grid[2:10, 12:20], arr[1, ..., 0])
     assert main(["sample", *common, "--out", str(tmp_path / "s.jpg")]) == 2
-    assert "--out must end in" in capsys.readouterr().err
+    assert "output must be a .png" in capsys.readouterr().err
 
 
 def test_convert_state_dicts(tmp_path, capsys):
