@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ._files import save_safetensors
 from .reference.diffusion import training_losses
 from .schedule import NoiseSchedule
 from .unet import UNet
@@ -80,7 +81,6 @@ def train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: str | P
 
 def _save_checkpoint(out_dir: Path, step: int, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
                      generator: torch.Generator, config: TrainConfig) -> None:
-    from safetensors.torch import save_file
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, p in enumerate(model.parameters()):
@@ -91,9 +91,7 @@ def _save_checkpoint(out_dir: Path, step: int, model: UNet, ema: UNet, optimizer
     tensors["generator_state"] = generator.get_state()
     tensors["torch_rng_state"] = torch.get_rng_state()  # dropout draws from the global generator
     metadata = {"step": str(step), "train_config": json.dumps(asdict(config)), "unet_config": json.dumps(model.config)}
-    tmp = out_dir / (CHECKPOINT + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(out_dir / CHECKPOINT)  # atomic: a killed run never leaves half a checkpoint
+    save_safetensors(tensors, out_dir / CHECKPOINT, metadata)  # atomic: a killed run never leaves half a checkpoint
     ema.save_pretrained(out_dir / EMA_WEIGHTS)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._files import save_safetensors
 from .reference import ops as reference_ops
 
 _BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
@@ -281,9 +282,7 @@ class UNet(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the weights as safetensors with the constructor arguments in its metadata."""
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={_CONFIG_KEY: json.dumps(self.config)})
+        save_safetensors(self.state_dict(), path, metadata={_CONFIG_KEY: json.dumps(self.config)})
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, config: dict | None = None) -> "UNet":

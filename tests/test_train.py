@@ -1,5 +1,7 @@
 """Training (Algorithm 1), its checkpoints and resume, the data loaders, and the converter."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -110,3 +112,14 @@ def test_convert_state_dicts(tmp_path, capsys):
     torch.save(partial, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match=r"missing keys \['conv_out.bias', 'conv_out.weight'\]"):
         df.UNet.from_pretrained(tmp_path / "partial.pt", config=model.config)
+
+
+def test_weights_files_are_written_whole_and_readable_like_other_files(tmp_path):
+    # safetensors alone creates 0600 files; ours follow the umask (0022 → 0644) and leave no .tmp
+    model = _tiny_model()
+    model.save_pretrained(tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert df.UNet.from_pretrained(tmp_path / "m.safetensors").config == model.config
