@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .reference.diffusion import training_losses
 from .schedule import NoiseSchedule
 from .unet import UNet
@@ -91,9 +92,8 @@ def _save_checkpoint(out_dir: Path, step: int, model: UNet, ema: UNet, optimizer
     tensors["generator_state"] = generator.get_state()
     tensors["torch_rng_state"] = torch.get_rng_state()  # dropout draws from the global generator
     metadata = {"step": str(step), "train_config": json.dumps(asdict(config)), "unet_config": json.dumps(model.config)}
-    tmp = out_dir / (CHECKPOINT + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(out_dir / CHECKPOINT)  # atomic: a killed run never leaves half a checkpoint
+    with atomic_path(out_dir / CHECKPOINT) as tmp:  # a killed run never leaves half a checkpoint
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     ema.save_pretrained(out_dir / EMA_WEIGHTS)
 
 
