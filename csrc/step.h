@@ -4,6 +4,7 @@
 //   x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);  x ← C·x̂0 + D·x + E·out + σ·z
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -77,6 +78,10 @@ inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, co
     TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on x's device ", x.device(),
                 ", got one on ", t->device());
   }
+  // x is updated in place: no element of it may share memory with another, nor with an
+  // element of out other than its own (ATen's checks, as for its own in-place ops)
+  at::assert_no_internal_overlap(x);
+  at::assert_no_partial_overlap(x, out);
   check_seed(op, seed);
   const int64_t batch = x.size(0);
   TORCH_CHECK(sample_offset >= 0 && sample_offset + batch <= kUint32Range, op,

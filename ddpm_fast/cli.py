@@ -1,6 +1,7 @@
 """ddpm-fast: the command line.
 
     ddpm-fast sample --model digits --num 16 --seed 0 --out samples/grid.png
+    torchrun --nproc_per_node=8 -m ddpm_fast.cli sample --model digits --num-samples 50000 --out samples.npz
     ddpm-fast train --dataset digits --out runs/digits --steps 6000 --seed 0
 """
 from __future__ import annotations
@@ -12,16 +13,20 @@ import time
 import torch
 
 from . import NoiseSchedule, Sampler, UNet
-from .images import check_output, save_samples, save_trajectory
+from .distributed import ReportedOnRankZero, world_from_env
+from .images import check_output, save_trajectory
+from .shards import sample_to_file, state_dict_sha256
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RANDOM_SMALL = "random-small"
+MICRO_BATCH = 256  # the default --batch-size; never derived from the world size, so outputs do not depend on it
 
 
-def _load_model(name: str) -> UNet:
+def _load_model(name: str, quiet: bool = False) -> UNet:
     if name == RANDOM_SMALL:
-        print("note: --model random-small is a small randomly initialised U-Net (seed 0), not a trained model: "
-              "the grid shows what an untrained network draws", file=sys.stderr)
+        if not quiet:
+            print("note: --model random-small is a small randomly initialised U-Net (seed 0), not a trained model: "
+                  "the grid shows what an untrained network draws", file=sys.stderr)
         torch.manual_seed(0)
         return UNet(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
                     in_channels=1, resolution=16)
@@ -32,16 +37,21 @@ def _sample(args: argparse.Namespace) -> int:
     check_output(args.out)  # before minutes of sampling, not after
     if args.trajectory:
         check_output(args.trajectory, suffixes=(".png",))
-    model = _load_model(args.model).to(args.device)
-    sampler = Sampler(model, NoiseSchedule.linear(args.timesteps), method=args.method, steps=args.steps,
-                      eta=args.eta, backend=args.backend, dtype=DTYPES[args.dtype],
-                      clip_denoised=not args.no_clip)
-    start = time.perf_counter()
-    x0 = sampler.sample(args.num, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size)
-    seconds = time.perf_counter() - start
-    path = save_samples(x0, args.out)
-    print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}) to {path} "
-          f"in {seconds:.1f} s")
+    with world_from_env(args.device) as world:  # torch.distributed when torchrun started us
+        model = _load_model(args.model, quiet=world.rank != 0)
+        checksum = state_dict_sha256(model)  # of the weights as loaded, before any dtype cast
+        sampler = Sampler(model.to(world.device), NoiseSchedule.linear(args.timesteps), method=args.method,
+                          steps=args.steps, eta=args.eta, backend=args.backend, dtype=DTYPES[args.dtype],
+                          clip_denoised=not args.no_clip, finite_check_every=args.check_finite)
+        start = time.perf_counter()
+        path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
+                              micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
+                              shard_size=args.shard_size,
+                              model_sha256=checksum, world=world, resume=args.resume, progress=not args.quiet)
+        if world.rank != 0:
+            return 0
+    print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}, "
+          f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
     if args.trajectory:
         frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)))
         print(f"wrote the x̂0 trajectory of {frames.shape[1]} samples to {save_trajectory(frames, args.trajectory)}")
@@ -110,8 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", default=RANDOM_SMALL,
                         help=f"a bundled model's name, our .safetensors file, a diffusers UNet2DModel folder, "
                              f"or {RANDOM_SMALL!r} (default)")
-    sample.add_argument("--num", type=_positive, default=16, help="number of samples")
-    sample.add_argument("--batch-size", type=_positive, default=None, help="samples per batch (default: all at once)")
+    sample.add_argument("--num", "--num-samples", dest="num", type=_positive, default=16,
+                        help="number of samples (spell it --num-samples after torchrun, whose own parser takes --num "
+                             "for its --numa-binding)")
+    sample.add_argument("--batch-size", type=_positive, default=None,
+                        help=f"micro-batch: samples per network call (default: --num, at most {MICRO_BATCH}); the "
+                             f"same micro-batch gives the same bytes on any number of processes")
+    sample.add_argument("--shard-size", type=_positive, default=None,
+                        help="samples per shard, the unit of work a process draws and saves (default: one micro-batch)")
+    sample.add_argument("--resume", action="store_true",
+                        help="continue the unfinished job writing --out (refused if its settings differ)")
     sample.add_argument("--method", choices=("ddpm", "ddim"), default="ddpm")
     sample.add_argument("--steps", type=_positive, default=None,
                         help="network evaluations (default: all T); fewer give DDIM's or a respaced DDPM's chain")
@@ -125,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "cuda"), default="auto")
+    sample.add_argument("--check-finite", type=int, nargs="?", const=1, default=None, metavar="K",
+                        help="stop with an error at the first step that leaves x NaN or infinite, reading the "
+                             "device-side flag every K steps (default K: 1)")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(run=_sample)
 
@@ -166,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError, NotImplementedError) as error:
+    except ReportedOnRankZero:
+        return 2  # rank 0 printed it
+    except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
         print(f"ddpm-fast: error: {error}", file=sys.stderr)
         return 2
 

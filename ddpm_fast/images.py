@@ -1,12 +1,22 @@
-"""Samples in [−1, 1] → pictures people look at (PNG grids) and arrays FID tools read."""
+"""Samples in [−1, 1] → pictures people look at (PNG grids) and arrays FID tools read.
+
+Every file is written atomically (ddpm_fast/atomic.py), and .npz files byte for byte
+reproducibly: np.savez stamps the current time into the archive, so two runs drawing the same
+samples would write different bytes; write_npz stamps a fixed date instead."""
 from __future__ import annotations
 
 import math
 import os
+import zipfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
+
+from .atomic import atomic_path
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip archive can hold
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -17,10 +27,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2) -> Path:
-    """Write samples as one PNG grid, `nrow` images a row (default: about square)."""
-    from PIL import Image
-    images = to_uint8(x)
+def grid_image(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """uint8 [N, H, W, C] → one uint8 [rows, cols, C] picture, `nrow` images a row (default:
+    about square) on a white background."""
     n, h, w, c = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -28,23 +37,43 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, paddin
     for i, image in enumerate(images):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def write_png(image: np.ndarray, path: str | Path) -> Path:
+    """uint8 [H, W, 1 or 3] → a PNG file (grey or RGB)."""
+    from PIL import Image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
     return path
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2) -> Path:
+    """Write samples as one PNG grid, `nrow` images a row (default: about square)."""
+    return write_png(grid_image(to_uint8(x), nrow, padding), path)
 
 
 OUTPUT_KINDS = "a .png (one grid), a .npz (arr_0 uint8 [N, H, W, C]) or a folder ending in /"
 
 
+def output_kind(out: str | Path) -> str:
+    """What `--out` asks for: "dir" (ends in / or is a folder), "npz" or "grid" (*.png)."""
+    if str(out).endswith(("/", "\\")) or Path(out).is_dir():
+        return "dir"
+    if Path(out).suffix in (".npz", ".png"):
+        return "npz" if Path(out).suffix == ".npz" else "grid"
+    raise ValueError(f"output must be {OUTPUT_KINDS}, got {str(out)!r}")
+
+
 def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz")) -> Path:
-    """Raise now, with the reason, if `out` is not a kind of output we write or its folder
-    cannot be created and written; return it as a Path."""
+    """Raise now, with the reason, if `out` is not a kind of output we write (of `suffixes`, or
+    a folder) or its folder cannot be created and written; return it as a Path."""
     path = Path(out)
-    folder = str(out).endswith(("/", "\\")) or path.is_dir()
+    folder = output_kind(out) == "dir"
     if not folder and path.suffix not in suffixes:
-        kinds = OUTPUT_KINDS if suffixes == (".png", ".npz") else " or ".join(suffixes)
-        raise ValueError(f"output must be {kinds}, got {str(out)!r}")
+        raise ValueError(f"output must be {' or '.join(suffixes)}, got {str(out)!r}")
     directory = path if folder else path.parent
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not existing.is_dir():
@@ -54,24 +83,50 @@ def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz")) 
     return path
 
 
-def save_samples(x: torch.Tensor, out: str | Path, sample_offset: int = 0) -> Path:
-    """Write samples where FID tools read them: `*.png` one grid; `*.npz` arr_0 = uint8
-    [N, H, W, C] (the common evaluators' format); a folder (ending in / or existing) one PNG
-    per sample named by its global index (what clean-fid and torch-fidelity read)."""
-    from PIL import Image
-    path = Path(out)
-    if str(out).endswith(("/", "\\")) or path.is_dir():
-        path.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(to_uint8(x)):
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path / f"{sample_offset + i:06d}.png")
-        return path
-    if path.suffix == ".npz":
+def write_samples(chunks: Iterable[tuple[int, np.ndarray]], out: str | Path, shape: tuple[int, ...]) -> Path:
+    """Write uint8 [N, H, W, C] samples, given in order as (first global index, uint8 [n, H, W, C])
+    chunks, where FID tools read them: `*.png` one grid; `*.npz` arr_0 = uint8 [N, H, W, C] (the
+    common evaluators' format); a folder one PNG per sample named by its global index (what
+    clean-fid and torch-fidelity read). The chunks are streamed: only a grid holds them all."""
+    kind, path = output_kind(out), Path(out)
+    if kind == "npz":
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, arr_0=to_uint8(x))
-        return path
-    if path.suffix == ".png":
-        return save_grid(x, path)
-    raise ValueError(f"output must be {OUTPUT_KINDS}, got {str(out)!r}")
+        _write_npz_members(path, {"arr_0": (tuple(shape), (images for _, images in chunks))})
+    elif kind == "dir":
+        path.mkdir(parents=True, exist_ok=True)
+        for offset, images in chunks:
+            for i, image in enumerate(images):
+                write_png(image, path / f"{offset + i:06d}.png")
+    else:
+        write_png(grid_image(np.concatenate([images for _, images in chunks])), path)
+    return path
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """np.savez's format (uncompressed, np.load reads it), without its timestamp."""
+    return _write_npz_members(Path(path), {name: (a.shape, [a]) for name, a in arrays.items()})
+
+
+def _write_npz_members(path: Path, members: dict[str, tuple[tuple[int, ...], Iterable[np.ndarray]]]) -> Path:
+    """Each member: (shape, arrays of one dtype whose bytes, concatenated, fill that shape in C order)."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, (shape, parts) in members.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o600 << 16
+            with archive.open(info, "w", force_zip64=True) as member:
+                written, header = 0, None
+                for part in parts:
+                    part = np.ascontiguousarray(part)
+                    if header is None:
+                        header = {"descr": np.lib.format.dtype_to_descr(part.dtype), "fortran_order": False,
+                                  "shape": tuple(shape)}
+                        np.lib.format.write_array_header_1_0(member, header)  # what np.savez writes
+                    member.write(part.data)
+                    written += part.size
+                if written != math.prod(shape) or header is None:
+                    raise ValueError(f"{path}: {name} should hold {math.prod(shape)} values of shape {tuple(shape)}, "
+                                     f"got {written}")
+    return path
 
 
 def save_trajectory(frames: torch.Tensor, path: str | Path) -> Path:

@@ -62,6 +62,10 @@ class Sampler:
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
         self.dtype, self.cuda_graph, self.finite_check_every = dtype, cuda_graph, finite_check_every
         self.timesteps = self.table.timesteps.tolist()
+        # what decides the samples besides the model, seed and batch (a sampling job's manifest)
+        self.config = dict(method=method, steps=len(self.table), eta=float(eta), clip_denoised=bool(clip_denoised),
+                           variance=variance, prediction_type=prediction_type, spacing=spacing,
+                           timesteps=schedule.num_timesteps, dtype=str(dtype).removeprefix("torch."), backend=backend)
         self._tables: dict[torch.device, StepTable] = {}
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(model)
         if isinstance(model, torch.nn.Module):
@@ -74,22 +78,30 @@ class Sampler:
                 return tensor.device
         return torch.device("cpu")
 
+    @property
+    def resolved_backend(self) -> str:
+        """The backend `backend` stands for on the model's device ("auto" resolved)."""
+        return resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
+
     @torch.inference_mode()
-    def sample(self, num_samples: int, seed: int = 0, sample_offset: int = 0, progress: bool = False,
+    def sample(self, num_samples: int, seed: int = 0, sample_offset: int = 0, progress: bool | tqdm = False,
                batch_size: int | None = None) -> torch.Tensor:
         """x_0 for global samples sample_offset .. sample_offset + num_samples − 1: float32
         [num_samples, C, H, W], in [−1, 1] when clip_denoised. batch_size splits the work
-        without changing any sample's noise."""
+        without changing any sample's noise. progress: True for a progress bar of this call,
+        or a bar of the caller's (anything with update(n)) to advance by one per step."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         batch_size = num_samples if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         check_noise_args((num_samples, 1), seed, 0, sample_offset)
-        backend = resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
+        backend = self.resolved_backend
         starts = range(0, num_samples, batch_size)
-        with self._eval_mode(), tqdm(total=len(starts) * len(self.table), disable=not progress, unit="step",
-                                     desc=f"{self.method} [{backend}], {num_samples} samples") as bar:
+        bar = (contextlib.nullcontext(progress) if hasattr(progress, "update") else
+               tqdm(total=len(starts) * len(self.table), disable=not progress, unit="step",
+                    desc=f"{self.method} [{backend}], {num_samples} samples"))
+        with self._eval_mode(), bar as bar:
             run = self._sample_reference if backend == "reference" else self._sample_fused
             return torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend)
                               for start in starts])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ._files import save_safetensors
+from .atomic import save_safetensors
 from .reference.diffusion import training_losses
 from .schedule import NoiseSchedule
 from .unet import UNet

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._files import save_safetensors
+from .atomic import save_safetensors
 from .reference import ops as reference_ops
 
 _BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
@@ -321,11 +321,27 @@ class UNet(nn.Module):
         return self
 
 
-def _load_torch(path: Path, config: dict | None) -> UNet:
+def read_torch_weights(path: Path):
+    """torch.load that never runs pickled code (weights_only=True: only tensors and plain
+    containers unpickle); a truncated file or one holding anything else is a ValueError."""
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated files and pickled code both end here
         raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a truncated or corrupt one is a ValueError."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as error:  # safetensors' own error type derives from Exception alone
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def _load_torch(path: Path, config: dict | None) -> UNet:
+    content = read_torch_weights(path)
     if isinstance(content, dict) and "state_dict" in content:
         config = content.get("config", config)
         content = content["state_dict"]
@@ -337,10 +353,11 @@ def _load_torch(path: Path, config: dict | None) -> UNet:
 
 
 def _load_safetensors(path: Path) -> UNet:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if _CONFIG_KEY not in metadata:
-            raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not a ddpm_fast checkpoint")
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    return UNet(**json.loads(metadata[_CONFIG_KEY])).load_checked(state_dict, str(path))
+    state_dict, metadata = read_safetensors(path)
+    if _CONFIG_KEY not in metadata:
+        raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not a ddpm_fast checkpoint")
+    try:
+        model = UNet(**json.loads(metadata[_CONFIG_KEY]))
+    except (TypeError, ValueError) as error:  # ValueError includes json's decode error
+        raise ValueError(f"{path}: its {_CONFIG_KEY!r} metadata are not UNet arguments: {error}") from error
+    return model.load_checked(state_dict, str(path))

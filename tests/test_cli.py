@@ -34,9 +34,9 @@ def test_sample_ddim_and_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,reason", [
-    (["--num", "0"], "--num: expected a positive integer, got 0"),
-    (["--num", "-3"], "--num: expected a positive integer, got -3"),
-    (["--num", "many"], "--num: expected a positive integer, got 'many'"),
+    (["--num", "0"], "--num/--num-samples: expected a positive integer, got 0"),
+    (["--num-samples", "-3"], "--num/--num-samples: expected a positive integer, got -3"),
+    (["--num", "many"], "expected a positive integer, got 'many'"),
     (["--batch-size", "0"], "--batch-size: expected a positive integer"),
     (["--steps", "0", "--method", "ddim"], "--steps: expected a positive integer"),
     (["--dtype", "float8"], "--dtype: invalid choice: 'float8'"),

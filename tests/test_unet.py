@@ -1,5 +1,6 @@
 """The DDPM U-Net: the paper's architecture and parameter count, checkpoints, bad input.
 (Numerical equality with diffusers' UNet2DModel is in test_diffusers_parity.py.)"""
+import json
 import math
 
 import pytest
@@ -81,6 +82,75 @@ def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
         UNet.from_pretrained(tmp_path / "cut.safetensors")
     with pytest.raises(FileNotFoundError, match="bundled"):
         UNet.from_pretrained("no-such-model")
+
+
+class _Payload:
+    """Unpickling it runs code: creates `marker` (what an attacker's os.system would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def _diffusers_folder(path, weights_name, weights_bytes):
+    path.mkdir()
+    config = dict(sample_size=8, in_channels=2, out_channels=2, block_out_channels=[16, 32], layers_per_block=1,
+                  norm_num_groups=8, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                  up_block_types=["AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None, norm_eps=1e-6,
+                  freq_shift=1, flip_sin_to_cos=False, downsample_padding=0)  # the DDPM architecture
+    (path / "config.json").write_text(json.dumps(config))
+    (path / weights_name).write_bytes(weights_bytes)
+    return path
+
+
+def test_pickled_code_never_runs(tmp_path, capsys):
+    from ddpm_fast.cli import main
+    marker = tmp_path / "marker"
+    model = UNet(**SMALL)
+    torch.save({"config": model.config, "state_dict": model.state_dict(), "extra": _Payload(marker)},
+               tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is live: full unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match="not a readable weights-only PyTorch checkpoint"):
+        UNet.from_pretrained(tmp_path / "evil.pt")
+    folder = _diffusers_folder(tmp_path / "evil_diffusers", "diffusion_pytorch_model.bin",
+                               (tmp_path / "evil.pt").read_bytes())
+    with pytest.raises(ValueError, match="not a readable weights-only PyTorch checkpoint"):
+        UNet.from_pretrained(folder)
+    for source in (tmp_path / "evil.pt", folder):
+        assert main(["sample", "--model", str(source), "--num", "1", "--out", str(tmp_path / "s.npz"), "--quiet"]) == 2
+        assert "weights-only" in capsys.readouterr().err
+        assert main(["convert", str(source), str(tmp_path / "m.safetensors")]) == 2
+        assert "weights-only" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("damage", ["header", "half", "last byte", "zeros", "json"])
+def test_corrupt_safetensors_are_a_clear_error(tmp_path, capsys, damage):
+    from ddpm_fast.cli import main
+    UNet(**SMALL).save_pretrained(tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    data = {"header": data[:5], "half": data[:len(data) // 2], "last byte": data[:-1], "zeros": bytes(len(data)),
+            "json": data[:8] + b"{not json" + data[17:]}[damage]
+    (tmp_path / "bad.safetensors").write_bytes(data)
+    folder = _diffusers_folder(tmp_path / "bad_diffusers", "diffusion_pytorch_model.safetensors", data)
+    for source in (tmp_path / "bad.safetensors", folder):
+        with pytest.raises(ValueError, match="is not a readable safetensors file"):
+            UNet.from_pretrained(source)
+        assert main(["sample", "--model", str(source), "--num", "1", "--out", str(tmp_path / "s.npz"), "--quiet"]) == 2
+        assert "is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_config_metadata_that_are_not_unet_arguments(tmp_path):
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in UNet(**SMALL).state_dict().items()}
+    for config, match in (("{not json", "not UNet arguments"), (json.dumps({**SMALL, "wings": 2}), "wings")):
+        save_file(state, str(tmp_path / "m.safetensors"), metadata={"ddpm_fast_config": config})
+        with pytest.raises(ValueError, match=match):
+            UNet.from_pretrained(tmp_path / "m.safetensors")
 
 
 @pytest.mark.parametrize("x_shape,t,match", [

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..unet import UNet
+from ..unet import UNet, read_safetensors, read_torch_weights
 
 # Options whose value must be the DDPM architecture's (a missing key means diffusers' default).
 _REQUIRED = {
@@ -133,11 +133,10 @@ def load_diffusers_unet(folder: str | Path) -> UNet:
     config = unet_config_from_diffusers(json.loads(config_path.read_text()))
     weights = folder / "diffusion_pytorch_model.safetensors"
     if weights.is_file():
-        from safetensors.torch import load_file
-        state_dict = load_file(str(weights))
+        state_dict = read_safetensors(weights)[0]
     elif (folder / "diffusion_pytorch_model.bin").is_file():
         weights = folder / "diffusion_pytorch_model.bin"
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        state_dict = read_torch_weights(weights)
     else:
         raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
     return UNet(**config).load_checked(convert_diffusers_state_dict(state_dict, len(config["ch_mult"])), str(weights))

@@ -1,10 +1,13 @@
 """attention: softmax(q kᵀ · scale) v for the U-Net's attention blocks, head dims up to 512.
 
 impl="auto": the Triton flash kernel (ddpm_fast/kernels/attention.py) on CUDA tensors,
-torch's scaled_dot_product_attention on CPU ones; "triton" forces the kernel (CPU tensors run
-it in Triton's interpreter under TRITON_INTERPRET=1); "reference" materialises the N×N weights
-(reference/ops.py)."""
+torch's scaled_dot_product_attention on CPU ones (the reference in float32 where an input is
+not finite: SDPA would return 0 for rows the maths makes NaN); "triton" forces the kernel (CPU
+tensors run it in Triton's interpreter under TRITON_INTERPRET=1); "reference" materialises the
+N×N weights (reference/ops.py)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +25,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
     scale defaults to d^(−1/2). precision applies to float32 inputs on the GPU: "ieee" (float32
     products, the default: 1e-5 relative accuracy) or "tf32" (tensor cores, ~1e-3)."""
-    _check(q, k, v, precision)
+    _check(q, k, v, scale, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve("attention", impl, q.device, ("triton",))
     if backend == "triton":
         return attention_triton(q, k, v, scale, precision)
     if impl == "auto":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # (under torch.compile the data-dependent choice would break the graph: the reference then)
+        if not torch.compiler.is_compiling() and _scores_stay_finite(q, k, v, scale):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # torch's SDPA (flash and math backends alike) returns 0 for a row whose scores are all
+        # NaN or −∞, taking it for a masked-out row; the maths gives NaN there, and so does a plain
+        # softmax: the reference, in float32 at least
+        return reference.attention(q.float(), k.float(), v.float(), scale).to(q.dtype)
     return reference.attention(q, k, v, scale)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str) -> None:
+def _scores_stay_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> bool:
+    """Whether every score q·k·scale is finite and v is (then no output is masked): a bound
+    from the largest magnitudes, which is NaN or ∞ (so False) as soon as an input is not finite.
+    Two reads of q and k and one of v, against the N² work of attention itself."""
+    bound = q.abs().amax().double() * k.abs().amax().double() * q.shape[-1] * abs(scale)
+    return bool(bound < torch.finfo(torch.float32).max / 2) and bool(torch.isfinite(v).all())
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, precision: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be [B, heads, N, d], got shape {tuple(t.shape)}")
@@ -48,5 +65,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str) ->
         raise ValueError(f"attention: every size must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim must be <= {MAX_HEAD_DIM}, got {q.shape[3]}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")

@@ -73,3 +73,27 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) 
         if t.device != x.device:
             raise ValueError(f"diffusion_step_: {name} is on {t.device} but x is on {x.device}")
     reference_noise.check_noise_args((x.shape[0], 1), seed, 0, sample_offset)
+    if not torch.compiler.is_compiling():  # traced tensors have no addresses; the compiled op checks the real ones
+        _check_overlap(x, model_output)
+
+
+def _check_overlap(x: torch.Tensor, model_output: torch.Tensor) -> None:
+    # x is written in place: an element stored twice (an expanded view) would be updated twice,
+    # and a model_output read through other offsets than x's may already have been overwritten
+    if torch._debug_has_internal_overlap(x) == 1:  # 1: at::MemOverlap::Yes
+        raise ValueError(f"diffusion_step_: x must not have elements sharing memory (it is updated in place), got "
+                         f"strides {x.stride()} for shape {tuple(x.shape)}: pass x.contiguous()")
+    (x0, x1), (o0, o1) = _byte_span(x), _byte_span(model_output)
+    same_elements = x.data_ptr() == model_output.data_ptr() and x.stride() == model_output.stride() and \
+        x.dtype == model_output.dtype
+    if x0 < o1 and o0 < x1 and not same_elements:
+        raise ValueError("diffusion_step_: model_output overlaps x in memory other than element for element; "
+                         "pass a copy of it")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses a tensor's elements may occupy (empty for no elements)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()

@@ -88,15 +88,21 @@ def randn(shape: Sequence[int], seed: int, step: int, sample_offset: int = 0,
     """float32 noise of `shape` ([B, ...]) for samples sample_offset .. sample_offset + B - 1
     under noise key `step`, exactly as DESIGN §3 defines it."""
     batch, per_sample = check_noise_args(shape, seed, step, sample_offset)
-    quads = -(-per_sample // 4)
-    q = torch.arange(quads, dtype=torch.int64, device=device)
-    s = torch.arange(sample_offset, sample_offset + batch, dtype=torch.int64, device=device)
+    z = normal_quads(seed, step, torch.arange(sample_offset, sample_offset + batch, device=device),
+                     torch.arange(-(-per_sample // 4), device=device))
+    return z[:, :per_sample].reshape(shape).contiguous()
+
+
+def normal_quads(seed: int, step: int, samples: torch.Tensor, quads: torch.Tensor) -> torch.Tensor:
+    """float32 [len(samples), 4·len(quads)]: for each sample index, the normals of the logical
+    elements 4q .. 4q + 3 of each quad q under noise key `step` — any part of a sample's noise
+    without drawing the rest of it."""
+    s, q = samples.to(torch.int64), quads.to(torch.int64)
     counter = torch.stack(torch.broadcast_tensors(q[None, :], s[:, None],
-                                                  torch.full((), step, dtype=torch.int64, device=device),
-                                                  torch.full((), NOISE_STREAM_VERSION, dtype=torch.int64, device=device)),
-                          dim=-1)
+                                                  torch.full((), step, dtype=torch.int64, device=q.device),
+                                                  torch.full((), NOISE_STREAM_VERSION, dtype=torch.int64,
+                                                             device=q.device)), dim=-1)
     u = uint_to_uniform_float(philox4x32_10(counter, seed))
     n0, n1 = pair_uniform_to_normal(u[..., 0], u[..., 1])
     n2, n3 = pair_uniform_to_normal(u[..., 2], u[..., 3])
-    z = torch.stack([n0, n1, n2, n3], dim=-1).reshape(batch, 4 * quads)[:, :per_sample]
-    return z.reshape(shape).contiguous()
+    return torch.stack([n0, n1, n2, n3], dim=-1).reshape(len(s), 4 * len(q))

@@ -8,11 +8,18 @@ import torch.nn.functional as F
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
                     eps: float = 1e-6, add: torch.Tensor | None = None, act: bool = True) -> torch.Tensor:
-    """act(GroupNorm(x + add[:, :, None, None]) · weight + bias), act = swish or identity."""
+    """act(GroupNorm(x + add[:, :, None, None]) · weight + bias), act = swish or identity, with the
+    statistics (biased variance, as GroupNorm's) in float32, or float64 for float64 x, and the
+    result in x's dtype. Written out rather than F.group_norm, which refuses one value per
+    channel (N = H = W = 1) although a group of C/G > 1 channels then still has a variance."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
     if add is not None:
-        x = x + add[:, :, None, None]
-    h = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(h) if act else h
+        h = h + add.to(h.dtype)[:, :, None, None]
+    groups = h.reshape(h.shape[0], num_groups, -1)
+    centred = groups - groups.mean(-1, keepdim=True)
+    normed = (centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)).reshape(h.shape)
+    h = normed * weight.to(h.dtype)[:, None, None] + bias.to(h.dtype)[:, None, None]
+    return (F.silu(h) if act else h).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

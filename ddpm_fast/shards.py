@@ -1,0 +1,288 @@
+"""Sampling jobs that scale across processes and survive being killed.
+
+The global sample indices 0 .. N−1 are cut into fixed-size shards, a multiple of the
+micro-batch, so a shard is drawn in the same micro-batches whichever process draws it, and the
+noise contract (DESIGN §3: noise keyed by global sample index) makes its samples the same
+whatever the number of processes. The shards still to draw are dealt round-robin to the ranks
+of a World (ddpm_fast/distributed.py); each rank writes its finished shards atomically into a
+work folder beside the output; after each round rank 0 records the completed index ranges in
+the manifest; when all are done rank 0 merges them into the output, checking that every index
+is there exactly once. A killed job rerun with resume=True draws only the missing shards.
+
+    OUT.parts/manifest.json                       settings, completed index ranges, launches
+    OUT.parts/samples-0000000064-0000000128.npz   one shard: images uint8 [n, H, W, C],
+                                                  indices int64 [n], settings_sha256
+    OUT.manifest.json                             the manifest of the finished job (the
+                                                  work folder is removed)
+
+With the same micro-batch, thread count and deterministic algorithms, a sharded, interrupted or
+resumed job writes exactly the bytes of an uninterrupted single-process one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import write_json
+from .distributed import World
+from .images import output_kind, to_uint8, write_npz, write_samples
+from .reference.noise import NOISE_STREAM_VERSION, check_noise_args
+from .sampler import Sampler
+
+FORMAT = "ddpm_fast.sampling-job/1"
+MANIFEST = "manifest.json"
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict's names, dtypes, shapes and bytes: the same weights give the
+    same checksum whichever file format or path they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def step_table_sha256(sampler: Sampler) -> str:
+    """sha256 of the coefficient rows, timesteps and noise keys: every sampler setting the
+    update depends on (schedule, method, variance, clip, η, spacing, prediction type)."""
+    digest = hashlib.sha256()
+    for tensor in (sampler.table.coefs, sampler.table.timesteps, sampler.table.noise_keys):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard k holds the global samples [k·shard_size, min((k + 1)·shard_size, num_samples))."""
+    num_samples: int
+    shard_size: int
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        return k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
+
+
+def work_folder(out: str | Path) -> Path:
+    return Path(str(out).rstrip("/\\") + ".parts")
+
+
+def finished_manifest(out: str | Path) -> Path:
+    return Path(str(out).rstrip("/\\") + ".manifest.json")
+
+
+def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed: int = 0, micro_batch: int,
+                   shard_size: int | None = None, model_sha256: str | None = None, world: World | None = None,
+                   resume: bool = False, progress: bool = False) -> Path:
+    """Draw global samples 0 .. num_samples − 1 with `sampler` into `out` (*.npz, *.png grid or a
+    folder/, as images.write_samples), through shards of `shard_size` samples (default: one
+    micro-batch) drawn `micro_batch` at a time, spread over the ranks of `world` (default: this
+    process alone). Every rank calls it; rank 0 writes the output and returns its path.
+
+    resume=True continues the unfinished job of the same output, refusing one that was started
+    with other settings; without it, an unfinished job's folder is an error (never silently
+    thrown away). model_sha256 defaults to the checksum of sampler.model's state dict."""
+    world = world or World(device=sampler.device)
+    shard_size = micro_batch if shard_size is None else shard_size
+    for name, value in (("micro_batch", micro_batch), ("shard_size", shard_size), ("num_samples", num_samples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if shard_size % micro_batch:
+        raise ValueError(f"the shard size must be a multiple of the micro-batch {micro_batch}, got {shard_size}")
+    check_noise_args((num_samples, 1), seed, 0, 0)  # the seed, and sample indices below 2^32
+    if sampler.sample_shape[0] not in (1, 3):
+        raise ValueError(f"images need 1 or 3 channels, the sampler draws {sampler.sample_shape}")
+    output_kind(out)  # a bad --out fails now, not after hours of sampling
+    if model_sha256 is None:
+        if not isinstance(sampler.model, torch.nn.Module):
+            raise ValueError("pass model_sha256= for a model that is not an nn.Module")
+        model_sha256 = state_dict_sha256(sampler.model)
+    settings = dict(sampler.config, backend=sampler.resolved_backend, model_sha256=model_sha256, seed=seed,
+                    num_samples=num_samples, sample_shape=list(sampler.sample_shape), micro_batch=micro_batch,
+                    shard_size=shard_size, noise_stream_version=NOISE_STREAM_VERSION,
+                    step_table_sha256=step_table_sha256(sampler))
+    job = _Job(out, settings, world)
+    todo = world.on_rank0(lambda: job.prepare(resume))
+    if todo is None:
+        return Path(out)
+    sizes = [stop - start for start, stop in map(job.plan.bounds, todo)]
+    steps = sum(-(-n // micro_batch) for n in sizes[world.rank::world.size]) * len(sampler.table)  # this rank's
+    with tqdm(total=steps, disable=not progress or world.rank != 0, unit="step",
+              desc=f"{sampler.method} [{settings['backend']}], {sum(sizes)} of {num_samples} samples, "
+                   f"{world.size} process{'es' * (world.size > 1)}") as bar:
+        for first in range(0, len(todo), world.size):
+            round_ = todo[first:first + world.size]
+            k = round_[world.rank] if world.rank < len(round_) else None
+            if k is not None:
+                job.draw(sampler, k, bar)
+            finished = [k for k in world.all_gather(k) if k is not None]
+            if world.rank == 0:
+                job.record(finished)
+    return world.on_rank0(job.merge)
+
+
+class _Job:
+    """The work folder of one output: what rank 0 reads and writes, and the shards every rank writes."""
+
+    def __init__(self, out: str | Path, settings: dict, world: World):
+        self.out, self.settings, self.world = out, settings, world  # out as given: a trailing / means a folder
+        self.plan = ShardPlan(settings["num_samples"], settings["shard_size"])
+        self.folder = work_folder(out)
+        self.digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        self.done: set[int] = set()
+        self.launches: list[dict] = []
+
+    # -- rank 0 ------------------------------------------------------------------------------
+
+    def prepare(self, resume: bool) -> list[int] | None:
+        """Start or continue the job: the shards left to draw (None: finished before)."""
+        launch = dict(world_size=self.world.size, threads=self.world.threads, device=self.world.device.type,
+                      torch=torch.__version__, deterministic_algorithms=torch.are_deterministic_algorithms_enabled())
+        if self.folder.is_dir():
+            if not resume:
+                raise ValueError(f"{self.folder} holds an unfinished job for {self.out}: pass --resume to continue it, "
+                                 f"or delete the folder to start again")
+            earlier = self._read_manifest(self.folder / MANIFEST).get("launches", [])
+            if earlier and earlier[-1].get("threads") != launch["threads"]:
+                print(f"note: the job ran with {earlier[-1].get('threads')} threads a process, this launch has "
+                      f"{launch['threads']}: its samples agree to float tolerance, not bit for bit", file=sys.stderr)
+            for path in self.folder.glob(".*.tmp"):  # left by a writer that was killed
+                path.unlink()
+            files = self._shard_files()
+            for k, path in files.items():
+                self._read_shard(k, path)
+            self.done = set(files)
+            self.launches = earlier + [launch]
+            self._write_manifest()
+        elif resume and self._finished_before():
+            print(f"note: {self.out} is complete ({finished_manifest(self.out)}): nothing to resume", file=sys.stderr)
+            return None
+        else:
+            # the folder appears with its manifest or not at all: a job killed here leaves nothing to resume
+            staging = self.folder.with_name(f".{self.folder.name}.{os.getpid()}.tmp")
+            staging.mkdir(parents=True)
+            self.launches = [launch]
+            self._write_manifest(staging)
+            os.replace(staging, self.folder)
+        return [k for k in range(len(self.plan)) if k not in self.done]
+
+    def record(self, finished: list[int]) -> None:
+        self.done.update(finished)
+        self._write_manifest()
+
+    def merge(self) -> Path:
+        """Check that the shards hold every index 0 .. N−1 exactly once — a file for each shard of
+        the plan (no gaps), each holding exactly the indices its name gives (no duplicates, no
+        strays) — then write the output from them in index order, keep the manifest beside it
+        and remove the work folder."""
+        files = self._shard_files()
+        missing = [self.plan.bounds(k) for k in range(len(self.plan)) if k not in files]
+        if missing:
+            raise ValueError(f"{self.folder}: no shard holds the samples {_ranges_text(missing)}; "
+                             f"run again with --resume to draw them")
+        for k, path in files.items():  # all checked before a byte of the output is written
+            self._read_shard(k, path)
+        shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
+        chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, images=True)) for k, path in sorted(files.items()))
+        path = write_samples(chunks, self.out, shape)
+        write_json(finished_manifest(self.out), self._manifest(complete=True))
+        for shard in files.values():
+            shard.unlink()
+        (self.folder / MANIFEST).unlink()
+        self.folder.rmdir()
+        return path
+
+    def _finished_before(self) -> bool:
+        path = finished_manifest(self.out)
+        if not (path.is_file() and Path(self.out).exists()):
+            return False
+        self._read_manifest(path)  # refuses a job with other settings
+        return True
+
+    def _read_manifest(self, path: Path) -> dict:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--resume: cannot read the manifest {path}: {error}") from error
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"--resume: {path} is not a {FORMAT} manifest")
+        saved = manifest.get("settings", {})
+        differing = sorted(k for k in saved.keys() | self.settings.keys() if saved.get(k) != self.settings.get(k))
+        if differing:
+            changes = "; ".join(f"{k} {saved.get(k)!r} → {self.settings.get(k)!r}" for k in differing)
+            raise ValueError(f"--resume refused: {path} records a job with other settings (then → now): {changes}")
+        return manifest
+
+    def _manifest(self, complete: bool = False) -> dict:
+        done = sorted(self.plan.bounds(k) for k in self.done)
+        ranges: list[list[int]] = []
+        for start, stop in done:  # adjacent shards joined into one range
+            if ranges and ranges[-1][1] == start:
+                ranges[-1][1] = stop
+            else:
+                ranges.append([start, stop])
+        return dict(format=FORMAT, settings=self.settings, settings_sha256=self.digest, complete=complete,
+                    completed=[[0, self.plan.num_samples]] if complete else ranges, launches=self.launches)
+
+    def _write_manifest(self, folder: Path | None = None) -> None:
+        write_json((folder or self.folder) / MANIFEST, self._manifest())
+
+    # -- every rank --------------------------------------------------------------------------
+
+    def shard_path(self, k: int) -> Path:
+        start, stop = self.plan.bounds(k)
+        return self.folder / f"samples-{start:010d}-{stop:010d}.npz"
+
+    def draw(self, sampler: Sampler, k: int, bar) -> None:
+        start, stop = self.plan.bounds(k)
+        x0 = sampler.sample(stop - start, seed=self.settings["seed"], sample_offset=start,
+                            batch_size=self.settings["micro_batch"], progress=bar)
+        write_npz(self.shard_path(k), {"images": to_uint8(x0), "indices": np.arange(start, stop, dtype=np.int64),
+                                       "settings_sha256": np.array(self.digest)})
+
+    def _shard_files(self) -> dict[int, Path]:
+        expected = {self.shard_path(k).name: k for k in range(len(self.plan))}
+        found = {path.name: path for path in self.folder.glob("samples-*.npz")}
+        unexpected = sorted(found.keys() - expected.keys())
+        if unexpected:
+            raise ValueError(f"{self.folder} holds shards of no shard of this job's plan: {unexpected[:4]}")
+        return {expected[name]: path for name, path in found.items()}
+
+    def _read_shard(self, k: int, path: Path, images: bool = False) -> np.ndarray:
+        """Shard k's indices (or images), after checking it belongs to this job."""
+        start, stop = self.plan.bounds(k)
+        try:
+            with np.load(path) as f:  # allow_pickle=False: a shard is data, never code
+                tag, indices = str(f["settings_sha256"]), f["indices"]
+                pictures = f["images"] if images else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # truncated, not npz
+            raise ValueError(f"shard {path} is unreadable ({error}): delete it and resume to draw it again") from error
+        if tag != self.digest:
+            raise ValueError(f"shard {path} was drawn with other settings than {self.folder / MANIFEST}")
+        if indices.shape != (stop - start,) or not (indices == np.arange(start, stop)).all():
+            raise ValueError(f"shard {path} must hold the samples {start} .. {stop - 1}, holds indices "
+                             f"{indices[:8].tolist()}{' ...' if indices.size > 8 else ''}")
+        if pictures is None:
+            return indices
+        c, h, w = self.settings["sample_shape"]
+        if pictures.dtype != np.uint8 or pictures.shape != (stop - start, h, w, c):
+            raise ValueError(f"shard {path} must hold uint8 images {(stop - start, h, w, c)}, "
+                             f"holds {pictures.dtype} {pictures.shape}")
+        return pictures
+
+
+def _ranges_text(ranges: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"[{a}, {b})" for a, b in ranges[:4])
+    return shown + (f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else "")
