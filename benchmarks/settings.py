@@ -78,7 +78,7 @@ def sizes() -> Sizes:
         return Sizes(rounds=20, warmup=3, sample_rounds=3, step_shapes=((256, 3, 32, 32),), gn_batch=8,
                      gn_shapes=_GN_SHAPES, gn_layouts=("nchw", "channels_last"), attn_batch=8,
                      attn_shapes=_ATTN_SHAPES, attn_dtypes=(torch.float32,),
-                     e2e=(E2E("cifar10", 1, 50), E2E("digits", 8, 1000)), e2e_configs=("fp32",),
+                     e2e=(E2E("cifar10", 2, 50), E2E("digits", 8, 1000)), e2e_configs=("fp32",),
                      copy_numel=1 << 26, matmul_n={torch.bfloat16: 1024, torch.float32: 2048},
                      profile="cifar10")
     return Sizes(rounds=5, warmup=1, sample_rounds=2, step_shapes=((256, 3, 32, 32),), gn_batch=8,

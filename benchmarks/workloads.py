@@ -93,11 +93,17 @@ def _base_model(model: str) -> UNet:
     return UNet.ddpm_cifar10() if model == "cifar10" else UNet.from_pretrained(model)
 
 
+@functools.cache  # built once, so no sampling run times the table's construction
 def _table(steps: int):
     schedule = NoiseSchedule.linear(1000)
     if steps == schedule.num_timesteps:
         return schedule.step_table("ddpm")
     return schedule.step_table("ddim", steps=steps, eta=1.0)
+
+
+@functools.cache
+def _device_table(steps: int):
+    return _table(steps).to(DEVICE)
 
 
 def _sampler(net: UNet, dtype: torch.dtype, steps: int, backend: str, graph: bool) -> Sampler:
@@ -120,7 +126,7 @@ def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, compiled: bool)
             return fn(x, t, row).clone()
         return fn(x, t, row)
 
-    table = _table(1000).to(DEVICE)
+    table = _device_table(1000)
     with torch.inference_mode():  # an inference tensor, like every later x: no recompile on the 2nd step
         state = [torch.randn(shape, device=DEVICE)]
 
@@ -130,7 +136,7 @@ def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, compiled: bool)
 
     @torch.inference_mode()
     def sample(steps):
-        run = _table(steps).to(DEVICE)
+        run = _device_table(steps)
         x = torch.randn(shape, device=DEVICE)
         for i in range(len(run)):
             x = advance(x, run.timesteps[i], run.coefs[i])
