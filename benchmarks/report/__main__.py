@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     meta_path = report_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"stages": {}}
-    meta.update(environment=environment(), quick=args.quick)
+    env = environment()
+    meta.setdefault("environment", env)  # as the folder's first stage found it; each stage notes its own commit
+    meta.setdefault("quick", args.quick)
+    head = env["commit"]
+    commit = head.split()[0][:12] + (" + uncommitted changes" if "uncommitted" in head else "")
     deadline = time.time() + args.budget if args.budget else None
     ctx = stages.Context(report_dir, args.quick, args.fresh, deadline, on_gpu)
     failed = False
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         start, before = time.perf_counter(), load_average()
         problems = stages.run(name, ctx)
         meta["stages"][name] = dict(seconds=time.perf_counter() - start, load_before=before, load_after=load_average(),
-                                    problems=problems, when=datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M"))
+                                    problems=problems, commit=commit, threads=torch.get_num_threads(),
+                                    when=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
         failed |= bool(problems)
         for problem in problems:
             print(f"[report]   {problem}", flush=True)

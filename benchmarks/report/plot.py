@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.report import analysis as A
+from benchmarks.report.render import ratio
 
 PANELS = (("ops", ("op",)), ("end to end", ("e2e-step", "e2e-sample")))
 
@@ -29,11 +30,15 @@ def write(report_dir: Path, records: list[dict]) -> Path | None:
         labels = [f"{r['group']} · {r['ours']} vs {r['baseline']}" for r in rows]
         values = [r["ratio"] for r in rows]
         colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
-        ax.barh(range(len(rows)), values, color=colors)
+        ax.set_xscale("log")
+        ax.barh(range(len(rows)), [v - 1 for v in values], left=1.0, color=colors)  # from 1×: faster right, slower left
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {ratio(v)} ", va="center", ha="left" if v >= 1 else "right", fontsize=5)
         ax.set_yticks(range(len(rows)), labels, fontsize=6)
         ax.invert_yaxis()
-        ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
+        low, high = min(values + [1.0]), max(values + [1.0])
+        ax.set_xlim(low / 1.6, high * 1.6)
         ax.set_title(f"{title}: ours over baseline (median time ratio)", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()

@@ -50,10 +50,13 @@ def _environment(meta: dict) -> list[str]:
 
 def _stages(meta: dict) -> list[str]:
     rows = [[name, "ok" if not s.get("problems") else "FAILED", f"{s['seconds']:.1f} s",
-             f"{s['load_before']} → {s['load_after']}", s.get("when", "")] for name, s in meta.get("stages", {}).items()]
+             f"{s['load_before']} → {s['load_after']}", str(s.get("threads", "")), s.get("commit", ""), s.get("when", "")]
+            for name, s in meta.get("stages", {}).items()]
     note = ("Load average (1, 5, 15 min) before and after each stage: on a shared machine, anything above "
-            "the idle level means other jobs competed for the cores during the timing.")
-    return ["## Stages", "", note, ""] + _table(["stage", "status", "took", "load average", "finished (UTC)"], rows) + [""]
+            "the idle level means other jobs competed for the cores during the timing. A blank commit or "
+            "thread count: the one in the table above.")
+    header = ["stage", "status", "took", "load average", "torch threads", "commit", "finished (UTC)"]
+    return ["## Stages", "", note, ""] + _table(header, rows) + [""]
 
 
 def _tests(report_dir: Path) -> list[str]:
