@@ -149,7 +149,8 @@ class Sampler:
             self._check_finite(done, first_bad)
         return x
 
-    def stepper(self, num_samples: int, seed: int = 0, sample_offset: int = 0) -> tuple[torch.Tensor, Callable[[], None]]:
+    def stepper(self, num_samples: int, seed: int = 0,
+                sample_offset: int = 0) -> tuple[torch.Tensor, Callable[[], None]]:
         """For benchmarks and custom loops: (x, step) where x is x_T and each step() applies the
         next row of the table to x in place, exactly as sample() does (a CUDA-graph replay where
         sample() would capture). Fused backends only; call it, and step(), in inference mode with

@@ -29,7 +29,8 @@ from benchmarks.report.render import render
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", action="append", default=[],
-                        help=f"comma-separated, repeatable: {', '.join(stages.ALL)} or render (default: all that apply)")
+                        help=f"comma-separated, repeatable: {', '.join(stages.ALL)} or render "
+                             "(default: all that apply)")
     parser.add_argument("--quick", action="store_true", help="the benchmarks' --quick sizes")
     parser.add_argument("--fresh", action="store_true",
                         help="measure the benchmark stages anew (default: resume, skipping what the folder holds)")

@@ -31,7 +31,8 @@ def write(report_dir: Path, records: list[dict]) -> Path | None:
         values = [r["ratio"] for r in rows]
         colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
         ax.set_xscale("log")
-        ax.barh(range(len(rows)), [v - 1 for v in values], left=1.0, color=colors)  # from 1×: faster right, slower left
+        # bars start at 1×: faster to the right, slower to the left
+        ax.barh(range(len(rows)), [v - 1 for v in values], left=1.0, color=colors)
         for y, v in enumerate(values):
             ax.text(v, y, f" {ratio(v)} ", va="center", ha="left" if v >= 1 else "right", fontsize=5)
         ax.set_yticks(range(len(rows)), labels, fontsize=6)

@@ -33,8 +33,12 @@ def ms(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 10 else f"{seconds * 1e3:.3f} ms"
 
 
+def truncated(value: float, places: int) -> str:
+    return f"{math.floor(value * 10 ** places) / 10 ** places:.{places}f}"
+
+
 def ratio(value: float) -> str:
-    return f"{math.floor(value * 100) / 100:.2f}×"
+    return truncated(value, 2) + "×"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -50,7 +54,8 @@ def _environment(meta: dict) -> list[str]:
 
 def _stages(meta: dict) -> list[str]:
     rows = [[name, "ok" if not s.get("problems") else "FAILED", f"{s['seconds']:.1f} s",
-             f"{s['load_before']} → {s['load_after']}", str(s.get("threads", "")), s.get("commit", ""), s.get("when", "")]
+             f"{s['load_before']} → {s['load_after']}", str(s.get("threads", "")), s.get("commit", ""),
+             s.get("when", "")]
             for name, s in meta.get("stages", {}).items()]
     note = ("Load average (1, 5, 15 min) before and after each stage: on a shared machine, anything above "
             "the idle level means other jobs competed for the cores during the timing. A blank commit or "
@@ -138,7 +143,7 @@ def _projection(records: list[dict]) -> list[str]:
         if r.get("kind") == "e2e-sample" and r.get("model") == "cifar10":
             p = A.projection(r)
             rows.append([r["name"], r["config"], f"batch {r['batch']} × {r['steps']} steps", ms(p["per_step_s"]),
-                         f"{p['images_per_s']:.4f}", f"{p['fid_s'] / 3600:.2f} h"])
+                         truncated(p["images_per_s"], 5), f"{p['fid_s'] / 3600:.2f} h"])
     if not rows:
         return []
     note = (f"DDPM CIFAR-10 U-Net, {A.T_FULL} steps per image, extrapolated linearly from each timed run "
