@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make sample   draw a grid of samples (creates .venv and builds the ops when needed)
 #   make test     run the whole test suite (likewise)
-# and for CI and GPU machines: make deps | build | gpu-report | clean.
+# and for CI and GPU machines: make deps | build | report | bench-smoke | wheels | clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,9 +10,13 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ops-built
 CSRC := $(shell find csrc -type f)
 SAMPLE_OUT ?= samples/grid.png
-REPORT_DIR ?= benchmarks/results/$(shell date +%F)-gpu
+REPORT_DIR ?=
+STAGES ?=
+REPORT_FLAGS ?=
+# Packages a GPU machine's image lacks (KINDS.md's list), pinned to what the benchmarks were run with.
+WHEELS ?= diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0
 
-.PHONY: deps build test sample gpu-report clean
+.PHONY: deps build test sample report gpu-report bench-smoke wheels clean
 
 # Dependencies come from pyproject.toml alone: build-system requires + dependencies + [test].
 $(DEPS_STAMP): pyproject.toml
@@ -38,9 +42,29 @@ test: $(BUILD_STAMP)
 sample: $(BUILD_STAMP)
 	$(VENV)/bin/ddpm-fast sample --model digits --num 64 --seed 0 --out $(SAMPLE_OUT)
 
-# On a GPU machine with torch/triton installed and no network: uses that python, no venv.
-gpu-report:
-	REPORT_DIR=$(REPORT_DIR) $(PYTHON) benchmarks/gpu_report.py
+# The one benchmark report (benchmarks/report/__main__.py), on this CPU or a GPU: the venv's
+# python where there is one (make build first), else $(PYTHON) — a GPU machine's python3 with
+# torch and triton and no network, where the report builds the ops itself. REPORT_DIR defaults
+# to benchmarks/results/<date>-<machine>; STAGES=peaks,ops runs some stages only (each appends
+# to the same report); REPORT_FLAGS=--quick for the reduced sizes, --budget 540 for a 10-minute lease.
+REPORT_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+report:
+	REPORT_DIR=$(REPORT_DIR) $(REPORT_PY) -m benchmarks.report $(if $(STAGES),--stage $(STAGES)) $(REPORT_FLAGS)
+
+gpu-report: report
+
+# CI's smoke test of the benchmarks and the report: the --quick sizes, into build/. One thread:
+# its figures are not quoted anywhere, and two OpenMP threads on a machine where other jobs hold
+# a core wait a scheduler quantum per parallel region (seen here: 2.5 s for a 10 ms U-Net step).
+bench-smoke: $(BUILD_STAMP)
+	rm -rf build/bench-smoke
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.report --quick --dir build/bench-smoke
+
+# Wheels for an offline GPU machine (Python 3.12, x86-64): carry .whl/ along; the report's
+# build stage installs them.
+wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(WHEELS)
 
 clean:
 	rm -rf build ddpm_fast/_C*.so ddpm_fast/_build_info.py *.egg-info $(BUILD_STAMP)

@@ -1,36 +1,44 @@
-"""ops.attention against torch's scaled_dot_product_attention (whatever backend it picks) and
-the eager bmm-softmax-bmm, at the DDPM attention shapes: N = 256 tokens (16×16) with d = 256
-(CIFAR-10) and d = 512 (LSUN/CelebA-HQ 256), and N = 16 (the 4×4 mid block). Batch 256 on GPUs,
-8 on the CPU. Work: 4·B·N²·d flops (two matmuls), reported as TFLOP/s.
+"""ops.attention against the eager bmm-softmax-bmm reference, torch.compile of it and torch's
+scaled_dot_product_attention (whatever backend it picks), at the DDPM attention shapes: N = 256
+tokens (16×16) with d = 256 (CIFAR-10) and d = 512 (LSUN/CelebA-HQ 256), and N = 16 (the 4×4
+mid block); one head. Work: 4·B·N²·d flops (two matmuls), reported as TFLOP/s.
 
-    pytest benchmarks/test_attention.py --benchmark-only
+On the CPU, ops.attention("auto") is scaled_dot_product_attention itself (there is no CPU
+kernel of ours): its row shows what the U-Net runs there, not a kernel of this project.
+
+    pytest benchmarks/test_attention.py --benchmark-only [--quick]
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import settings
+from benchmarks.rotation import rotate
 from ddpm_fast.ops import attention
 from ddpm_fast.reference import ops as reference
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-BATCH = 256 if ON_GPU else 8
-SHAPES = [(256, 256), (256, 512), (16, 256)]  # (N, d)
-DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+SIZES = settings.sizes()
+DEVICE = settings.DEVICE
 IMPLS = {
-    "eager": lambda q, k, v: reference.attention(q, k, v),
-    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-    "ours": lambda q, k, v: attention(q, k, v, impl="triton" if ON_GPU else "auto"),
+    "eager": lambda: reference.attention,
+    "torch.compile": lambda: torch.compile(reference.attention),
+    "sdpa": lambda: F.scaled_dot_product_attention,
+    "fused triton" if settings.ON_GPU else "ours (sdpa on cpu)":
+        lambda: lambda q, k, v: attention(q, k, v, impl="triton" if settings.ON_GPU else "auto"),
 }
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d", SHAPES, ids=lambda v: str(v))
-def test_attention(measure, benchmark, n, d, dtype, impl):
-    q, k, v = (torch.randn(BATCH, 1, n, d, device=DEVICE, dtype=dtype) for _ in range(3))
-    flops = 4 * BATCH * n * n * d
-    fn = IMPLS[impl]
-    median = measure(f"attention N={n} d={d} {str(dtype)[6:]}", impl, lambda: fn(q, k, v), DEVICE,
-                     bytes_moved=4 * q.numel() * q.element_size())
-    benchmark.extra_info["tflop_per_s"] = flops / median / 1e12
+@pytest.mark.parametrize("dtype", SIZES.attn_dtypes, ids=str)
+@pytest.mark.parametrize("n,d", SIZES.attn_shapes, ids=lambda v: str(v))
+def test_attention(measure, n, d, dtype, impl):
+    batch = SIZES.attn_batch
+    shape = (batch, 1, n, d)
+    element = torch.finfo(dtype).bits // 8
+    next_set, sets = rotate(lambda i: tuple(torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(3)),
+                            3 * batch * n * d * element)
+    fn = IMPLS[impl]()
+    fn(*next_set())  # compiles (torch.compile, Triton) outside the timing
+    measure(f"attention B={batch} N={n} d={d} {str(dtype)[6:]}", impl, lambda: fn(*next_set()),
+            bytes_moved=4 * batch * n * d * element, flops=4 * batch * n * n * d, images=batch, input_sets=sets,
+            kind="op", dtype=str(dtype)[6:])

@@ -3,28 +3,33 @@
 U-Net's shapes — N = 256 on GPUs, 8 on the CPU — in NCHW and channels_last, float32. Bytes
 moved: x read and y written once (the add, weight and bias are negligible).
 
-    pytest benchmarks/test_group_norm.py --benchmark-only
+    pytest benchmarks/test_group_norm.py --benchmark-only [--quick]
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import settings
+from benchmarks.rotation import rotate
 from ddpm_fast.ops import group_norm_silu
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BATCH = 256 if DEVICE.type == "cuda" else 8
-SHAPES = [(BATCH, 128, 32, 32), (BATCH, 256, 16, 16), (BATCH, 256, 8, 8), (BATCH, 256, 4, 4)]
+SIZES = settings.sizes()
+DEVICE = settings.DEVICE
+SHAPES = [(SIZES.gn_batch, *chw) for chw in SIZES.gn_shapes]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-FUSED = ("triton", "cuda") if DEVICE.type == "cuda" else ("cpu",)
+FUSED = ("triton", "cuda") if settings.ON_GPU else ("cpu",)
 GROUPS = 32
 
 
 def _setup(shape, layout):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).to(DEVICE, memory_format=LAYOUTS[layout])
-    weight, bias = torch.randn(shape[1], generator=g).to(DEVICE), torch.randn(shape[1], generator=g).to(DEVICE)
-    add = torch.randn(shape[:2], generator=g).to(DEVICE)
-    return (x, weight, bias, add), 2 * x.numel() * x.element_size()
+    def make(i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(shape, generator=g).to(DEVICE, memory_format=LAYOUTS[layout])
+        weight, bias = (torch.randn(shape[1], generator=g).to(DEVICE) for _ in range(2))
+        return x, weight, bias, torch.randn(shape[:2], generator=g).to(DEVICE)
+    nbytes = 2 * torch.Size(shape).numel() * 4
+    next_set, sets = rotate(make, nbytes)
+    return next_set, dict(bytes_moved=nbytes, input_sets=sets, kind="op", dtype="float32")
 
 
 def _eager(x, weight, bias, add):
@@ -32,29 +37,32 @@ def _eager(x, weight, bias, add):
 
 
 def _group(shape, layout):
-    return f"group_norm_silu {'x'.join(map(str, shape))} {layout}"
+    return f"group_norm_silu {'x'.join(map(str, shape))} {layout} float32"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", SIZES.gn_layouts)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_eager_reference(measure, shape, layout):
-    args, nbytes = _setup(shape, layout)
-    measure(_group(shape, layout), "eager", lambda: _eager(*args), DEVICE, nbytes)
+    next_set, work = _setup(shape, layout)
+    measure(_group(shape, layout), "eager", lambda: _eager(*next_set()), **work)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", SIZES.gn_layouts)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_compiled_reference(measure, shape, layout):
-    args, nbytes = _setup(shape, layout)
+    next_set, work = _setup(shape, layout)
     compiled = torch.compile(_eager)
-    compiled(*args)  # compile outside the timing
-    measure(_group(shape, layout), "torch.compile", lambda: compiled(*args), DEVICE, nbytes)
+    compiled(*next_set())  # compile outside the timing
+    measure(_group(shape, layout), "torch.compile", lambda: compiled(*next_set()), **work)
 
 
 @pytest.mark.parametrize("impl", FUSED)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", SIZES.gn_layouts)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fused(measure, shape, layout, impl):
-    (x, weight, bias, add), nbytes = _setup(shape, layout)
-    run = lambda: group_norm_silu(x, weight, bias, GROUPS, add=add, impl=impl)  # noqa: E731
-    measure(_group(shape, layout), f"fused {impl}", run, DEVICE, nbytes)
+    next_set, work = _setup(shape, layout)
+
+    def run():
+        x, weight, bias, add = next_set()
+        group_norm_silu(x, weight, bias, GROUPS, add=add, impl=impl)
+    measure(_group(shape, layout), f"fused {impl}", run, **work)

@@ -3,63 +3,64 @@ elementwise update, reference/step.py) and torch.compile of it, at the DDPM CIFA
 (256×3×32×32) and, on GPUs, a 64M-element tensor. Bytes moved: x read and written (float32)
 and the network output read (its dtype); the noise never touches memory in the fused op.
 
-    pytest benchmarks/test_step.py --benchmark-only
+    pytest benchmarks/test_step.py --benchmark-only [--quick]
 """
 import pytest
 import torch
 
 import ddpm_fast as df
+from benchmarks import settings
+from benchmarks.rotation import rotate
 from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference.step import diffusion_step as reference_step
 
-SHAPES = [(256, 3, 32, 32)] + ([(64, 4, 512, 512)] if torch.cuda.is_available() else [])
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED = ("triton", "cuda") if DEVICE.type == "cuda" else ("cpu",)
+SIZES = settings.sizes()
+DEVICE = settings.DEVICE
+FUSED = ("triton", "cuda") if settings.ON_GPU else ("cpu",)
+ROW = 500  # a mid-schedule DDPM row: clip on, σ > 0
 
 
 def _setup(shape):
     table = df.NoiseSchedule.linear(1000).step_table().to(DEVICE)
-    x = torch.randn(shape, device=DEVICE)
-    out = torch.randn(shape, device=DEVICE)
-    index = torch.tensor([500], device=DEVICE)
-    return table, x, out, index, 3 * x.numel() * 4
+    nbytes = 3 * torch.Size(shape).numel() * 4
+    next_set, sets = rotate(lambda i: (torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)), nbytes)
+    return table, next_set, dict(bytes_moved=nbytes, images=shape[0], input_sets=sets, kind="op", dtype="float32")
 
 
-def _eager(table, index):
-    row = table.coefs[500]
+def _update(table):
+    row = table.coefs[ROW]
 
     def update(x, out):
         return reference_step(x, out, row, torch.randn_like(x))
     return update
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def _group(shape):
+    return f"step {'x'.join(map(str, shape))} float32"
+
+
+@pytest.mark.parametrize("shape", SIZES.step_shapes, ids=lambda s: "x".join(map(str, s)))
 def test_eager_reference(measure, shape):
-    table, x, out, index, nbytes = _setup(shape)
-    update = _eager(table, index)
-    measure(f"step {shape}", "eager", lambda: update(x, out), DEVICE, nbytes)
+    table, next_set, work = _setup(shape)
+    update = _update(table)
+    measure(_group(shape), "eager", lambda: update(*next_set()), **work)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SIZES.step_shapes, ids=lambda s: "x".join(map(str, s)))
 def test_compiled_reference(measure, shape):
-    table, x, out, index, nbytes = _setup(shape)
-    update = torch.compile(_eager(table, index))
-    update(x, out)  # compile outside the timing
-    measure(f"step {shape}", "torch.compile", lambda: update(x, out), DEVICE, nbytes)
+    table, next_set, work = _setup(shape)
+    update = torch.compile(_update(table))
+    update(*next_set())  # compile outside the timing
+    measure(_group(shape), "torch.compile", lambda: update(*next_set()), **work)
 
 
 @pytest.mark.parametrize("impl", FUSED)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SIZES.step_shapes, ids=lambda s: "x".join(map(str, s)))
 def test_fused(measure, shape, impl):
-    table, x, out, index, nbytes = _setup(shape)
-    run = lambda: diffusion_step_(x, out, table.coefs, table.noise_keys, index, seed=0,  # noqa: E731
-                                  impl=impl, check=False)
-    measure(f"step {shape}", f"fused {impl}", run, DEVICE, nbytes)
+    table, next_set, work = _setup(shape)
+    index = torch.tensor([ROW], device=DEVICE)
 
-
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="the copy-bandwidth yardstick is for GPUs")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_copy_bandwidth(measure, shape):
-    src = torch.randn(shape, device=DEVICE)
-    dst = torch.empty_like(src)
-    measure(f"step {shape}", "copy (peak)", lambda: dst.copy_(src), DEVICE, 2 * src.numel() * 4)
+    def run():
+        x, out = next_set()
+        diffusion_step_(x, out, table.coefs, table.noise_keys, index, seed=0, impl=impl, check=False)
+    measure(_group(shape), f"fused {impl}", run, **work)

@@ -154,6 +154,36 @@ class Sampler:
         return x
 
     def _sample_fused(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
+        x, replay, first_bad = self._fused_steps(n, seed, sample_offset, backend)
+        for done in range(1, len(self.table) + 1):
+            replay()
+            bar.update(1)
+            self._check_finite(done, first_bad)
+        return x
+
+    def stepper(self, num_samples: int, seed: int = 0,
+                sample_offset: int = 0) -> tuple[torch.Tensor, Callable[[], None]]:
+        """For benchmarks and custom loops: (x, step) where x is x_T and each step() applies the
+        next row of the table to x in place, exactly as sample() does (a CUDA-graph replay where
+        sample() would capture). Fused backends only; call it, and step(), in inference mode with
+        the model in eval mode. At most len(table) steps: the kernel reads the row at a device-side
+        index, so a further call is refused here rather than read past the table."""
+        check_noise_args((num_samples, 1), seed, 0, sample_offset)
+        backend = resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
+        if backend == "reference":
+            raise ValueError("stepper() runs the fused backends; the reference backend has no in-place step")
+        x, replay, _ = self._fused_steps(num_samples, seed, sample_offset, backend)
+        remaining = [len(self.table)]
+
+        def step() -> None:
+            if remaining[0] == 0:
+                raise IndexError(f"all {len(self.table)} steps of the table were taken")
+            remaining[0] -= 1
+            replay()
+        return x, step
+
+    def _fused_steps(self, n: int, seed: int, sample_offset: int, backend: str):
+        """x_T, the callable that advances it by one row, and the device-side non-finite flag."""
         table = self._device_table(self.device)
         x = self._initial_noise(n, seed, sample_offset, backend)
         step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
@@ -170,11 +200,7 @@ class Sampler:
         replay = step
         if x.device.type == "cuda" and self.cuda_graph:
             replay = _capture(step, [x, step_index, first_bad])
-        for done in range(1, len(table) + 1):
-            replay()
-            bar.update(1)
-            self._check_finite(done, first_bad)
-        return x
+        return x, replay, first_bad
 
     def _device_table(self, device: torch.device) -> StepTable:
         # uploaded once per device: later sample() calls start without a host-to-device copy

@@ -115,6 +115,21 @@ def test_cuda_graph_loop_without_host_syncs(device):
         assert relative_error(other, plain) <= 1e-5, backend
 
 
+def test_stepper_takes_the_samplers_steps_one_by_one(device):
+    model = _small_model().to(device).eval()
+    sampler = df.Sampler(model, df.NoiseSchedule.linear(10), method="ddim", steps=5, eta=1.0)
+    expected = sampler.sample(3, seed=4, sample_offset=2)
+    with torch.inference_mode():
+        x, step = sampler.stepper(3, seed=4, sample_offset=2)
+        for _ in range(5):
+            step()
+        with pytest.raises(IndexError, match="all 5 steps"):
+            step()  # the kernel would read past the table
+    assert relative_error(x, expected) <= 1e-6
+    with pytest.raises(ValueError, match="fused backends"):
+        df.Sampler(model, df.NoiseSchedule.linear(10), backend="reference").stepper(3)
+
+
 class Exploding(Recorder):
     def forward(self, x, t):
         return torch.where(t[:, None, None, None] < 7, float("nan"), super().forward(x, t))

@@ -72,6 +72,22 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
                 num_groups=config.get("norm_num_groups", 32))
 
 
+def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """UNet2DModel keyword arguments for our UNet's config (UNet(...).config): the same
+    architecture, so diffusers can be timed against ours like for like; the inverse of
+    unet_config_from_diffusers."""
+    widths = [config["ch"] * m for m in config["ch_mult"]]
+    resolution = config["resolution"]
+    attn = [resolution // 2 ** i in config["attn_resolutions"] for i in range(len(widths))]
+    down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn]
+    up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
+    options = {key: wanted for key, (wanted, default) in _REQUIRED.items() if wanted != default}
+    return dict(sample_size=resolution, in_channels=config["in_channels"], out_channels=config["out_ch"],
+                layers_per_block=config["num_res_blocks"], block_out_channels=tuple(widths),
+                down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=None,
+                norm_num_groups=config["num_groups"], dropout=config["dropout"], **options)
+
+
 # (diffusers pattern, ours); {L} in ours is replaced by the level counted from the top.
 _RENAMES = [
     (r"time_embedding\.linear_1\.", "temb.dense.0."),

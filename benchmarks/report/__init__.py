@@ -1,0 +1,1 @@
+"""The one benchmark report for any machine: python -m benchmarks.report (make report)."""

@@ -1,0 +1,86 @@
+"""What the report says about the machine it ran on: hardware, software versions, commit,
+load. Every value is read on the machine itself; nothing is assumed."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def output(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def memory_gib() -> str:
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        return f"{kb / 2 ** 20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+
+
+def machine_slug() -> str:
+    """The name part of a report folder: the GPU's model (h100, h200, ...) or cpu-<N>core."""
+    import torch
+    if torch.cuda.is_available():
+        words = torch.cuda.get_device_name().replace("NVIDIA", "").split()
+        model = next((w for w in words if re.search(r"\d", w)), words[0] if words else "gpu")
+        return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "gpu"
+    return f"cpu-{os.cpu_count()}core"
+
+
+def default_report_dir() -> Path:
+    return ROOT / "benchmarks" / "results" / f"{datetime.date.today().isoformat()}-{machine_slug()}"
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import triton
+
+    from benchmarks.rotation import last_level_cache_bytes
+    try:
+        import diffusers
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = "not installed (its baselines are skipped)"
+    nvcc = output(["nvcc", "--version"]).splitlines()
+    gpu = output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+    dirty = " (uncommitted changes)" if output(["git", "status", "--porcelain", "--untracked-files=no"]) else ""
+    return {
+        "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "gpu": gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores, {memory_gib()}",
+        "torch threads": str(torch.get_num_threads()),
+        "last-level cache": f"{last_level_cache_bytes() / 2 ** 20:.0f} MiB",
+        "commit": (os.environ.get("DDPM_FAST_COMMIT") or output(["git", "rev-parse", "HEAD"]) or "unknown") + dirty,
+        "python": platform.python_version(),
+        "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
+        "triton": triton.__version__,
+        "diffusers": diffusers_version,
+        "nvcc": nvcc[-1] if nvcc else "not found",
+    }

@@ -1,0 +1,25 @@
+"""A sampling run from fresh x_T — e2e.sample_steps steps (1000: the full DDPM chain) — for the
+DDPM CIFAR-10 U-Net and the bundled digits model, ours against every baseline of
+workloads.py. The report extrapolates these runs to 1000 steps and 50,000 samples.
+Work: the forward's flops times batch × steps; images = the batch.
+
+    pytest benchmarks/test_sampling.py --benchmark-only [--quick]
+"""
+import pytest
+
+from benchmarks import settings, workloads
+
+
+@pytest.mark.parametrize("case", workloads.cases(), ids=workloads.case_id)
+def test_sampling(measure, case):
+    e2e, config, variant = case
+    reason = workloads.skip_reason(e2e, variant)
+    if reason:
+        pytest.skip(reason)
+    workload = workloads.build(e2e.model, config, variant, e2e.batch)
+    workload.sample(min(2, e2e.sample_steps))  # compiles, captures and autotunes outside the timing
+    steps = e2e.sample_steps
+    measure(f"e2e sample {e2e.model} {config} B={e2e.batch} steps={steps}", variant, lambda: workload.sample(steps),
+            rounds=settings.sizes().sample_rounds, warmup=0,
+            flops=workloads.flops_per_image(e2e.model) * e2e.batch * steps, images=e2e.batch, kind="e2e-sample",
+            model=e2e.model, config=config, batch=e2e.batch, steps=steps, cuda_graph=workload.cuda_graph)

@@ -1,0 +1,209 @@
+"""End-to-end workloads: one denoising step (U-Net forward + update) and a sampling run, for
+every variant the issue compares, built once per (model, config, batch) and shared by the
+step and sampling benchmarks and the time breakdown (so max-autotune compiles once).
+
+Variants — like for like: each runs in the config's dtype and memory layout (CONFIGS), and
+`cuda_graph` says whether it replays CUDA graphs (the report pairs ours with a baseline of
+the same graph use):
+  eager                       reference U-Net (backend="reference") + reference update
+                              (reference/step.py, noise from torch.randn), a Python loop
+  torch.compile max-autotune  the same step function through torch.compile(mode="max-autotune")
+                              (CUDA graphs on GPUs: mode max-autotune captures them)
+  diffusers                   UNet2DModel (same architecture) + DDPMScheduler, as its pipeline loops
+  reference sampler           Sampler(backend="reference"): the reference with the noise contract's
+                              Philox written in PyTorch (sampling runs only)
+  ours                        UNet (fused ops) + Sampler (fused update, in-kernel noise)
+  ours + CUDA graph           the same with each step captured in a CUDA graph (GPUs only)
+Weights are random except the bundled digits model's; timing does not depend on them.
+A run of 1000 steps is the full DDPM chain; fewer is DDIM with η = 1 (noise every step, so
+the same per-step work) for ours and the reference, and DDPMScheduler.set_timesteps(steps)
+for diffusers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import settings
+from ddpm_fast import NoiseSchedule, Sampler, UNet
+from ddpm_fast.integrations.diffusers import unet_config_to_diffusers
+from ddpm_fast.reference.step import diffusion_step as reference_step
+
+DEVICE = settings.DEVICE
+STEP_ROW = 500  # the DDPM row the one-step benchmark repeats: clip on, σ > 0
+VARIANTS = ("eager", "torch.compile max-autotune", "diffusers", "reference sampler", "ours", "ours + CUDA graph")
+STEPLESS = ("reference sampler",)  # variants timed as sampling runs only
+DIFFUSERS_MISSING = ("diffusers is not installed: `pip install diffusers` (offline GPU machine: "
+                     "`make wheels` where pip works, then carry .whl/ along; `make report` installs it)")
+
+
+@dataclasses.dataclass
+class Workload:
+    step: Callable[[], None] | None  # one step, in place on the workload's state
+    sample: Callable[[int], torch.Tensor]  # a run of `steps` steps from a fresh x_T
+    cuda_graph: bool
+
+
+def available(variant: str) -> str | None:
+    """Why `variant` cannot run here, or None."""
+    if variant == "ours + CUDA graph" and not settings.ON_GPU:
+        return "CUDA graphs need a GPU"
+    if variant == "diffusers":
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            return DIFFUSERS_MISSING
+    return None
+
+
+@functools.cache
+def flops_per_image(model: str) -> int:
+    """Flops of one forward at batch 1 (convolutions, matmuls, attention), counted by torch."""
+    net = _base_model(model).eval()
+    x = torch.randn(1, net.in_channels, net.resolution, net.resolution)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, torch.tensor([STEP_ROW]))
+    return counter.get_total_flops()
+
+
+@functools.cache
+def build(model: str, config: str, variant: str, batch: int) -> Workload:
+    dtype, layout = settings.CONFIGS[config]
+    net = _base_model(model)
+    shape = (batch, net.in_channels, net.resolution, net.resolution)
+    place = dict(device=DEVICE, dtype=dtype, memory_format=layout)
+    if variant in ("eager", "torch.compile max-autotune"):
+        net.backend = "reference"
+        return _reference_loop(net.to(**place).eval(), dtype, shape, compiled=variant != "eager")
+    if variant == "diffusers":
+        return _diffusers(net.config, place, shape)
+    net.backend = "reference" if variant == "reference sampler" else "auto"
+    net = net.to(**place).eval()
+    if variant == "reference sampler":
+        return Workload(None, _sampling(net, dtype, batch, "reference", False), False)
+    return _ours(net, dtype, batch, graph=variant == "ours + CUDA graph")
+
+
+def _base_model(model: str) -> UNet:
+    torch.manual_seed(0)
+    return UNet.ddpm_cifar10() if model == "cifar10" else UNet.from_pretrained(model)
+
+
+@functools.cache  # built once, so no sampling run times the table's construction
+def _table(steps: int):
+    schedule = NoiseSchedule.linear(1000)
+    if steps == schedule.num_timesteps:
+        return schedule.step_table("ddpm")
+    return schedule.step_table("ddim", steps=steps, eta=1.0)
+
+
+@functools.cache
+def _device_table(steps: int):
+    return _table(steps).to(DEVICE)
+
+
+def _sampler(net: UNet, dtype: torch.dtype, steps: int, backend: str, graph: bool) -> Sampler:
+    method = dict(method="ddpm") if steps == 1000 else dict(method="ddim", steps=steps, eta=1.0)
+    return Sampler(net, NoiseSchedule.linear(1000), backend=backend, dtype=dtype, cuda_graph=graph, **method)
+
+
+def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, compiled: bool) -> Workload:
+    batch = shape[0]
+
+    def step(x, t, row):
+        return reference_step(x, net(x.to(dtype), t.expand(batch)), row, torch.randn_like(x))
+
+    graph = compiled and settings.ON_GPU  # mode="max-autotune" replays CUDA graphs on GPUs
+    fn = torch.compile(step, mode="max-autotune") if compiled else step
+
+    def advance(x, t, row):
+        if graph:  # cudagraph trees: a new iteration; clone so the next replay may reuse the output buffer
+            torch.compiler.cudagraph_mark_step_begin()
+            return fn(x, t, row).clone()
+        return fn(x, t, row)
+
+    table = _device_table(1000)
+    with torch.inference_mode():  # an inference tensor, like every later x: no recompile on the 2nd step
+        state = [torch.randn(shape, device=DEVICE)]
+
+    @torch.inference_mode()
+    def one_step():
+        state[0] = advance(state[0], table.timesteps[STEP_ROW], table.coefs[STEP_ROW])
+
+    @torch.inference_mode()
+    def sample(steps):
+        run = _device_table(steps)
+        x = torch.randn(shape, device=DEVICE)
+        for i in range(len(run)):
+            x = advance(x, run.timesteps[i], run.coefs[i])
+        return x
+    return Workload(one_step, sample, graph)
+
+
+def _diffusers(config: dict, place: dict, shape: tuple) -> Workload:
+    import diffusers
+    unet = diffusers.UNet2DModel(**unet_config_to_diffusers(config)).to(**place).eval()
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                                        variance_type="fixed_large")
+
+    def advance(x, t):
+        return scheduler.step(unet(x, t).sample, t, x).prev_sample
+
+    with torch.inference_mode():
+        state = [torch.randn(shape, device=DEVICE, dtype=place["dtype"])]
+
+    @torch.inference_mode()
+    def one_step():
+        scheduler.set_timesteps(1000)
+        state[0] = advance(state[0], scheduler.timesteps[1000 - 1 - STEP_ROW])
+
+    @torch.inference_mode()
+    def sample(steps):
+        scheduler.set_timesteps(steps)  # what DDPMPipeline does; 1000 is the full chain
+        x = torch.randn(shape, device=DEVICE, dtype=place["dtype"])
+        for t in scheduler.timesteps:
+            x = advance(x, t)
+        return x
+    return Workload(one_step, sample, False)
+
+
+def _ours(net: UNet, dtype: torch.dtype, batch: int, graph: bool) -> Workload:
+    sampler = _sampler(net, dtype, 1000, "auto", graph)
+    with torch.inference_mode():
+        _, step = sampler.stepper(batch)  # the full DDPM table: far more rows than warm-up + rounds
+
+    @torch.inference_mode()
+    def one_step():
+        step()
+    return Workload(one_step, _sampling(net, dtype, batch, "auto", graph), graph)
+
+
+def _sampling(net: UNet, dtype: torch.dtype, batch: int, backend: str, graph: bool) -> Callable[[int], torch.Tensor]:
+    samplers = {}  # one per run length, so building its table stays out of the timing
+
+    def sample(steps):
+        if steps not in samplers:
+            samplers[steps] = _sampler(net, dtype, steps, backend, graph)
+        return samplers[steps].sample(batch)
+    return sample
+
+
+def cases() -> list[tuple[settings.E2E, str, str]]:
+    """(workload, config, variant) for every e2e benchmark at the current sizes."""
+    sizes = settings.sizes()
+    return [(e2e, config, variant) for e2e in sizes.e2e for config in sizes.e2e_configs for variant in VARIANTS]
+
+
+def case_id(case) -> str:
+    e2e, config, variant = case
+    return f"{e2e.model}-{config}-B{e2e.batch}-{variant.replace(' ', '_')}"
+
+
+def skip_reason(e2e: settings.E2E, variant: str) -> str | None:
+    if variant == "torch.compile max-autotune" and not e2e.compile:
+        return f"--quick leaves out max-autotune for {e2e.model}: its compile takes minutes on this machine"
+    return available(variant)

@@ -1,0 +1,100 @@
+"""The report's logic on synthetic data (no GPU, no timing): the test stage's verdict from a
+junit file, like-for-like pairing, fractions of peak, the 1000-step projection, the goals and
+the rendered markdown."""
+import json
+
+import pytest
+
+from benchmarks.report import analysis, junit
+from benchmarks.report.render import ratio, render
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_noise" name="test_a[cpu]"/>
+<testcase classname="tests.test_noise" name="test_a[cuda]"><skipped message="no CUDA device"/></testcase>
+<testcase classname="tests.test_x" name="test_interp"><skipped message="interpreter only"/></testcase>
+<testcase classname="tests.test_x" name="test_bad"><failure message="boom"/></testcase>
+<testcase classname="tests.test_x" name="test_err"><error message="boom"/></testcase>
+</testsuite></testsuites>"""
+
+
+def _record(kind, group, name, median, **extra):
+    r = dict(kind=kind, group=group, name=name, median_s=median, **extra)
+    if r.get("flops"):
+        r["tflop_per_s"] = r["flops"] / median / 1e12
+    if r.get("bytes_moved"):
+        r["gb_per_s"] = r["bytes_moved"] / median / 1e9
+    return r
+
+
+def _records():
+    op = dict(bytes_moved=10 ** 9, dtype="float32")
+    e2e = dict(model="cifar10", config="bf16-cl", batch=256, steps=50, flops=10 ** 12)
+    return [
+        _record("peak", "peak copy", "copy", 1.0, bytes_moved=2 * 10 ** 9, dtype="float32"),
+        _record("peak", "peak matmul bfloat16", "matmul", 1.0, flops=8 * 10 ** 14, dtype="bfloat16"),
+        _record("op", "step", "eager", 0.4, **op),
+        _record("op", "step", "torch.compile", 0.25, **op),
+        _record("op", "step", "fused cpu", 0.1, **op),
+        _record("e2e-sample", "s", "diffusers", 10.0, cuda_graph=False, **e2e),
+        _record("e2e-sample", "s", "torch.compile max-autotune", 3.0, cuda_graph=True, **e2e),
+        _record("e2e-sample", "s", "ours", 4.0, cuda_graph=False, **e2e),
+        _record("e2e-sample", "s", "ours + CUDA graph", 2.5, cuda_graph=True, **e2e),
+    ]
+
+
+def test_summary_flags_failures_and_cuda_skips(tmp_path):
+    path = tmp_path / "junit.xml"
+    path.write_text(JUNIT)
+    s = junit.summarize_junit(path)
+    assert s["tests"] == 5 and s["passed"] == 1
+    assert s["failed"] == ["tests.test_x::test_bad", "tests.test_x::test_err"]
+    assert s["cuda_skips"] == ["tests.test_noise::test_a[cuda]"] and len(s["skipped"]) == 2
+    assert len(junit.problems(s, 1, on_gpu=True)) == 2  # failures, and the skipped CUDA test
+    assert len(junit.problems(s, 1, on_gpu=False)) == 1  # without a GPU, CUDA skips are expected
+
+
+def test_missing_junit_counts_nothing(tmp_path):
+    s = junit.summarize_junit(tmp_path / "none.xml")
+    assert s["tests"] == 0 and junit.problems(s, 0, on_gpu=True) == ["no test ran: see tests.log"]
+
+
+def test_ours_is_paired_only_with_baselines_of_the_same_graph_use():
+    rows = {(c["ours"], c["baseline"]): c["ratio"] for c in analysis.comparisons(_records(), ("e2e-sample",))}
+    assert rows == {("ours", "diffusers"): 2.5, ("ours + CUDA graph", "torch.compile max-autotune"): 1.2}
+
+
+def test_fraction_of_peak_uses_the_matching_ceiling():
+    records = _records()
+    peaks = analysis.peaks(records)
+    assert peaks == {"copy_gb_per_s": 2.0, "matmul_tflop_per_s": {"bfloat16": 800.0}}
+    fused = next(r for r in records if r["name"] == "fused cpu")
+    assert analysis.fraction_of_peak(fused, peaks) == (5.0, "copy")
+    ours = next(r for r in records if r["name"] == "ours")
+    assert analysis.fraction_of_peak(ours, peaks) == (1e12 / 4.0 / 1e12 / 800.0, "bfloat16 matmul")
+
+
+def test_projection_extrapolates_per_step_time():
+    p = analysis.projection(dict(median_s=5.0, steps=50, batch=256))
+    assert p == pytest.approx({"per_step_s": 0.1, "images_per_s": 2.56, "fid_s": 50_000 / 2.56})
+
+
+def test_goals_are_judged_on_exact_values():
+    cpu = {g["goal"]: g["met"] for g in analysis.cpu_goals(_records())}
+    assert cpu == {"step: fused cpu vs eager": True, "step: fused cpu vs torch.compile": True}
+    gpu = analysis.gpu_goals(_records())
+    compile_goal = next(g for g in gpu if "max-autotune" in g["goal"])
+    assert compile_goal["met"] and not compile_goal["stretch_met"]  # 1.2× against 1.15×, stretch 1.3×
+    fid = next(g for g in gpu if g["at_most"])
+    assert fid["value"] == pytest.approx(50_000 / (256 / 50.0) / 60) and not fid["met"]  # 162.7 min
+    assert ratio(1.999) == "1.99×"  # truncated, never rounded up to a goal
+
+
+def test_render_shows_every_section_and_the_verdict(tmp_path):
+    (tmp_path / "ops.jsonl").write_text("\n".join(json.dumps(r) for r in _records()))
+    meta = {"environment": {"gpu": "none"}, "quick": True,
+            "stages": {"ops": dict(seconds=1.0, load_before="1", load_after="1", problems=["boom"])}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    text = render(tmp_path)
+    for heading in ("## Measured peaks", "## Ops", "## End to end: sampling runs", "## Projection", "## CPU goals"):
+        assert heading in text
+    assert text.rstrip().endswith("FAIL\n- boom")
