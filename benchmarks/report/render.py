@@ -1,7 +1,8 @@
 """report.md from what a report folder holds: meta.json (machine, stages run) and the records
 (*.jsonl). Rendered anew after every stage, so the file always shows everything measured so
 far, and a stage run again replaces its own figures. Ratios are truncated, never rounded up,
-so a table cannot show a goal met that was missed by a hair."""
+so a table cannot show a goal met that was missed by a hair; so are percentages and the
+projection's images/s."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,10 @@ def truncated(value: float, places: int) -> str:
 
 def ratio(value: float) -> str:
     return truncated(value, 2) + "×"
+
+
+def percent(value: float) -> str:
+    return truncated(100 * value, 1) + "%"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -92,7 +97,7 @@ def _throughput(r: dict) -> str:  # flops first, as fraction_of_peak judges them
 
 def _of_peak(r: dict, measured: dict) -> str:
     found = A.fraction_of_peak(r, measured)
-    return f"{found[0]:.1%} of {found[1]}" if found else "n/a"
+    return f"{percent(found[0])} of {found[1]}" if found else "n/a"
 
 
 def _results(records: list[dict], kinds: tuple, measured: dict, extra: bool = False) -> list[str]:
@@ -143,7 +148,7 @@ def _projection(records: list[dict]) -> list[str]:
         if r.get("kind") == "e2e-sample" and r.get("model") == "cifar10":
             p = A.projection(r)
             rows.append([r["name"], r["config"], f"batch {r['batch']} × {r['steps']} steps", ms(p["per_step_s"]),
-                         truncated(p["images_per_s"], 5), f"{p['fid_s'] / 3600:.2f} h"])
+                         truncated(p["images_per_s"], 5), truncated(p["fid_s"] / 3600, 2) + " h"])
     if not rows:
         return []
     note = (f"DDPM CIFAR-10 U-Net, {A.T_FULL} steps per image, extrapolated linearly from each timed run "
@@ -159,9 +164,9 @@ def _breakdown(records: list[dict]) -> list[str]:
     rows = []
     for r in records:
         if r.get("kind") == "breakdown":
-            idle = f"{r['share idle']:.1%}" if "share idle" in r else "n/a"
-            rows.append([r["group"], r["name"], ms(r["wall_per_step_s"]), f"{r['share conv/GEMM']:.1%}",
-                         f"{r['share attention']:.1%}", f"{r['share other']:.1%}", idle,
+            idle = percent(r["share idle"]) if "share idle" in r else "n/a"
+            rows.append([r["group"], r["name"], ms(r["wall_per_step_s"]), percent(r["share conv/GEMM"]),
+                         percent(r["share attention"]), percent(r["share other"]), idle,
                          "; ".join(r.get("top_other", [])), r.get("measured_on", "")])
     if not rows:
         return []
