@@ -79,7 +79,8 @@ def test_samples_do_not_depend_on_the_batch(backend):
 
 @pytest.mark.parametrize("method,kwargs,T", [("ddpm", {}, 200), ("ddpm", dict(variance="fixed_small"), 200),
                                              ("ddim", dict(steps=20, eta=0.5), 1000),
-                                             ("ddim", dict(steps=10, eta=0.0, clip_denoised=False), 1000)])
+                                             ("ddim", dict(steps=10, eta=0.0, clip_denoised=False), 1000),
+                                             ("ddpm", dict(steps=25, variance="fixed_small"), 1000)])  # respaced
 def test_fused_cpu_sampler_equals_the_reference_sampler(method, kwargs, T):
     schedule = df.NoiseSchedule.linear(T)
     fused = df.Sampler(_small_model(), schedule, method=method, backend="cpu", **kwargs).sample(4, seed=9)
@@ -169,7 +170,7 @@ def test_float64_sampling():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(method="plms"), ValueError, "method"), (dict(variance="learned"), ValueError, "variance"),
-    (dict(method="ddim", eta=1.5), ValueError, "eta"), (dict(steps=10), ValueError, "use method='ddim'"),
+    (dict(method="ddim", eta=1.5), ValueError, "eta"), (dict(steps=0), ValueError, "steps must be"),
     (dict(eta=0.5), ValueError, "use method='ddim'"), (dict(backend="tpu"), ValueError, "backend"),
     (dict(dtype=torch.float64), ValueError, "backend='reference'"), (dict(dtype=torch.int8), ValueError, "dtype"),
     (dict(finite_check_every=0), ValueError, "finite_check_every"),
