@@ -13,7 +13,8 @@ SAMPLE_OUT ?= samples/grid.png
 REPORT_DIR ?=
 STAGES ?=
 REPORT_FLAGS ?=
-# Packages a GPU machine's image lacks (KINDS.md's list), pinned to what the benchmarks were run with.
+# Packages the offline GPU machine's image lacks (its torch, triton and numpy are there), pinned to
+# what the benchmarks were run with.
 WHEELS ?= diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0
 
 .PHONY: deps build test sample report gpu-report bench-smoke wheels clean

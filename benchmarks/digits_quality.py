@@ -1,4 +1,4 @@
-"""Issue 6's quality gate for the bundled digits model, measured:
+"""The digits quality gate (DESIGN §6) for the bundled digits model, measured:
 
     python benchmarks/digits_quality.py [--model digits] [--num 500] [--method ddim --steps 100]
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import ddpm_fast as df
-from ddpm_fast.data import upsample_digits
+from ddpm_fast.cli.data import upsample_digits
 
 CONFIDENCE, CONFIDENT_SHARE, CLASS_SHARE, COPY_SHARE = 0.8, 0.90, 0.04, 0.05
 

@@ -1,5 +1,5 @@
 """Sizes and repetition counts of the benchmark suite, in one place, for three machines:
-a GPU (the issue's full sizes: batch 256, 50-step runs), this 2-core CPU (reduced sizes that
+a GPU (the full sizes: batch 256, 50-step runs), this 2-core CPU (reduced sizes that
 finish in minutes) and --quick (smaller still: a smoke test of every benchmark, for CI).
 
 conftest.py sets QUICK from --quick before the test modules are imported; they call sizes()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from benchmarks import settings
 from benchmarks.rotation import rotate
 from ddpm_fast.ops import attention
-from ddpm_fast.reference import ops as reference
+from ddpm_fast import reference
 
 SIZES = settings.sizes()
 DEVICE = settings.DEVICE

@@ -1,5 +1,5 @@
 """The fused sampling update against the eager reference update (torch.randn plus the
-elementwise update, reference/step.py) and torch.compile of it, at the DDPM CIFAR-10 batch
+elementwise update, reference/diffusion_step.py) and torch.compile of it, at the DDPM CIFAR-10 batch
 (256×3×32×32) and, on GPUs, a 64M-element tensor. Bytes moved: x read and written (float32)
 and the network output read (its dtype); the noise never touches memory in the fused op.
 
@@ -12,7 +12,7 @@ import ddpm_fast as df
 from benchmarks import settings
 from benchmarks.rotation import rotate
 from ddpm_fast.ops import diffusion_step_
-from ddpm_fast.reference.step import diffusion_step as reference_step
+from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 
 SIZES = settings.sizes()
 DEVICE = settings.DEVICE

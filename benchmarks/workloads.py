@@ -1,12 +1,12 @@
 """End-to-end workloads: one denoising step (U-Net forward + update) and a sampling run, for
-every variant the issue compares, built once per (model, config, batch) and shared by the
+every variant the report compares, built once per (model, config, batch) and shared by the
 step and sampling benchmarks and the time breakdown (so max-autotune compiles once).
 
 Variants — like for like: each runs in the config's dtype and memory layout (CONFIGS), and
 `cuda_graph` says whether it replays CUDA graphs (the report pairs ours with a baseline of
 the same graph use):
   eager                       reference U-Net (backend="reference") + reference update
-                              (reference/step.py, noise from torch.randn), a Python loop
+                              (reference/diffusion_step.py, noise from torch.randn), a Python loop
   torch.compile max-autotune  the same step function through torch.compile(mode="max-autotune")
                               (CUDA graphs on GPUs: mode max-autotune captures them)
   diffusers                   UNet2DModel (same architecture) + DDPMScheduler, as its pipeline loops
@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import settings
 from ddpm_fast import NoiseSchedule, Sampler, UNet
 from ddpm_fast.integrations.diffusers import unet_config_to_diffusers
-from ddpm_fast.reference.step import diffusion_step as reference_step
+from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 
 DEVICE = settings.DEVICE
 STEP_ROW = 500  # the DDPM row the one-step benchmark repeats: clip on, σ > 0

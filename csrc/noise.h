@@ -8,13 +8,9 @@
 
 #include <cstdint>
 
+#include "common/contract.h"
+
 namespace ddpm_fast {
-
-constexpr int64_t kUint32Range = int64_t{1} << 32;
-
-inline void check_seed(const char* op, int64_t seed) {
-  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", seed);
-}
 
 inline void check_philox_args(const at::Tensor& counter, int64_t seed) {
   constexpr const char* op = "ddpm_fast::philox4x32_10";

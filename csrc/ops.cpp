@@ -9,7 +9,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // sample_offset .. sample_offset + B - 1 under noise key `step`.
   m.def("randn_(Tensor(a!) out, int seed, int step, int sample_offset) -> ()");
   // The fused sampling update in place on x (float32 [B, ...]): coefficient row and noise key
-  // read at step_index (device memory) from coefs [S, 7] and noise_keys [S]; z in-kernel.
+  // read at step_index (device memory) from coefs [S, 7] (DESIGN §2) and noise_keys [S]; z in-kernel.
   m.def(
       "diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
       "int seed, int sample_offset) -> ()");

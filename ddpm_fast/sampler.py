@@ -15,24 +15,29 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import _extension
-from .ops import diffusion_step_, randn
+from .contract import BACKENDS, METHODS, check_choice, check_samples
 from .ops._dispatch import resolve
-from .reference.noise import check_noise_args
-from .reference.step import diffusion_step as reference_step
-from .schedule import METHODS, NoiseSchedule, StepTable
+from .ops.diffusion_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
+from .ops.noise import RANDN_IMPLEMENTATIONS
+from .reference.diffusion_step import diffusion_step as reference_step
+from .schedule import NoiseSchedule, StepTable
 from .unet import UNet
 
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class Sampler:
     """Draw samples from a noise-prediction model.
 
     model: any callable (x [B, C, H, W], t [B] int64) → ε (or x_0 / v, see prediction_type);
-    a diffusers UNet2DModel is accepted as is. An nn.Module is cast to `dtype` and run in
-    eval mode without autograd (its training flag is restored afterwards). x stays float32
-    (float64 with dtype=float64 on the reference backend).
+    a diffusers UNet2DModel is accepted as is. An nn.Module runs in eval mode without autograd
+    (its training flag is restored afterwards).
+
+    dtype: None (the default) runs an nn.Module in its own dtype, that of its floating-point
+    parameters, and leaves it as it is; another callable gets float32 inputs. An explicit dtype
+    converts an nn.Module to it in place (model.to(dtype)), as the CLI's --dtype does. x stays
+    float32 (float64 for a float64 model, which only backend="reference" samples: the fused
+    kernels keep x in float32, and refuse a float64 model with an error that says so).
 
     backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
     cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
@@ -42,33 +47,36 @@ class Sampler:
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, method: str = "ddpm",
                  variance: str = "fixed_large", clip_denoised: bool = True, backend: str = "auto",
-                 dtype: torch.dtype = torch.float32, steps: int | None = None, eta: float = 0.0,
+                 dtype: torch.dtype | None = None, steps: int | None = None, eta: float = 0.0,
                  spacing: str = "uniform", prediction_type: str = "epsilon",
                  sample_shape: tuple[int, int, int] | None = None, cuda_graph: bool = True,
                  finite_check_every: int | None = None):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
-        if dtype == torch.float64 and backend != "reference":
-            raise ValueError("dtype=float64 runs on backend='reference' only (the fused kernels keep x in float32)")
+        check_choice("method", method, METHODS)
+        check_choice("backend", backend, BACKENDS)
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be None (the model's own) or float32, float16, bfloat16 or float64, "
+                             f"got {dtype}")
+        model_dtype = dtype if dtype is not None else _own_dtype(model)
+        if model_dtype == torch.float64 and backend != "reference":
+            raise ValueError(f"a float64 model ({'dtype=float64' if dtype is not None else 'its parameters'}) "
+                             f"samples on backend='reference' only, got backend={backend!r}: the fused kernels keep "
+                             f"x in float32 (pass backend='reference', or dtype=torch.float32 to convert the model)")
         if finite_check_every is not None and (not isinstance(finite_check_every, int) or finite_check_every < 1):
             raise ValueError(f"finite_check_every must be a positive int or None, got {finite_check_every!r}")
         self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing)
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
-        self.dtype, self.cuda_graph, self.finite_check_every = dtype, cuda_graph, finite_check_every
+        self.dtype, self.cuda_graph, self.finite_check_every = model_dtype, cuda_graph, finite_check_every
         self.timesteps = self.table.timesteps.tolist()
         # what decides the samples besides the model, seed and batch (a sampling job's manifest)
         self.config = dict(method=method, steps=len(self.table), eta=float(eta), clip_denoised=bool(clip_denoised),
                            variance=variance, prediction_type=prediction_type, spacing=spacing,
-                           timesteps=schedule.num_timesteps, dtype=str(dtype).removeprefix("torch."), backend=backend)
+                           timesteps=schedule.num_timesteps, dtype=str(model_dtype).removeprefix("torch."),
+                           backend=backend)
         self._tables: dict[torch.device, StepTable] = {}
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(model)
-        if isinstance(model, torch.nn.Module):
+        if dtype is not None and isinstance(model, torch.nn.Module):
             model.to(dtype)
 
     @property
@@ -81,7 +89,7 @@ class Sampler:
     @property
     def resolved_backend(self) -> str:
         """The backend `backend` stands for on the model's device ("auto" resolved)."""
-        return resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
+        return resolve("diffusion_step", self.backend, self.device, STEP_IMPLEMENTATIONS)
 
     @torch.inference_mode()
     def sample(self, num_samples: int, seed: int = 0, sample_offset: int = 0, progress: bool | tqdm = False,
@@ -95,7 +103,7 @@ class Sampler:
         batch_size = num_samples if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        check_noise_args((num_samples, 1), seed, 0, sample_offset)
+        check_samples(seed, sample_offset, num_samples)
         backend = self.resolved_backend
         starts = range(0, num_samples, batch_size)
         bar = (contextlib.nullcontext(progress) if hasattr(progress, "update") else
@@ -107,13 +115,11 @@ class Sampler:
                               for start in starts])
 
     def _initial_noise(self, n: int, seed: int, sample_offset: int, backend: str) -> torch.Tensor:
+        # x_T under key T (DESIGN §3), drawn by the compiled kernel where one runs on this device
         device = self.device
-        compiled = ("cuda" if device.type == "cuda" else "cpu") if _extension.AVAILABLE else "reference"
-        if compiled == "cuda" and not _extension.cuda_built():
-            compiled = "reference"
-        impl = "reference" if backend == "reference" else compiled
-        return randn((n, *self.sample_shape), seed=seed, step=self.schedule.num_timesteps, sample_offset=sample_offset,
-                     device=device, impl=impl)
+        draw = RANDN_IMPLEMENTATIONS[resolve("randn", "reference" if backend == "reference" else "auto", device,
+                                             RANDN_IMPLEMENTATIONS)]
+        return draw((n, *self.sample_shape), seed, self.schedule.num_timesteps, sample_offset, device)
 
     @torch.inference_mode()
     def trajectory(self, num_samples: int, seed: int = 0, sample_offset: int = 0, frames: int = 12) -> torch.Tensor:
@@ -125,13 +131,11 @@ class Sampler:
         keep = {round(i * (len(self.table) - 1) / max(frames - 1, 1)) for i in range(frames)}
         shots: list[torch.Tensor] = []
 
-        def record(index: int, x: torch.Tensor, out: torch.Tensor, row: torch.Tensor) -> None:
+        def record(index: int, x: torch.Tensor, out: torch.Tensor) -> None:
             if index in keep:
-                A, B, clip = row[0].item(), row[1].item(), row[6].item()
-                x0_hat = A * x + B * out.to(x.dtype)
-                shots.append((x0_hat.clamp(-1, 1) if clip else x0_hat).float())
+                shots.append(self.table.x0_hat(index, x, out).float())
 
-        check_noise_args((num_samples, 1), seed, 0, sample_offset)
+        check_samples(seed, sample_offset, num_samples)
         with self._eval_mode(), tqdm(disable=True) as bar:
             self._sample_reference(num_samples, seed, sample_offset, bar, "reference", on_step=record)
         return torch.stack(shots)
@@ -145,9 +149,9 @@ class Sampler:
         for index, (row, t, key) in enumerate(rows):
             out = self._model_output(x.to(self.dtype), torch.full((n,), t, dtype=torch.int64, device=x.device))
             if on_step is not None:
-                on_step(index, x, out, row)
-            z = randn(x.shape, seed=seed, step=key, sample_offset=sample_offset, device=x.device, impl="reference")
-            x = reference_step(x, out, row, z)
+                on_step(index, x, out)
+            x = reference_step(x, out, row, RANDN_IMPLEMENTATIONS["reference"](tuple(x.shape), seed, key, sample_offset,
+                                                                               x.device))
             self._note_non_finite(x, first_bad, torch.tensor([index], device=x.device))
             bar.update(1)
             self._check_finite(index + 1, first_bad)
@@ -168,8 +172,8 @@ class Sampler:
         sample() would capture). Fused backends only; call it, and step(), in inference mode with
         the model in eval mode. At most len(table) steps: the kernel reads the row at a device-side
         index, so a further call is refused here rather than read past the table."""
-        check_noise_args((num_samples, 1), seed, 0, sample_offset)
-        backend = resolve("diffusion_step", self.backend, self.device, ("triton", "cuda", "cpu"))
+        check_samples(seed, sample_offset, num_samples)
+        backend = self.resolved_backend
         if backend == "reference":
             raise ValueError("stepper() runs the fused backends; the reference backend has no in-place step")
         x, replay, _ = self._fused_steps(num_samples, seed, sample_offset, backend)
@@ -186,14 +190,14 @@ class Sampler:
         """x_T, the callable that advances it by one row, and the device-side non-finite flag."""
         table = self._device_table(self.device)
         x = self._initial_noise(n, seed, sample_offset, backend)
+        update = STEP_IMPLEMENTATIONS[backend]  # unchecked: sample() and stepper() checked the arguments
         step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
 
         def step() -> None:
             t = table.timesteps[step_index].expand(n)  # gathered on the device: no host round trip
             out = self._model_output(x.to(self.dtype), t)
-            diffusion_step_(x, out, table.coefs, table.noise_keys, step_index, seed=seed,
-                            sample_offset=sample_offset, impl=backend, check=False)
+            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset)
             self._note_non_finite(x, first_bad, step_index)
             step_index.add_(1)
 
@@ -271,3 +275,12 @@ def _infer_sample_shape(model) -> tuple[int, int, int]:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (config.in_channels, h, w)
     raise ValueError("cannot tell the sample shape from the model; pass sample_shape=(C, H, W)")
+
+
+def _own_dtype(model) -> torch.dtype:
+    """The dtype an nn.Module computes in (its first floating-point parameter's); float32 else."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in model.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.float32

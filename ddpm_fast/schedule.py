@@ -13,10 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SPACINGS = ("uniform", "quadratic")
-METHODS = ("ddpm", "ddim")
-VARIANCES = ("fixed_large", "fixed_small")
-PREDICTION_TYPES = ("epsilon", "x0", "v")
+from .contract import METHODS, PREDICTION_TYPES, SPACINGS, STEP_COLUMNS, VARIANCES, check_choice
 
 
 class NoiseSchedule:
@@ -91,17 +88,16 @@ class NoiseSchedule:
             # so dropping repeats gives the same samples with fewer network evaluations.
             kept = sorted(set((np.linspace(0, math.sqrt(T * 0.8), steps) ** 2).astype(np.int64).tolist()))
         else:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+            check_choice("spacing", spacing, SPACINGS)
         return kept[::-1]
 
     def step_table(self, method: str = "ddpm", variance: str = "fixed_large", clip_denoised: bool = True,
                    prediction_type: str = "epsilon", steps: int | Sequence[int] | None = None, eta: float = 0.0,
                    spacing: str = "uniform") -> "StepTable":
-        """The float64 coefficient rows (STEP_COLUMNS) of a DDPM or DDIM run, in sampling order."""
+        """The float64 coefficient rows (contract.STEP_COLUMNS) of a DDPM or DDIM run, in sampling order."""
         for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
                                      ("prediction_type", prediction_type, PREDICTION_TYPES)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+            check_choice(name, value, choices)
         if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if method == "ddpm" and eta != 0.0:
@@ -155,20 +151,22 @@ def _check_T(T: int) -> None:
         raise ValueError(f"T must be an int >= 1, got {T!r}")
 
 
-# One sampling update, whatever the method (DESIGN §2), with `out` the network output:
-#   x̂0 = A·x + B·out   (clipped to [−1, 1] when clip = 1)
-#   x_prev = C·x̂0 + D·x + E·out + σ·z
-# For ε-prediction out = ε and these are DESIGN §2's coefficients; x₀- and v-prediction only
-# change how x̂0 and ε are formed from out, which folds into A, B, D and E.
-STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip")
+_A, _B, _CLIP = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip"))
+
+
+def x0_hat(row: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x̂0 = A·x + B·out of one coefficient row (DESIGN §2), clipped to [−1, 1] when the row says
+    so: the network's current estimate of x_0, whatever it predicts."""
+    estimate = row[_A] * x + row[_B] * out
+    return estimate.clamp(-1.0, 1.0) if row[_CLIP] != 0 else estimate
 
 
 @dataclass(frozen=True)
 class StepTable:
     """The coefficient rows of a sampling run, one per network evaluation, in sampling order.
 
-    coefs: [S, 7] (columns STEP_COLUMNS); timesteps: int64 [S], the model's 0-based timestep;
-    noise_keys: int64 [S], the noise key of the row's z (its timestep: DESIGN §3)."""
+    coefs: [S, len(STEP_COLUMNS)], DESIGN §2's unified update; timesteps: int64 [S], the model's
+    0-based timestep; noise_keys: int64 [S], the noise key of the row's z (its timestep: DESIGN §3)."""
     coefs: torch.Tensor
     timesteps: torch.Tensor
     noise_keys: torch.Tensor
@@ -178,3 +176,7 @@ class StepTable:
 
     def __len__(self) -> int:
         return self.timesteps.numel()
+
+    def x0_hat(self, index: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x̂0 at row `index` from x and the network output `out` (computed in x's dtype)."""
+        return x0_hat(self.coefs[index], x, out.to(x.dtype))

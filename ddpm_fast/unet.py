@@ -9,7 +9,6 @@ at the listed resolutions; stride-2 3×3 conv downsampling with (0, 1, 0, 1) pad
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,12 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .atomic import save_safetensors
-from .reference import ops as reference_ops
-
-_BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
-_CONFIG_KEY = "ddpm_fast_config"
+from . import checkpoints, ops
+from .contract import BACKENDS, check_choice
+from .reference.attention import attention as reference_attention
+from .reference.group_norm_silu import group_norm_silu as reference_group_norm_silu
 
 
 def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
@@ -36,15 +33,12 @@ def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch
     return F.pad(emb, (0, 1)) if embedding_dim % 2 else emb
 
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-
-
 def _normalize(x: torch.Tensor, norm: nn.GroupNorm, backend: str, add: torch.Tensor | None = None,
                act: bool = True) -> torch.Tensor:
     """The original's nonlinearity(normalize(x + add)): the fused group_norm_silu op (impl=backend,
     "auto" being the op's own choice), or the unfused reference maths for backend "reference"."""
     if backend == "reference":
-        return reference_ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
+        return reference_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act, impl=backend)
 
 
@@ -105,7 +99,7 @@ class AttnBlock(nn.Module):
             B, C, H, W = x.shape
             # single head over the H·W positions: [B, 1, N, C]
             q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
-            return x + self.proj_out(reference_ops.attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
+            return x + self.proj_out(reference_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
         return self._fused(x, h)
 
     def _fused(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -139,6 +133,14 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
+               in_channels=3, resolution=32)
+DIGITS = dict(ch=32, out_ch=1, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
+              in_channels=1, resolution=16, num_groups=8)
+SMALL = dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, in_channels=1,
+             resolution=16)
 
 
 class UNet(nn.Module):
@@ -223,18 +225,28 @@ class UNet(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        check_choice("backend", value, BACKENDS)
         self._backend = value
         for module in self.modules():
             if isinstance(module, (ResnetBlock, AttnBlock)):
                 module.backend = value
 
+    # -- presets: the architectures the package ships, trains and tests ----------------------
+
     @classmethod
     def ddpm_cifar10(cls, **overrides) -> "UNet":
         """The paper's CIFAR-10 network (35,746,307 parameters)."""
-        return cls(**{**dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                             dropout=0.1, in_channels=3, resolution=32), **overrides})
+        return cls(**{**CIFAR10, **overrides})
+
+    @classmethod
+    def digits(cls, **overrides) -> "UNet":
+        """The bundled digits model's network (16×16 grey digits), `ddpm-fast train`'s default."""
+        return cls(**{**DIGITS, **overrides})
+
+    @classmethod
+    def small(cls, **overrides) -> "UNet":
+        """A small 16×16 grey network for demos and tests (`--model random-small`)."""
+        return cls(**{**SMALL, **overrides})
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -278,11 +290,11 @@ class UNet(nn.Module):
                 h = up.upsample(h)
         return self.conv_out(_normalize(h, self.norm_out, self.backend))
 
-    # -- checkpoints ---------------------------------------------------------------------
+    # -- checkpoints (ddpm_fast/checkpoints.py) ----------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the weights as safetensors with the constructor arguments in its metadata."""
-        save_safetensors(self.state_dict(), path, metadata={_CONFIG_KEY: json.dumps(self.config)})
+        checkpoints.save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, config: dict | None = None) -> "UNet":
@@ -291,21 +303,12 @@ class UNet(nn.Module):
         pytorch_diffusion's) names — read with torch.load(weights_only=True), never
         unpickling code; `config` gives its constructor arguments unless the file holds
         {"config": ..., "state_dict": ...}."""
-        path = Path(name_or_path)
-        if path.is_dir():
-            from .integrations.diffusers import load_diffusers_unet
-            return load_diffusers_unet(path)
-        if path.suffix == ".safetensors" and path.is_file():
-            return _load_safetensors(path)
-        if path.suffix in (".pt", ".pth", ".ckpt") and path.is_file():
-            return _load_torch(path, config)
-        bundled = _BUNDLED_DIR / f"{name_or_path}.safetensors"
-        if bundled.is_file():
-            return _load_safetensors(bundled)
-        names = sorted(p.stem for p in _BUNDLED_DIR.glob("*.safetensors"))
-        raise FileNotFoundError(
-            f"{str(name_or_path)!r} is neither a bundled model (bundled: {names or 'none yet'}), "
-            "a .safetensors file, nor a diffusers UNet2DModel folder")
+        return checkpoints.load_pretrained(cls, name_or_path, config)
+
+    @classmethod
+    def from_diffusers(cls, model) -> "UNet":
+        """This network with the weights of a diffusers UNet2DModel instance, in its dtype."""
+        return checkpoints.from_diffusers(cls, model)
 
     def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":
         """load_state_dict that names every missing, unexpected or mis-shaped key of `source`."""
@@ -320,44 +323,3 @@ class UNet(nn.Module):
         self.load_state_dict(state_dict)
         return self
 
-
-def read_torch_weights(path: Path):
-    """torch.load that never runs pickled code (weights_only=True: only tensors and plain
-    containers unpickle); a truncated file or one holding anything else is a ValueError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated files and pickled code both end here
-        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; a truncated or corrupt one is a ValueError."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as error:  # safetensors' own error type derives from Exception alone
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-
-
-def _load_torch(path: Path, config: dict | None) -> UNet:
-    content = read_torch_weights(path)
-    if isinstance(content, dict) and "state_dict" in content:
-        config = content.get("config", config)
-        content = content["state_dict"]
-    if config is None:
-        raise ValueError(f"{path} holds a bare state dict: pass config= (e.g. UNet.ddpm_cifar10().config)")
-    if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return UNet(**config).load_checked(content, str(path))
-
-
-def _load_safetensors(path: Path) -> UNet:
-    state_dict, metadata = read_safetensors(path)
-    if _CONFIG_KEY not in metadata:
-        raise ValueError(f"{path} has no {_CONFIG_KEY!r} metadata: not a ddpm_fast checkpoint")
-    try:
-        model = UNet(**json.loads(metadata[_CONFIG_KEY]))
-    except (TypeError, ValueError) as error:  # ValueError includes json's decode error
-        raise ValueError(f"{path}: its {_CONFIG_KEY!r} metadata are not UNet arguments: {error}") from error
-    return model.load_checked(state_dict, str(path))

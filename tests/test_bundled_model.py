@@ -1,5 +1,5 @@
 """The bundled digits model (ddpm_fast/weights/digits.safetensors): present, small, the fused
-CPU path samples it as the reference does, and it passes issue 6's quality gate
+CPU path samples it as the reference does, and it passes the digits quality gate (DESIGN §6)
 (benchmarks/digits_quality.py) on 500 DDIM-100 samples, a gate that real digits pass and an
 untrained network fails."""
 import importlib.util
@@ -37,13 +37,13 @@ def test_bundled_weights_are_small_and_load():
 
 
 def test_real_digits_come_back_exactly_from_the_training_resolution():
-    from ddpm_fast.data import digits_dataset
+    from ddpm_fast.cli.data import digits_dataset
     real, _ = quality.real_digits()
     assert np.abs(quality.as_digits(digits_dataset(16)) - real).max() < 1e-9
 
 
 def test_quality_gate(measured):
-    # Issue 6's gate as specified: 500 samples, DDIM 100 steps, the fused CPU path.
+    # The gate as DESIGN §6 states it: 500 samples, DDIM 100 steps, the fused CPU path.
     clf, real = measured
     model = df.UNet.from_pretrained("digits")
     samples = df.Sampler(model, df.NoiseSchedule.linear(1000), method="ddim", steps=100, backend="cpu").sample(

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ddpm_fast.cli import main
-from ddpm_fast.images import save_grid, to_uint8
+from ddpm_fast.cli.images import save_grid, to_uint8
 
 
 def test_sample_writes_a_grid(tmp_path, capsys):

@@ -18,7 +18,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.cli import main
-from ddpm_fast.shards import finished_manifest, work_folder
+from ddpm_fast.cli.shards import finished_manifest, work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(ch=8, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, in_channels=1,

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import ddpm_fast as df
 from ddpm_fast.ops import attention, diffusion_step_, group_norm_silu, randn
 from ddpm_fast.reference import noise as ref_noise
-from ddpm_fast.reference import ops as ref_ops
-from ddpm_fast.reference.step import diffusion_step as reference_step
+from ddpm_fast import reference as ref_ops
+from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 from helpers import ulp_distance
 
 PROPERTY = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ import torch
 import ddpm_fast as df
 from ddpm_fast.ops import diffusion_step_, group_norm_silu
 from ddpm_fast.reference.noise import normal_quads
-from ddpm_fast.reference.step import diffusion_step as reference_step
+from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 
 pytestmark = pytest.mark.slow
 CHUNK = 1 << 24  # elements per slice: 64 MiB as float32

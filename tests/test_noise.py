@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 import ddpm_fast as df
+from ddpm_fast import contract
 from ddpm_fast.reference import noise as ref
 from helpers import ulp_distance
 
@@ -43,7 +44,7 @@ def test_reference_philox_known_answers(counter, key, words):
 
 
 # Seeds travel as int64 through the op schemas, so the all-ones key is the reference's alone.
-@pytest.mark.parametrize("counter,key,words", [kat for kat in KNOWN_ANSWERS if _seed(*kat[1]) < ref.SEED_RANGE])
+@pytest.mark.parametrize("counter,key,words", [kat for kat in KNOWN_ANSWERS if _seed(*kat[1]) < contract.SEED_RANGE])
 def test_compiled_philox_known_answers(device, counter, key, words):
     out = df.ops.philox4x32_10(torch.tensor([counter], device=device), _seed(*key), impl=_impl(device))
     assert out[0].tolist() == list(words)
@@ -84,7 +85,7 @@ def test_uniforms_are_bit_identical_to_the_words_mapping():
     # u = (int32)w folded with ~x, times the float32 scale: check edge words exactly.
     words = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 0x12345678, 0x87654321])
     u = ref.uint_to_uniform_float(words)
-    scale = torch.tensor(ref.UNIFORM_SCALE, dtype=torch.float32)
+    scale = torch.tensor(contract.UNIFORM_SCALE, dtype=torch.float32)
     expected = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31 - 1, 0, 0x12345678, 2 ** 32 - 1 - 0x87654321]).float() * scale
     assert torch.equal(u, expected)
     assert u.max() < 1.0 and u.min() >= 0.0
@@ -192,7 +193,7 @@ def test_reference_matches_triton_philox(triton_device, seed, step, offset):
     _triton_noise_kernel[(batch,)](words, normals, seed, step, offset, per_sample, QUADS=quads)
     counter = torch.stack(torch.broadcast_tensors(
         torch.arange(quads)[None, :], torch.arange(offset, offset + batch)[:, None],
-        torch.tensor(step), torch.tensor(ref.NOISE_STREAM_VERSION)), dim=-1)
+        torch.tensor(step), torch.tensor(contract.NOISE_STREAM_VERSION)), dim=-1)
     assert torch.equal(words.cpu().to(torch.int64) & 0xFFFFFFFF, ref.philox4x32_10(counter, seed))
     assert ulp_distance(normals, ref.randn((batch, per_sample), seed, step, offset)).max() <= 4
 

@@ -168,6 +168,38 @@ def test_float64_sampling():
     assert out.dtype == torch.float64
 
 
+def test_default_dtype_is_the_models_own_and_leaves_it_alone():
+    # dtype=None: a float64 model samples in float64 on the reference backend, unconverted,
+    # and can still be called by hand afterwards
+    model = _small_model().double()
+    schedule = df.NoiseSchedule.linear(10)
+    sampler = df.Sampler(model, schedule, backend="reference")
+    out = sampler.sample(2, seed=0)
+    assert sampler.dtype == torch.float64 and out.dtype == torch.float64
+    assert next(model.parameters()).dtype == torch.float64
+    model.eval()(torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.tensor([3]))
+    # same samples as the float32 copy sampled in float32, to float32 accuracy
+    single = df.Sampler(_small_model(), schedule, backend="reference").sample(2, seed=0)
+    assert single.dtype == torch.float32 and relative_error(single, out) < 1e-5
+    # a bfloat16 model runs in bfloat16, x in float32
+    low = _small_model().to(torch.bfloat16)
+    sampler = df.Sampler(low, schedule, method="ddim", steps=5)
+    assert sampler.dtype == torch.bfloat16 and sampler.sample(2, seed=0).dtype == torch.float32
+    assert next(low.parameters()).dtype == torch.bfloat16
+    # a callable that is not an nn.Module gets float32 inputs
+    seen = []
+    df.Sampler(lambda x, t: seen.append(x.dtype) or torch.zeros_like(x), schedule, sample_shape=(1, 4, 4)).sample(1)
+    assert set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "triton"])
+def test_float64_model_on_a_fused_backend_is_refused(backend):
+    model = _small_model().double()
+    with pytest.raises(ValueError, match="float64 model .*backend='reference'"):
+        df.Sampler(model, df.NoiseSchedule.linear(10), backend=backend)
+    assert next(model.parameters()).dtype == torch.float64
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(method="plms"), ValueError, "method"), (dict(variance="learned"), ValueError, "variance"),
     (dict(method="ddim", eta=1.5), ValueError, "eta"), (dict(steps=0), ValueError, "steps must be"),

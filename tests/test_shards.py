@@ -1,4 +1,4 @@
-"""Sharded, resumable sampling jobs (ddpm_fast/shards.py) in one process, with a model cheap
+"""Sharded, resumable sampling jobs (ddpm_fast/cli/shards.py) in one process, with a model cheap
 enough to run many jobs: the manifest, resume and its refusals, and the merge's checks.
 tests/test_distributed.py runs the same jobs under torchrun and kills them."""
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import ddpm_fast as df
-from ddpm_fast import shards
-from ddpm_fast.images import to_uint8
-from ddpm_fast.reference.noise import NOISE_STREAM_VERSION
+from ddpm_fast.cli import shards
+from ddpm_fast.cli.images import to_uint8
+from ddpm_fast.contract import NOISE_STREAM_VERSION
 
 
 class Interrupted(Exception):

@@ -10,7 +10,7 @@ from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import noise as ref_noise
-from ddpm_fast.reference.step import diffusion_step as reference_step
+from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 from helpers import relative_error, ulp_distance
 from test_noise import GOLDEN
 

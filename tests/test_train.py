@@ -10,8 +10,8 @@ from PIL import Image
 
 import ddpm_fast as df
 from ddpm_fast.cli import main
-from ddpm_fast.data import digits_dataset, image_folder_dataset
-from ddpm_fast.train import CHECKPOINT, EMA_WEIGHTS, TrainConfig, train
+from ddpm_fast.cli.data import digits_dataset, image_folder_dataset
+from ddpm_fast.cli.train import CHECKPOINT, EMA_WEIGHTS, TrainConfig, train
 
 TINY = dict(ch=8, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, in_channels=1,
             resolution=8, num_groups=4)

@@ -22,6 +22,17 @@ def test_cifar10_net_has_the_papers_parameter_count():
     assert len([m for m in model.modules() if type(m).__name__ == "AttnBlock"]) == 6
 
 
+def test_presets_are_the_shipped_architectures():
+    from safetensors import safe_open
+    with safe_open("ddpm_fast/weights/digits.safetensors", framework="pt") as f:
+        bundled = json.loads(f.metadata()["ddpm_fast_config"])
+    assert UNet.digits().config == bundled  # `ddpm-fast train`'s defaults make this network
+    small = UNet.small(out_ch=3)
+    assert small.config["out_ch"] == 3 and small.config["resolution"] == 16
+    with torch.device("meta"):
+        assert UNet.ddpm_cifar10(dropout=0.0).config == {**UNet.ddpm_cifar10().config, "dropout": 0.0}
+
+
 def test_timestep_embedding_is_the_originals():
     t = torch.tensor([0, 1, 999])
     emb = get_timestep_embedding(t, 8)

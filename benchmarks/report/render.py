@@ -153,7 +153,7 @@ def _projection(records: list[dict]) -> list[str]:
         return []
     note = (f"DDPM CIFAR-10 U-Net, {A.T_FULL} steps per image, extrapolated linearly from each timed run "
             f"(time per step × {A.T_FULL}; the run's fixed costs are counted {A.T_FULL}/steps times, so this is "
-            f"conservative). The issue's headline is batch 256 from ≥ 50 timed steps; the column `measured` "
+            f"conservative). The headline figure is batch 256 from ≥ 50 timed steps; the column `measured` "
             f"says what was actually timed here.")
     return (["## Projection: images/s at 1000 steps and 50,000 samples", "", note, ""]
             + _table(["variant", "config", "measured", "per step", f"images/s at {A.T_FULL} steps",

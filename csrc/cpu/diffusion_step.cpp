@@ -3,9 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <algorithm>
 
-#include "../step.h"
+#include "../diffusion_step.h"
 #include "common/normal_quads.h"
 
 namespace ddpm_fast {
@@ -14,19 +13,6 @@ namespace {
 bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
   return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width &&
          l.stride_b == per_sample;
-}
-
-// Unit-stride update of n elements; restrict and the clip test outside the loop let the
-// compiler vectorise it.
-template <typename out_t, bool kClip>
-void update_run(float* __restrict__ x, const out_t* __restrict__ out, const float* __restrict__ z, int64_t n,
-                const StepCoefs k) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float o = static_cast<float>(out[j]);
-    float x0_hat = k.A * x[j] + k.B * o;
-    if (kClip) x0_hat = std::min(std::max(x0_hat, -1.0f), 1.0f);
-    x[j] = k.C * x0_hat + k.D * x[j] + k.E * o + k.sigma * z[j];
-  }
 }
 
 template <typename out_t>

@@ -1,4 +1,4 @@
-// CPU kernels of the fused GroupNorm + SiLU (csrc/group_norm.h), forward and backward:
+// CPU kernels of the fused GroupNorm + SiLU (csrc/group_norm_silu.h), forward and backward:
 // at::parallel_for (OpenMP) over blocks — one (n, group) in NCHW, one sample's groups together in
 // NHWC, so that the inner loops are long unit-stride runs either way (a channel's positions, a
 // position's channels) that the compiler vectorises: `omp simd` reductions for the sums, SiLU
@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../group_norm.h"
+#include "../group_norm_silu.h"
 
 namespace ddpm_fast {
 namespace {

@@ -7,7 +7,7 @@
 #include <algorithm>
 
 #include "../noise.h"
-#include "../philox.h"
+#include "../common/philox.h"
 #include "common/normal_quads.h"
 
 namespace ddpm_fast {

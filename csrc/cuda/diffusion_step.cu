@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "../step.h"
+#include "../diffusion_step.h"
 
 namespace ddpm_fast {
 namespace {

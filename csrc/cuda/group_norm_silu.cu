@@ -1,17 +1,17 @@
-// CUDA kernel of the fused GroupNorm + SiLU forward (csrc/group_norm.h): one block per
+// CUDA kernel of the fused GroupNorm + SiLU forward (csrc/group_norm_silu.h): one block per
 // (n, group). When the group fits in shared memory (the DDPM U-Net's do: at most 8 channels ×
 // 32×32 = 32 KiB in float32) the first sweep keeps x + add there, so x is read from global
 // memory once and y written once; larger groups are read again by each of the three sweeps
 // (sum, squared deviations, output). Statistics are float32 (float64 for float64 x), the mean
 // and rstd are written for the backward, which on CUDA is the Triton kernel
-// (ddpm_fast/ops/group_norm.py).
+// (ddpm_fast/ops/group_norm_silu.py).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../group_norm.h"
+#include "../group_norm_silu.h"
 
 namespace ddpm_fast {
 namespace {

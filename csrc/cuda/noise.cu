@@ -10,7 +10,7 @@
 #include <algorithm>
 
 #include "../noise.h"
-#include "../philox.h"
+#include "../common/philox.h"
 
 namespace ddpm_fast {
 namespace {

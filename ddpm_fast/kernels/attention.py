@@ -13,9 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_HEAD_DIM = 512
-PRECISIONS = ("ieee", "tf32")  # float32 dots: exact products, or tensor-core TF32 (GPUs only)
-
 
 @triton.jit
 def attention_kernel(Q, K, V, O, scale_log2, H, N_Q, N_K, D,
@@ -68,19 +65,12 @@ def _config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1 if dtype == torch.float32 else 2)
 
 
-@torch.library.custom_op("ddpm_fast::attention_triton", mutates_args=())
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, precision: str) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
+              precision: str) -> None:
+    """Launch the kernel writing softmax(q kᵀ · scale) v into `out` [B, heads, N_q, d]."""
     B, H, N_q, D = q.shape
-    N_k = k.shape[2]
-    out = torch.empty((B, H, N_q, D), dtype=q.dtype, device=q.device)
     config = _config(D, q.dtype)
     grid = (triton.cdiv(N_q, config["BLOCK_M"]), B * H)
-    attention_kernel[grid](q, k, v, out, scale * 1.4426950408889634, H, N_q, N_k, D,
+    attention_kernel[grid](q, k, v, out, scale * 1.4426950408889634, H, N_q, k.shape[2], D,
                            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                            INPUT_PRECISION=precision if q.dtype == torch.float32 else None, **config)
-    return out
-
-
-@attention_triton.register_fake
-def _(q, k, v, scale, precision):
-    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], q.shape[3]))

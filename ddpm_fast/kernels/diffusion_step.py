@@ -2,7 +2,7 @@
 
 Each program updates BLOCK quads (four consecutive logical elements) of one sample: one
 tl.philox call per quad gives its four normals — the exact recipe of the reference and of
-csrc/philox.h. The coefficient row and noise key are read at a step index in device memory;
+csrc/common/philox.h. The coefficient row and noise key are read at a step index in device memory;
 an index outside the table writes NaN (a device-side error the sampler's finite check sees).
 """
 from __future__ import annotations
@@ -11,9 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..schedule import STEP_COLUMNS
-
-NUM_COLUMNS = len(STEP_COLUMNS)
+from ..contract import NUM_STEP_COLUMNS
 
 
 @triton.jit
@@ -35,14 +33,15 @@ def _update(X, Out, b, e, z, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, 
 
 
 @triton.jit
-def diffusion_step_kernel(X, Out, Coefs, Keys, StepIndex, rows, seed, sample_offset, per_sample, quads, blocks,
-                          C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, BLOCK: tl.constexpr):
+def diffusion_step_kernel(X, Out, Coefs, Keys, StepIndex, rows, seed, sample_offset, per_sample, blocks,
+                          C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, BLOCK: tl.constexpr,
+                          COLUMNS: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // blocks).to(tl.int64)
     q = (pid % blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     index = tl.load(StepIndex)
     valid = (index >= 0) & (index < rows)
-    row = Coefs + tl.where(valid, index, 0) * 7
+    row = Coefs + tl.where(valid, index, 0) * COLUMNS  # (A, B, C, D, E, sigma, clip)
     A, B, Cx0 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
     D, E, sigma, clip = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
     key = tl.load(Keys + tl.where(valid, index, 0)).to(tl.uint32)
@@ -65,12 +64,9 @@ def _dims(t: torch.Tensor) -> tuple[int, ...]:
     return (per, 1, 1, per, 1, 1, 1)
 
 
-# A custom_op rather than a triton_op: its explicit fake kernel also holds under Triton's
-# interpreter (which would run a triton_op's kernel on fake tensors), and the kernel is opaque
-# to torch.compile either way since it mutates x.
-@torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x"})
-def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
-                           noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
+def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
+                   step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
+    """Launch the update of x in place: one program per BLOCK quads of one sample."""
     batch = x.shape[0]
     per_sample = x[0].numel() if batch else 0
     quads = (per_sample + 3) // 4
@@ -81,10 +77,5 @@ def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: t
     C, H, W, *x_strides = _dims(x)
     out_strides = _dims(model_output)[3:]
     diffusion_step_kernel[(batch * blocks,)](
-        x, model_output, coefs, noise_keys, step_index, coefs.shape[0], seed, sample_offset, per_sample, quads,
-        blocks, C, H, W, *x_strides, *out_strides, BLOCK=block)
-
-
-@diffusion_step_triton_.register_fake
-def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
-    return None
+        x, model_output, coefs, noise_keys, step_index, coefs.shape[0], seed, sample_offset, per_sample, blocks,
+        C, H, W, *x_strides, *out_strides, BLOCK=block, COLUMNS=NUM_STEP_COLUMNS)

@@ -11,8 +11,6 @@ Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -147,12 +145,6 @@ def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Mean, Rstd, GradX, S
     tl.store(GradAdd + n * C + c, tl.sum(acc_dx, axis=1), mask=c_mask)
 
 
-def dense(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels write their output: NCHW- or channels_last-dense as it is, else NCHW."""
-    dense_layout = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    return x if dense_layout else x.contiguous()
-
-
 def _blocks(x: torch.Tensor, num_groups: int) -> tuple[int, int, bool]:
     # (BLOCK_C, BLOCK_P, ONE_PASS) for the groups of x
     block_c = triton.next_power_of_2(x.shape[1] // num_groups)
@@ -162,68 +154,30 @@ def _blocks(x: torch.Tensor, num_groups: int) -> tuple[int, int, bool]:
     return block_c, min(block_hw, max(1, CHUNK_ELEMENTS // block_c)), False
 
 
-def _per_channel(weight, bias, add):
-    # the kernels index weight, bias and add as contiguous [C], [C], [N, C]
-    return weight.contiguous(), bias.contiguous(), add.contiguous() if add is not None else None
-
-
 def _num_warps(block_c: int, block_p: int) -> int:
     return 8 if block_c * block_p >= 4096 else 4
 
 
-# custom_ops rather than triton_ops: their explicit fake kernels also hold under Triton's
-# interpreter (which would run a triton_op's kernel on fake tensors).
-@torch.library.custom_op("ddpm_fast::group_norm_silu_triton", mutates_args=())
-def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
-                           num_groups: int, eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd = forward_outputs(x, num_groups)
-    weight, bias, add = _per_channel(weight, bias, add)
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None, y: torch.Tensor,
+            mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, eps: float, act: bool) -> None:
+    """Launch the forward kernel into y (x's dense layout), mean and rstd ([N, G] float32);
+    weight, bias and add contiguous."""
     N, C, H, W = x.shape
     block_c, block_p, one_pass = _blocks(x, num_groups)
     group_norm_silu_fwd_kernel[(N * num_groups,)](
         x, weight, bias, add if add is not None else x, y, mean, rstd, C, H * W, W, num_groups, eps,
         *x.stride(), *y.stride(), HAS_ADD=add is not None, ACT=act, ONE_PASS=one_pass, BLOCK_C=block_c,
         BLOCK_P=block_p, num_warps=_num_warps(block_c, block_p))
-    return y, mean, rstd
 
 
-@group_norm_silu_triton.register_fake
-def _(x, weight, bias, add, num_groups, eps, act):
-    return forward_outputs(x, num_groups)
-
-
-@torch.library.custom_op("ddpm_fast::group_norm_silu_backward_triton", mutates_args=())
-def group_norm_silu_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                    add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                                    num_groups: int, act: bool
-                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_x, sum_dz, sum_dz_xhat, grad_add = backward_outputs(x, mean)
-    weight, bias, add = _per_channel(weight, bias, add)
+def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             add: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, grad_x: torch.Tensor,
+             sum_dz: torch.Tensor, sum_dz_xhat: torch.Tensor, grad_add: torch.Tensor, num_groups: int,
+             act: bool) -> None:
+    """Launch the backward kernel into grad_x (x's dense layout) and the [N, C] sums."""
     N, C, H, W = x.shape
     block_c, block_p, _ = _blocks(x, num_groups)  # two sweeps over the group either way
     group_norm_silu_bwd_kernel[(N * num_groups,)](
         grad_y, x, weight, bias, add if add is not None else x, mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add,
         C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), HAS_ADD=add is not None,
         ACT=act, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_num_warps(block_c, block_p))
-    return grad_x, sum_dz, sum_dz_xhat, grad_add
-
-
-@group_norm_silu_backward_triton.register_fake
-def _(grad_y, x, weight, bias, add, mean, rstd, num_groups, act):
-    return backward_outputs(x, mean)
-
-
-def stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def forward_outputs(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty (y in x's dense layout, mean [N, G], rstd [N, G]): what every backend returns."""
-    stats = x.new_empty((x.shape[0], num_groups), dtype=stats_dtype(x))
-    return torch.empty_like(dense(x)), stats, torch.empty_like(stats)
-
-
-def backward_outputs(x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Empty (grad_x in x's dense layout, Σ dz, Σ dz·x̂, grad_add [N, C] in the statistics' dtype)."""
-    sums = mean.new_empty((x.shape[0], x.shape[1]))
-    return torch.empty_like(dense(x)), sums, torch.empty_like(sums), torch.empty_like(sums)

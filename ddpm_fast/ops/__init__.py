@@ -1,8 +1,10 @@
-"""Public ops: argument checks, backend choice (impl="auto" | "reference" | "cpu" | "cuda" |
-"triton") and torch.library registration. Kernels live in csrc/ and ddpm_fast/kernels/."""
+"""Public ops, one module per op (DESIGN §4-5): the function, its argument checks, every
+torch.library registration and its table of implementations (impl="auto" | "reference" |
+"cpu" | "cuda" | "triton"), read by the shared resolver in _dispatch.py. Kernels live in
+csrc/ and ddpm_fast/kernels/, references in ddpm_fast/reference/, all under the op's stem."""
 from .attention import attention
-from .group_norm import group_norm_silu
+from .diffusion_step import diffusion_step_
+from .group_norm_silu import group_norm_silu
 from .noise import philox4x32_10, randn
-from .step import diffusion_step_
 
 __all__ = ["attention", "diffusion_step_", "group_norm_silu", "philox4x32_10", "randn"]

@@ -1,10 +1,11 @@
-"""attention: softmax(q kᵀ · scale) v for the U-Net's attention blocks, head dims up to 512.
+"""attention: softmax(q kᵀ · scale) v for the U-Net's attention blocks, head dims up to 512
+(DESIGN §5).
 
 impl="auto": the Triton flash kernel (ddpm_fast/kernels/attention.py) on CUDA tensors,
 torch's scaled_dot_product_attention on CPU ones (the reference in float32 where an input is
 not finite: SDPA would return 0 for rows the maths makes NaN); "triton" forces the kernel (CPU
 tensors run it in Triton's interpreter under TRITON_INTERPRET=1); "reference" materialises the
-N×N weights (reference/ops.py)."""
+N×N weights (reference/attention.py)."""
 from __future__ import annotations
 
 import math
@@ -12,11 +13,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..kernels.attention import MAX_HEAD_DIM, PRECISIONS, attention_triton
-from ..reference import ops as reference
+from ..reference.attention import attention as reference_attention
 from ._dispatch import resolve
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 512
+PRECISIONS = ("ieee", "tf32")  # float32 dots: exact products, or tensor-core TF32 (GPUs only)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, impl: str = "auto",
@@ -27,18 +29,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     products, the default: 1e-5 relative accuracy) or "tf32" (tensor cores, ~1e-3)."""
     _check(q, k, v, scale, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve("attention", impl, q.device, ("triton",))
-    if backend == "triton":
-        return attention_triton(q, k, v, scale, precision)
-    if impl == "auto":
-        # (under torch.compile the data-dependent choice would break the graph: the reference then)
-        if not torch.compiler.is_compiling() and _scores_stay_finite(q, k, v, scale):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        # torch's SDPA (flash and math backends alike) returns 0 for a row whose scores are all
-        # NaN or −∞, taking it for a masked-out row; the maths gives NaN there, and so does a plain
-        # softmax: the reference, in float32 at least
-        return reference.attention(q.float(), k.float(), v.float(), scale).to(q.dtype)
-    return reference.attention(q, k, v, scale)
+    backend = resolve("attention", impl, q.device, _IMPLEMENTATIONS)
+    if impl == "auto" and backend == "reference":
+        return _sdpa(q, k, v, scale)
+    return _IMPLEMENTATIONS[backend](q, k, v, scale, precision)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # (under torch.compile the data-dependent choice would break the graph: the reference then)
+    if not torch.compiler.is_compiling() and _scores_stay_finite(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # torch's SDPA (flash and math backends alike) returns 0 for a row whose scores are all
+    # NaN or −∞, taking it for a masked-out row; the maths gives NaN there, and so does a plain
+    # softmax: the reference, in float32 at least
+    return reference_attention(q.float(), k.float(), v.float(), scale).to(q.dtype)
 
 
 def _scores_stay_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> bool:
@@ -70,3 +74,23 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, precision: 
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"attention: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+@torch.library.custom_op("ddpm_fast::attention_triton", mutates_args=())
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, precision: str) -> torch.Tensor:
+    from ..kernels import attention as kernels
+    out = q.new_empty(q.shape)  # contiguous, whatever q's strides
+    kernels.attention(q, k, v, out, scale, precision)
+    return out
+
+
+@attention_triton.register_fake
+def _(q, k, v, scale, precision):
+    return q.new_empty(q.shape)  # contiguous, whatever q's strides
+
+
+# "auto" order; "reference" resolved from "auto" (CPU tensors) runs torch's SDPA instead (_sdpa)
+_IMPLEMENTATIONS = {
+    "triton": lambda q, k, v, scale, precision: torch.ops.ddpm_fast.attention_triton(q, k, v, scale, precision),
+    "reference": lambda q, k, v, scale, precision: reference_attention(q, k, v, scale),
+}

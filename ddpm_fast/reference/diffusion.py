@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..contract import PREDICTION_TYPES, VARIANCES, check_choice
 from ..schedule import NoiseSchedule
-
-VARIANCES = ("fixed_large", "fixed_small")
-PREDICTION_TYPES = ("epsilon", "x0", "v")
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -27,11 +25,6 @@ def _check(schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor, **same_sha
     for name, other in same_shape.items():
         if other is not None and other.shape != x.shape:
             raise ValueError(f"{name} must have the shape of x_t {tuple(x.shape)}, got {tuple(other.shape)}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def q_sample(schedule: NoiseSchedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -69,7 +62,7 @@ def predict_noise_from_start(schedule: NoiseSchedule, x_t: torch.Tensor, t: torc
 def predict_start_and_noise(schedule: NoiseSchedule, model_output: torch.Tensor, x_t: torch.Tensor,
                             t: torch.Tensor, prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂_0, ε̂) from the network output, whichever of ε, x_0 or v (= √ᾱ ε − √(1−ᾱ) x_0) it predicts."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _check(schedule, x_t, t, model_output=model_output)
     if prediction_type == "epsilon":
         return predict_start_from_noise(schedule, x_t, t, model_output), model_output
@@ -85,7 +78,7 @@ def p_mean_variance(schedule: NoiseSchedule, model_output: torch.Tensor, x_t: to
                     prediction_type: str = "epsilon") -> dict[str, torch.Tensor]:
     """Mean and variance of p_θ(x_{t−1} | x_t): the posterior mean at x̂_0 (clipped to [−1, 1]
     if asked), variance σ_t² = β_t ("fixed_large") or β̃_t ("fixed_small")."""
-    _check_choice("variance", variance, VARIANCES)
+    check_choice("variance", variance, VARIANCES)
     pred_xstart, _ = predict_start_and_noise(schedule, model_output, x_t, t, prediction_type)
     if clip_denoised:
         pred_xstart = pred_xstart.clamp(-1.0, 1.0)
@@ -117,7 +110,7 @@ def p_sample(schedule: NoiseSchedule, model_output: torch.Tensor, x_t: torch.Ten
 def p_sample_algorithm2(schedule: NoiseSchedule, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                         noise: torch.Tensor | None, variance: str = "fixed_large") -> torch.Tensor:
     """Algorithm 2 line 4 literally: x_{t−1} = (x_t − β_t/√(1−ᾱ_t) ε)/√α_t + σ_t z (eq. 11, no clipping)."""
-    _check_choice("variance", variance, VARIANCES)
+    check_choice("variance", variance, VARIANCES)
     _check(schedule, x_t, t, eps=eps)
     mean = ((x_t - extract(schedule.betas, t, x_t) / extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
             / extract(schedule.alphas, t, x_t).sqrt())

@@ -1,4 +1,4 @@
-"""The noise contract (DESIGN §3) written plainly in PyTorch.
+"""The noise stream (DESIGN §3) written plainly in PyTorch.
 
 Every Gaussian the sampler draws is a function of (seed, sample index s, noise key k,
 element index e), e being the logical NCHW index inside one sample:
@@ -18,14 +18,10 @@ from typing import Sequence
 
 import torch
 
-NOISE_STREAM_VERSION = 0  # the counter's last word; bump it, never change the stream silently
+from ..contract import (BOX_MULLER_MIN_U, NOISE_STREAM_VERSION, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0,
+                        PHILOX_W1, UINT32_RANGE, UNIFORM_SCALE, check_noise_args)
 
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _MASK32 = 0xFFFFFFFF
-UNIFORM_SCALE = 4.6566127342e-10  # largest float32 with (2^31 - 1) * scale < 1
-UINT32_RANGE = 1 << 32
-SEED_RANGE = 1 << 63  # seeds travel as int64 through torch.library schemas
 
 
 def _mulhilo(m: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +39,7 @@ def philox4x32_10(counter: torch.Tensor, seed: int) -> torch.Tensor:
     key (seed mod 2^32, seed >> 32). Returns int64 [..., 4] in [0, 2^32)."""
     c0, c1, c2, c3 = counter.to(torch.int64).unbind(-1)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    for _ in range(PHILOX_ROUNDS):
         hi0, lo0 = _mulhilo(PHILOX_M0, c0)
         hi1, lo1 = _mulhilo(PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
@@ -59,35 +55,25 @@ def uint_to_uniform_float(words: torch.Tensor) -> torch.Tensor:
 
 
 def pair_uniform_to_normal(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box–Muller in float32; `a` is clamped to 1e-7 so log(a) stays finite."""
-    a = torch.clamp_min(a, 1.0e-7)
+    """Box–Muller in float32; `a` is clamped to BOX_MULLER_MIN_U so log(a) stays finite."""
+    a = torch.clamp_min(a, BOX_MULLER_MIN_U)
     theta = b * torch.tensor(2 * math.pi, dtype=torch.float32, device=b.device)
     r = torch.sqrt(-2.0 * torch.log(a))
     return r * torch.cos(theta), r * torch.sin(theta)
-
-
-def check_noise_args(shape: Sequence[int], seed: int, step: int, sample_offset: int) -> tuple[int, int]:
-    """Validate a draw's arguments; return (batch, elements per sample)."""
-    shape = tuple(shape)
-    if len(shape) < 1 or any(not isinstance(n, int) or n < 0 for n in shape):
-        raise ValueError(f"shape must be a non-empty sequence of sizes >= 0 with the batch first, got {shape}")
-    for name, value, upper in (("seed", seed, SEED_RANGE), ("step", step, UINT32_RANGE),
-                               ("sample_offset", sample_offset, UINT32_RANGE)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
-            raise ValueError(f"{name} must be an int in [0, {upper}), got {value!r}")
-    batch, per_sample = shape[0], math.prod(shape[1:])
-    if sample_offset + batch > UINT32_RANGE:
-        raise ValueError(f"sample indices [{sample_offset}, {sample_offset + batch}) must lie below 2^32")
-    if per_sample > 4 * UINT32_RANGE:
-        raise ValueError(f"at most 2^34 elements per sample, got {per_sample}")
-    return batch, per_sample
 
 
 def randn(shape: Sequence[int], seed: int, step: int, sample_offset: int = 0,
           device: torch.device | str | None = None) -> torch.Tensor:
     """float32 noise of `shape` ([B, ...]) for samples sample_offset .. sample_offset + B - 1
     under noise key `step`, exactly as DESIGN §3 defines it."""
-    batch, per_sample = check_noise_args(shape, seed, step, sample_offset)
+    check_noise_args(shape, seed, step, sample_offset)
+    return draw(tuple(shape), seed, step, sample_offset, device)
+
+
+def draw(shape: tuple[int, ...], seed: int, step: int, sample_offset: int,
+         device: torch.device | str | None = None) -> torch.Tensor:
+    """randn without the argument checks, for callers that made them (ops.randn, the sampler)."""
+    batch, per_sample = shape[0], math.prod(shape[1:])
     z = normal_quads(seed, step, torch.arange(sample_offset, sample_offset + batch, device=device),
                      torch.arange(-(-per_sample // 4), device=device))
     return z[:, :per_sample].reshape(shape).contiguous()

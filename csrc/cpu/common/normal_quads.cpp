@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 
-#include "../../philox.h"
+#include "../../common/philox.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -39,11 +39,11 @@ inline __m256i mullo8(__m256i a, uint32_t m) { return _mm256_mullo_epi32(a, _mm2
 
 inline __m256 uniform8(__m256i word) {
   const __m256i folded = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));  // x < 0 ? ~x : x
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(4.6566127342e-10f));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(kUniformScale));
 }
 
 inline void box_muller8(__m256 a, __m256 b, __m256& n0, __m256& n1) {
-  a = _mm256_max_ps(a, _mm256_set1_ps(1.0e-7f));
+  a = _mm256_max_ps(a, _mm256_set1_ps(kBoxMullerMinU));
   const __m256 theta = _mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), b);
   const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(a)));
   const Sleef___m256_2 sin_cos = Sleef_sincosf8_u10avx2(theta);

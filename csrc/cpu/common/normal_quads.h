@@ -1,6 +1,6 @@
 // The noise stream of DESIGN §3 for a run of consecutive quads of one sample, on the CPU:
 // AVX2 (eight Philox calls a vector, SLEEF's 1-ulp log/sin/cos that torch ships and itself
-// uses for torch.log/sin/cos) where the CPU has it, csrc/philox.h's scalar recipe elsewhere.
+// uses for torch.log/sin/cos) where the CPU has it, csrc/common/philox.h's scalar recipe elsewhere.
 #pragma once
 
 #include <cstdint>

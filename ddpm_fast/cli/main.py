@@ -12,10 +12,14 @@ import time
 
 import torch
 
-from . import NoiseSchedule, Sampler, UNet
+from .. import NoiseSchedule, Sampler, UNet
+from ..contract import BACKENDS, METHODS
+from ..unet import DIGITS
+from .data import digits_dataset, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
 from .images import check_output, save_trajectory
 from .shards import sample_to_file, state_dict_sha256
+from .train import EMA_WEIGHTS, TrainConfig, train
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RANDOM_SMALL = "random-small"
@@ -28,8 +32,7 @@ def _load_model(name: str, quiet: bool = False) -> UNet:
             print("note: --model random-small is a small randomly initialised U-Net (seed 0), not a trained model: "
                   "the grid shows what an untrained network draws", file=sys.stderr)
         torch.manual_seed(0)
-        return UNet(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
-                    in_channels=1, resolution=16)
+        return UNet.small()
     return UNet.from_pretrained(name)
 
 
@@ -62,9 +65,11 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
 
 
+def _text(ints: tuple[int, ...]) -> str:
+    return ",".join(map(str, ints))
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .data import digits_dataset, image_folder_dataset
-    from .train import EMA_WEIGHTS, TrainConfig, train
     torch.manual_seed(args.seed)
     model = UNet(ch=args.ch, out_ch=args.channels, ch_mult=_ints(args.ch_mult), num_res_blocks=args.num_res_blocks,
                  attn_resolutions=_ints(args.attn_resolutions), dropout=args.dropout, in_channels=args.channels,
@@ -81,14 +86,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-PRESETS = {"cifar10": lambda: UNet.ddpm_cifar10().config}
+PRESETS = {"cifar10": UNet.ddpm_cifar10, "digits": UNet.digits, "small": UNet.small}
 
 
 def _convert(args: argparse.Namespace) -> int:
     import json
     config = None
     if args.config:
-        config = PRESETS[args.config]() if args.config in PRESETS else json.loads(open(args.config).read())
+        config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(open(args.config).read())
     model = UNet.from_pretrained(args.source, config=config)
     model.save_pretrained(args.out)
     print(f"wrote {sum(p.numel() for p in model.parameters()):,} parameters of UNet({model.config}) to {args.out}")
@@ -130,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples per shard, the unit of work a process draws and saves (default: one micro-batch)")
     sample.add_argument("--resume", action="store_true",
                         help="continue the unfinished job writing --out (refused if its settings differ)")
-    sample.add_argument("--method", choices=("ddpm", "ddim"), default="ddpm")
+    sample.add_argument("--method", choices=METHODS, default="ddpm")
     sample.add_argument("--steps", type=_positive, default=None,
                         help="network evaluations (default: all T); fewer give DDIM's or a respaced DDPM's chain")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory", default=None, help="also write the predicted x̂0 over time to this PNG")
     sample.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    sample.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "cuda"), default="auto")
+    sample.add_argument("--backend", choices=BACKENDS, default="auto")
     sample.add_argument("--check-finite", type=int, nargs="?", const=1, default=None, metavar="K",
                         help="stop with an error at the first step that leaves x NaN or infinite, reading the "
                              "device-side flag every K steps (default K: 1)")
@@ -152,23 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a DDPM U-Net (Algorithm 1) on the digits set or a folder")
     train.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, offline) or a folder of images")
     train.add_argument("--out", required=True, help="folder for checkpoint.safetensors and model.safetensors (EMA)")
-    train.add_argument("--steps", type=int, default=20000)
-    train.add_argument("--batch-size", type=_positive, default=64)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--warmup", type=int, default=500, help="learning-rate warm-up steps")
-    train.add_argument("--ema-decay", type=float, default=0.999)
-    train.add_argument("--grad-clip", type=float, default=1.0)
-    train.add_argument("--checkpoint-every", type=int, default=1000)
+    optimisation, network = TrainConfig(), DIGITS  # the defaults: the bundled digits model's run
+    train.add_argument("--steps", type=int, default=optimisation.steps)
+    train.add_argument("--batch-size", type=_positive, default=optimisation.batch_size)
+    train.add_argument("--lr", type=float, default=optimisation.lr)
+    train.add_argument("--warmup", type=int, default=optimisation.warmup, help="learning-rate warm-up steps")
+    train.add_argument("--ema-decay", type=float, default=optimisation.ema_decay)
+    train.add_argument("--grad-clip", type=float, default=optimisation.grad_clip)
+    train.add_argument("--checkpoint-every", type=int, default=optimisation.checkpoint_every)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resolution", type=int, default=16)
-    train.add_argument("--channels", type=int, default=1)
-    train.add_argument("--ch", type=int, default=32)
-    train.add_argument("--ch-mult", default="1,2,2")
-    train.add_argument("--num-res-blocks", type=int, default=1)
-    train.add_argument("--attn-resolutions", default="4")
-    train.add_argument("--dropout", type=float, default=0.1)
-    train.add_argument("--num-groups", type=int, default=8)
+    train.add_argument("--seed", type=int, default=optimisation.seed)
+    train.add_argument("--resolution", type=int, default=network["resolution"])
+    train.add_argument("--channels", type=int, default=network["in_channels"])
+    train.add_argument("--ch", type=int, default=network["ch"])
+    train.add_argument("--ch-mult", default=_text(network["ch_mult"]))
+    train.add_argument("--num-res-blocks", type=int, default=network["num_res_blocks"])
+    train.add_argument("--attn-resolutions", default=_text(network["attn_resolutions"]))
+    train.add_argument("--dropout", type=float, default=network["dropout"])
+    train.add_argument("--num-groups", type=int, default=network["num_groups"])
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
@@ -193,6 +199,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpm-fast: error: {error}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Samples in [−1, 1] → pictures people look at (PNG grids) and arrays FID tools read.
 
-Every file is written atomically (ddpm_fast/atomic.py), and .npz files byte for byte
+Every file is written atomically (ddpm_fast/_atomic.py), and .npz files byte for byte
 reproducibly: np.savez stamps the current time into the archive, so two runs drawing the same
 samples would write different bytes; write_npz stamps a fixed date instead."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .._atomic import atomic_path
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip archive can hold
 

@@ -4,7 +4,7 @@ The global sample indices 0 .. N−1 are cut into fixed-size shards, a multiple 
 micro-batch, so a shard is drawn in the same micro-batches whichever process draws it, and the
 noise contract (DESIGN §3: noise keyed by global sample index) makes its samples the same
 whatever the number of processes. The shards still to draw are dealt round-robin to the ranks
-of a World (ddpm_fast/distributed.py); each rank writes its finished shards atomically into a
+of a World (ddpm_fast/cli/distributed.py); each rank writes its finished shards atomically into a
 work folder beside the output; after each round rank 0 records the completed index ranges in
 the manifest; when all are done rank 0 merges them into the output, checking that every index
 is there exactly once. A killed job rerun with resume=True draws only the missing shards.
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import write_json
+from .._atomic import write_json
+from ..contract import NOISE_STREAM_VERSION, check_samples
+from ..sampler import Sampler
 from .distributed import World
 from .images import output_kind, to_uint8, write_npz, write_samples
-from .reference.noise import NOISE_STREAM_VERSION, check_noise_args
-from .sampler import Sampler
 
 FORMAT = "ddpm_fast.sampling-job/1"
 MANIFEST = "manifest.json"
@@ -101,7 +101,7 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if shard_size % micro_batch:
         raise ValueError(f"the shard size must be a multiple of the micro-batch {micro_batch}, got {shard_size}")
-    check_noise_args((num_samples, 1), seed, 0, 0)  # the seed, and sample indices below 2^32
+    check_samples(seed, 0, num_samples)  # the seed, and sample indices below 2^32
     if sampler.sample_shape[0] not in (1, 3):
         raise ValueError(f"images need 1 or 3 channels, the sampler draws {sampler.sample_shape}")
     output_kind(out)  # a bad --out fails now, not after hours of sampling

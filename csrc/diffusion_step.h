@@ -11,12 +11,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/philox.h"
 #include "noise.h"
-#include "philox.h"
 
 namespace ddpm_fast {
-
-constexpr int64_t kStepColumns = 7;  // A, B, C, D, E, sigma, clip — ddpm_fast/schedule.py
 
 // Offsets of a [B, C, H, W] tensor's elements, addressed by (sample, logical NCHW index e).
 struct Layout4d {

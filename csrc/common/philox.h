@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "contract.h"
+
 #if defined(__CUDACC__)
 #define DDPM_FAST_HD __host__ __device__ __forceinline__
 #else
@@ -14,15 +16,6 @@
 #endif
 
 namespace ddpm_fast {
-
-// The counter's last word: bump it whenever the stream changes, never change the stream
-// silently (a released seed must keep drawing the same samples).
-constexpr uint32_t kNoiseStreamVersion = 0;
-
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u;  // round multipliers
-constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // Weyl key increments
-constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
 struct Philox4 {
   uint32_t w[4];
@@ -44,7 +37,7 @@ DDPM_FAST_HD Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint32_t hi0 = mulhi32(kPhiloxM0, c.w[0]), lo0 = kPhiloxM0 * c.w[0];
     const uint32_t hi1 = mulhi32(kPhiloxM1, c.w[2]), lo1 = kPhiloxM1 * c.w[2];
     c = Philox4{{hi1 ^ c.w[1] ^ k0, lo1, hi0 ^ c.w[3] ^ k1, lo0}};
@@ -59,12 +52,12 @@ DDPM_FAST_HD Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
 DDPM_FAST_HD float uint_to_uniform(uint32_t word) {
   int32_t x = static_cast<int32_t>(word);
   x = x < 0 ? ~x : x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
+  return static_cast<float>(x) * kUniformScale;
 }
 
 // Box–Muller on a pair of uniforms; a is clamped away from 0 so log(a) stays finite.
 DDPM_FAST_HD void box_muller(float a, float b, float& n0, float& n1) {
-  a = fmaxf(a, 1.0e-7f);
+  a = fmaxf(a, kBoxMullerMinU);
   const float theta = 6.283185307179586f * b;
   const float r = sqrtf(-2.0f * logf(a));
   n0 = r * cosf(theta);

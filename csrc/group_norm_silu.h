@@ -16,7 +16,7 @@
 #include <optional>
 #include <tuple>
 
-#include "philox.h"  // DDPM_FAST_HD
+#include "common/philox.h"  // DDPM_FAST_HD
 
 namespace ddpm_fast {
 

@@ -1,5 +1,5 @@
-"""The U-Net's fusable pieces, unfused: the maths the fast kernels must reproduce, with the
-signatures of the public ops (DESIGN §9)."""
+"""GroupNorm (+ the ResBlock's time-embedding add) + SiLU, unfused: the maths every
+group_norm_silu kernel reproduces, with the public op's signature (DESIGN §5)."""
 from __future__ import annotations
 
 import torch
@@ -20,11 +20,3 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     normed = (centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)).reshape(h.shape)
     h = normed * weight.to(h.dtype)[:, None, None] + bias.to(h.dtype)[:, None, None]
     return (F.silu(h) if act else h).to(x.dtype)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v over [B, heads, N, d], scale = d^(−1/2) by default, the N×N
-    weights materialised in the inputs' dtype (the original's einsum + softmax)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    w = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q, k) * scale, dim=-1)
-    return torch.einsum("bhnm,bhmd->bhnd", w, v)

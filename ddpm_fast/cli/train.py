@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import save_safetensors
-from .reference.diffusion import training_losses
-from .schedule import NoiseSchedule
-from .unet import UNet
+from .._atomic import save_safetensors
+from ..reference.diffusion import training_losses
+from ..schedule import NoiseSchedule
+from ..unet import UNet
 
 CHECKPOINT = "checkpoint.safetensors"
 EMA_WEIGHTS = "model.safetensors"

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import group_norm_silu
-from .diffusers import use_fast_attention
+from ...ops import group_norm_silu
+from .attention import use_fast_attention
 
 
 def _fused_norm(x: torch.Tensor, norm: nn.GroupNorm, impl: str, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,7 +72,7 @@ def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -
     from diffusers import DDPMScheduler
     from diffusers.models.resnet import ResnetBlock2D
 
-    from .diffusers_scheduler import FusedDDPMScheduler
+    from .scheduler import FusedDDPMScheduler
 
     target = model_or_pipeline
     if hasattr(target, "unet") and hasattr(target, "scheduler"):  # a pipeline

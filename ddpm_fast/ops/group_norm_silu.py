@@ -1,6 +1,7 @@
 """group_norm_silu: GroupNorm with the ResBlock's time-embedding add and SiLU in one op (DESIGN
-§5), forward and backward. Backends: Triton (ddpm_fast/kernels/group_norm_silu.py), CUDA and
-CPU C++ (csrc/{cuda,cpu}/group_norm_silu.*), and the reference (plain PyTorch).
+§5), forward and backward, and every registration of it. Backends: Triton
+(ddpm_fast/kernels/group_norm_silu.py), CUDA and CPU C++ (csrc/{cuda,cpu}/group_norm_silu.*),
+and the reference (ddpm_fast/reference/group_norm_silu.py).
 
 Every fast backend returns (y, mean, rstd) with the per-(n, group) statistics kept for its
 backward, which gives grad_x plus per-(n, c) sums: weight and bias gradients are those sums
@@ -8,16 +9,14 @@ summed over the batch. The C++ op's backward on CUDA tensors is the Triton backw
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .. import _extension
-from ..kernels.group_norm_silu import (backward_outputs, dense, forward_outputs, group_norm_silu_backward_triton,
-                                       group_norm_silu_triton)
-from ..reference import ops as reference
+from ..reference.group_norm_silu import group_norm_silu as reference_group_norm_silu
 from ._dispatch import resolve
 
-_AVAILABLE = ("triton", "cuda", "cpu")  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -30,11 +29,8 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     device. Statistics are float32 (float64 for float64 x). The output has x's memory format
     (NCHW for strided views). Differentiable in x, weight, bias and add on every backend."""
     _check(x, weight, bias, num_groups, eps, add)
-    backend = resolve("group_norm_silu", impl, x.device, _AVAILABLE)
-    if backend == "reference":
-        return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, act=act)
-    op = torch.ops.ddpm_fast.group_norm_silu_triton if backend == "triton" else torch.ops.ddpm_fast.group_norm_silu
-    return op(dense(x), weight, bias, add, num_groups, float(eps), bool(act))[0]
+    backend = resolve("group_norm_silu", impl, x.device, _IMPLEMENTATIONS)
+    return _IMPLEMENTATIONS[backend](x, weight, bias, add, num_groups, float(eps), bool(act))
 
 
 def _check(x, weight, bias, num_groups, eps, add) -> None:
@@ -60,6 +56,66 @@ def _check(x, weight, bias, num_groups, eps, add) -> None:
             raise TypeError(f"{name}: {what} must have x's dtype {x.dtype}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: {what} is on {t.device} but x is on {x.device}")
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels write their output: NCHW- or channels_last-dense as it is, else NCHW."""
+    dense_layout = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return x if dense_layout else x.contiguous()
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def forward_outputs(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (y in x's dense layout, mean [N, G], rstd [N, G]): what every backend returns."""
+    stats = x.new_empty((x.shape[0], num_groups), dtype=stats_dtype(x))
+    return torch.empty_like(dense(x)), stats, torch.empty_like(stats)
+
+
+def backward_outputs(x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Empty (grad_x in x's dense layout, Σ dz, Σ dz·x̂, grad_add [N, C] in the statistics' dtype)."""
+    sums = mean.new_empty((x.shape[0], x.shape[1]))
+    return torch.empty_like(dense(x)), sums, torch.empty_like(sums), torch.empty_like(sums)
+
+
+def _per_channel(weight, bias, add):
+    # the kernels index weight, bias and add as contiguous [C], [C], [N, C]
+    return weight.contiguous(), bias.contiguous(), add.contiguous() if add is not None else None
+
+
+# custom_ops rather than triton_ops: their explicit fake kernels also hold under Triton's
+# interpreter (which would run a triton_op's kernel on fake tensors).
+@torch.library.custom_op("ddpm_fast::group_norm_silu_triton", mutates_args=())
+def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
+                           num_groups: int, eps: float, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import group_norm_silu as kernels
+    y, mean, rstd = forward_outputs(x, num_groups)
+    kernels.forward(x, *_per_channel(weight, bias, add), y, mean, rstd, num_groups, eps, act)
+    return y, mean, rstd
+
+
+@group_norm_silu_triton.register_fake
+def _(x, weight, bias, add, num_groups, eps, act):
+    return forward_outputs(x, num_groups)
+
+
+@torch.library.custom_op("ddpm_fast::group_norm_silu_backward_triton", mutates_args=())
+def group_norm_silu_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                    add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                                    num_groups: int, act: bool
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import group_norm_silu as kernels
+    grad_x, sum_dz, sum_dz_xhat, grad_add = backward_outputs(x, mean)
+    kernels.backward(grad_y, x, *_per_channel(weight, bias, add), mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add,
+                     num_groups, act)
+    return grad_x, sum_dz, sum_dz_xhat, grad_add
+
+
+@group_norm_silu_backward_triton.register_fake
+def _(grad_y, x, weight, bias, add, mean, rstd, num_groups, act):
+    return backward_outputs(x, mean)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -99,3 +155,18 @@ if _extension.AVAILABLE:
     if _extension.cuda_built():
         # No CUDA C++ backward kernel: on CUDA tensors the C++ op's backward is the Triton one.
         torch.library.impl("ddpm_fast::group_norm_silu_backward", "CUDA")(group_norm_silu_backward_triton)
+
+
+def _fused(op):
+    # the fused ops return (y, mean, rstd); the public op returns y
+    return lambda x, weight, bias, add, num_groups, eps, act: op(dense(x), weight, bias, add, num_groups, eps, act)[0]
+
+
+_compiled = _fused(lambda *args: torch.ops.ddpm_fast.group_norm_silu(*args))  # looked up when called: may be unbuilt
+_IMPLEMENTATIONS = {  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
+    "triton": _fused(torch.ops.ddpm_fast.group_norm_silu_triton),
+    "cuda": _compiled,
+    "cpu": _compiled,
+    "reference": lambda x, weight, bias, add, num_groups, eps, act: reference_group_norm_silu(
+        x, weight, bias, num_groups, eps, add=add, act=act),
+}

@@ -1,18 +1,16 @@
 """diffusion_step_: the fused sampling update of DESIGN §2, in place on x, with the noise of
-DESIGN §3 drawn inside the kernel. Backends: Triton (ddpm_fast/kernels/diffusion_step.py),
-CUDA and CPU C++ (csrc/{cuda,cpu}/diffusion_step.*), and the reference (plain PyTorch)."""
+DESIGN §3 drawn inside the kernel, and every registration of it. Backends: Triton
+(ddpm_fast/kernels/diffusion_step.py), CUDA and CPU C++ (csrc/{cuda,cpu}/diffusion_step.*),
+and the reference (ddpm_fast/reference/diffusion_step.py)."""
 from __future__ import annotations
 
 import torch
 
 from .. import _extension
-from ..kernels.diffusion_step import diffusion_step_triton_  # noqa: F401  registers the Triton op
+from ..contract import NUM_STEP_COLUMNS, STEP_COLUMNS, check_samples
 from ..reference import noise as reference_noise
-from ..reference.step import diffusion_step as reference_step
-from ..schedule import STEP_COLUMNS
+from ..reference.diffusion_step import diffusion_step as reference_step
 from ._dispatch import resolve
-
-_AVAILABLE = ("triton", "cuda", "cpu")  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
 
 if _extension.AVAILABLE:
     @torch.library.register_fake("ddpm_fast::diffusion_step_")
@@ -37,15 +35,8 @@ def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
             raise IndexError(f"step index {index} is outside the table of {coefs.shape[0]} rows")
         if not bool(torch.isfinite(coefs[index]).all()):
             raise ValueError(f"coefficient row {index} is not finite: {coefs[index].tolist()}")
-    backend = resolve("diffusion_step", impl, x.device, _AVAILABLE)
-    if backend == "triton":
-        torch.ops.ddpm_fast.diffusion_step_triton_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
-    elif backend in ("cuda", "cpu"):
-        torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
-    else:
-        index = int(step_index.reshape(()).item())
-        z = reference_noise.randn(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
-        x.copy_(reference_step(x, model_output, coefs[index], z))
+    backend = resolve("diffusion_step", impl, x.device, IMPLEMENTATIONS)
+    IMPLEMENTATIONS[backend](x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
     return x
 
 
@@ -59,8 +50,8 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) 
                          f"got {tuple(model_output.shape)}")
     if x.dim() != 4 and not (x.is_contiguous() and model_output.is_contiguous()):
         raise ValueError("diffusion_step_: tensors that are not 4-D must be contiguous")
-    if coefs.dtype != torch.float32 or coefs.dim() != 2 or coefs.shape[1] != len(STEP_COLUMNS) or not coefs.is_contiguous():
-        raise ValueError(f"diffusion_step_: coefs must be a contiguous float32 [S, {len(STEP_COLUMNS)}] table "
+    if coefs.dtype != torch.float32 or coefs.dim() != 2 or coefs.shape[1] != NUM_STEP_COLUMNS or not coefs.is_contiguous():
+        raise ValueError(f"diffusion_step_: coefs must be a contiguous float32 [S, {NUM_STEP_COLUMNS}] table "
                          f"({', '.join(STEP_COLUMNS)}), got {coefs.dtype} {tuple(coefs.shape)}")
     if noise_keys.dtype != torch.int64 or noise_keys.shape != (coefs.shape[0],) or not noise_keys.is_contiguous():
         raise ValueError(f"diffusion_step_: noise_keys must be a contiguous int64 [{coefs.shape[0]}] tensor, "
@@ -72,7 +63,7 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) 
                     ("step_index", step_index)):
         if t.device != x.device:
             raise ValueError(f"diffusion_step_: {name} is on {t.device} but x is on {x.device}")
-    reference_noise.check_noise_args((x.shape[0], 1), seed, 0, sample_offset)
+    check_samples(seed, sample_offset, x.shape[0])
     if not torch.compiler.is_compiling():  # traced tensors have no addresses; the compiled op checks the real ones
         _check_overlap(x, model_output)
 
@@ -97,3 +88,33 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
         return t.data_ptr(), t.data_ptr()
     extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+# A custom_op rather than a triton_op: its explicit fake kernel also holds under Triton's
+# interpreter (which would run a triton_op's kernel on fake tensors), and the kernel is opaque
+# to torch.compile either way since it mutates x.
+@torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x"})
+def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
+                           noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
+    from ..kernels import diffusion_step as kernels
+    kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+
+
+@diffusion_step_triton_.register_fake
+def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+    return None
+
+
+def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+    torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+
+
+def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+    index = int(step_index.reshape(()).item())
+    z = reference_noise.draw(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
+    x.copy_(reference_step(x, model_output, coefs[index], z))
+
+
+# The update without argument checks, by backend in "auto" order: what the sampler's loop calls
+# once sample() has checked its arguments.
+IMPLEMENTATIONS = {"triton": diffusion_step_triton_, "cuda": _compiled, "cpu": _compiled, "reference": _reference}

@@ -1,20 +1,17 @@
-"""diffusers UNet2DModel ↔ ddpm_fast UNet.
+"""diffusers UNet2DModel ↔ ddpm_fast UNet, as data: configs and state-dict names.
 
 The conversion needs no diffusers import: it maps a UNet2DModel config (config.json) to our
-constructor arguments and renames its state dict, so diffusers checkpoints load offline.
+constructor arguments and renames its state dict, so diffusers checkpoints load offline
+(ddpm_fast/checkpoints.py reads the files).
 Only configurations that are the DDPM architecture are accepted; anything else is refused
 with the option that differs.
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-
-from ..unet import UNet, read_safetensors, read_torch_weights
 
 # Options whose value must be the DDPM architecture's (a missing key means diffusers' default).
 _REQUIRED = {
@@ -129,105 +126,3 @@ def convert_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], num_lev
             value = value[:, :, None, None]
         converted[new] = value
     return converted
-
-
-def from_diffusers(model) -> UNet:
-    """Our UNet with the weights of a diffusers UNet2DModel instance."""
-    config = unet_config_from_diffusers(dict(model.config))
-    unet = UNet(**config)
-    state_dict = convert_diffusers_state_dict(model.state_dict(), len(config["ch_mult"]))
-    return unet.load_checked(state_dict, f"diffusers {type(model).__name__}").to(next(model.parameters()).dtype)
-
-
-def load_diffusers_unet(folder: str | Path) -> UNet:
-    """Load a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or
-    .bin, the latter through torch.load(weights_only=True)) as our UNet."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a diffusers UNet2DModel folder")
-    config = unet_config_from_diffusers(json.loads(config_path.read_text()))
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if weights.is_file():
-        state_dict = read_safetensors(weights)[0]
-    elif (folder / "diffusion_pytorch_model.bin").is_file():
-        weights = folder / "diffusion_pytorch_model.bin"
-        state_dict = read_torch_weights(weights)
-    else:
-        raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
-    return UNet(**config).load_checked(convert_diffusers_state_dict(state_dict, len(config["ch_mult"])), str(weights))
-
-
-class AttnProcessor:
-    """A diffusers attention processor running ddpm_fast.ops.attention (head dims up to 512):
-
-        unet2d.set_attn_processor(AttnProcessor())   # where the model class has it, else
-        use_fast_attention(unet2d)
-
-    The same steps as diffusers' AttnProcessor2_0 for self-attention blocks (group norm, q/k/v
-    projections, output projection, residual, rescale); attention masks, cross-attention
-    normalisation and spatial norms are refused rather than ignored."""
-
-    def __init__(self, impl: str = "auto", precision: str = "ieee"):
-        self.impl, self.precision = impl, precision
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        from ..ops import attention, group_norm_silu
-        if attention_mask is not None or getattr(attn, "spatial_norm", None) is not None:
-            raise NotImplementedError("ddpm_fast AttnProcessor: attention masks and spatial norms are not supported")
-        if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
-            raise NotImplementedError("ddpm_fast AttnProcessor: cross-attention normalisation is not supported")
-        residual = hidden_states
-        shape = hidden_states.shape
-        norm = attn.group_norm
-        if norm is not None and hidden_states.dim() == 4 and norm.affine:  # the fused op, without SiLU
-            hidden_states = group_norm_silu(hidden_states, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                                            act=False, impl=self.impl)
-            norm = None
-        if hidden_states.dim() == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # [B, N, C]
-        if norm is not None:
-            hidden_states = norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        heads = attn.heads
-        split = lambda t: t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)  # noqa: E731
-        query, key, value = split(query), split(key), split(value)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-        hidden_states = attention(query, key, value, scale=attn.scale, impl=self.impl, precision=self.precision)
-        hidden_states = hidden_states.transpose(1, 2).flatten(2).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if len(shape) == 4:
-            hidden_states = hidden_states.transpose(1, 2).reshape(shape)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def use_fast_attention(model, impl: str = "auto", precision: str = "ieee") -> int:
-    """Route every diffusers Attention module inside `model` (a UNet2DModel, a pipeline's unet,
-    ...) through AttnProcessor; returns how many were switched. Works whether or not the model
-    class has set_attn_processor (UNet2DModel lost it in recent diffusers)."""
-    processor = AttnProcessor(impl, precision)
-    switched = 0
-    for module in model.modules():
-        if hasattr(module, "set_processor") and hasattr(module, "to_q"):
-            module.set_processor(processor)
-            switched += 1
-    return switched
-
-
-def __getattr__(name: str):
-    # The pieces that subclass or import diffusers itself load on first use, so the converter
-    # above keeps working without diffusers installed.
-    if name == "accelerate":
-        from .diffusers_accelerate import accelerate
-        return accelerate
-    if name == "FusedDDPMScheduler":
-        from .diffusers_scheduler import FusedDDPMScheduler
-        return FusedDDPMScheduler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

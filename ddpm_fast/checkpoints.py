@@ -1,0 +1,113 @@
+"""Model files in and out: the bundled models, our safetensors (the constructor arguments in
+its metadata), weights-only PyTorch state dicts, diffusers UNet2DModel folders and instances,
+and atomic saving. Nothing here unpickles code.
+
+The model class is an argument (`cls`: UNet or a subclass), so this module does not import the
+model module, which imports it (DESIGN §4: no import cycles).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ._atomic import save_safetensors
+from .integrations.diffusers.convert import convert_diffusers_state_dict, unet_config_from_diffusers
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+CONFIG_KEY = "ddpm_fast_config"
+
+
+def save_pretrained(model, path: str | Path) -> None:
+    """Write model's weights as safetensors with its constructor arguments (model.config) in the
+    metadata, atomically."""
+    save_safetensors(model.state_dict(), path, metadata={CONFIG_KEY: json.dumps(model.config)})
+
+
+def load_pretrained(cls, name_or_path: str | Path, config: dict | None = None):
+    """cls loaded from a bundled model's name, our .safetensors file, a diffusers UNet2DModel
+    folder, or a .pt/.pth/.ckpt state dict (torch.load(weights_only=True)); `config` gives the
+    constructor arguments of a bare state dict."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_diffusers_folder(cls, path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _load_safetensors(cls, path)
+    if path.suffix in (".pt", ".pth", ".ckpt") and path.is_file():
+        return _load_torch(cls, path, config)
+    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
+    if bundled.is_file():
+        return _load_safetensors(cls, bundled)
+    names = sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))
+    raise FileNotFoundError(
+        f"{str(name_or_path)!r} is neither a bundled model (bundled: {names or 'none yet'}), "
+        "a .safetensors file, nor a diffusers UNet2DModel folder")
+
+
+def read_torch_weights(path: Path):
+    """torch.load that never runs pickled code (weights_only=True: only tensors and plain
+    containers unpickle); a truncated file or one holding anything else is a ValueError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated files and pickled code both end here
+        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a truncated or corrupt one is a ValueError."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as error:  # safetensors' own error type derives from Exception alone
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def from_diffusers(cls, model):
+    """cls with the weights of a diffusers UNet2DModel instance, in its dtype."""
+    config = unet_config_from_diffusers(dict(model.config))
+    state_dict = convert_diffusers_state_dict(model.state_dict(), len(config["ch_mult"]))
+    return cls(**config).load_checked(state_dict, f"diffusers {type(model).__name__}").to(next(model.parameters()).dtype)
+
+
+def load_diffusers_folder(cls, folder: str | Path):
+    """cls from a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors
+    or .bin, the latter through torch.load(weights_only=True))."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a diffusers UNet2DModel folder")
+    config = unet_config_from_diffusers(json.loads(config_path.read_text()))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if weights.is_file():
+        state_dict = read_safetensors(weights)[0]
+    elif (folder / "diffusion_pytorch_model.bin").is_file():
+        weights = folder / "diffusion_pytorch_model.bin"
+        state_dict = read_torch_weights(weights)
+    else:
+        raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
+    return cls(**config).load_checked(convert_diffusers_state_dict(state_dict, len(config["ch_mult"])), str(weights))
+
+
+def _load_torch(cls, path: Path, config: dict | None):
+    content = read_torch_weights(path)
+    if isinstance(content, dict) and "state_dict" in content:
+        config = content.get("config", config)
+        content = content["state_dict"]
+    if config is None:
+        raise ValueError(f"{path} holds a bare state dict: pass config= (e.g. UNet.ddpm_cifar10().config)")
+    if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return cls(**config).load_checked(content, str(path))
+
+
+def _load_safetensors(cls, path: Path):
+    state_dict, metadata = read_safetensors(path)
+    if CONFIG_KEY not in metadata:
+        raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: not a ddpm_fast checkpoint")
+    try:
+        model = cls(**json.loads(metadata[CONFIG_KEY]))
+    except (TypeError, ValueError) as error:  # ValueError includes json's decode error
+        raise ValueError(f"{path}: its {CONFIG_KEY!r} metadata are not UNet arguments: {error}") from error
+    return model.load_checked(state_dict, str(path))

@@ -1,0 +1,71 @@
+"""The facts every backend shares, written once: the noise stream's constants (DESIGN §3), the
+step table's columns (DESIGN §2), the names of methods, variances, prediction types, spacings
+and backends, and the range checks of seeds and sample indices.
+
+csrc/common/contract.h mirrors the constants the C++ and CUDA kernels need; a test compares
+the two. Public functions validate their arguments here once; the sampling loop then calls
+unchecked internals.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+# -- noise stream (DESIGN §3) -------------------------------------------------------------------
+NOISE_STREAM_VERSION = 0  # the counter's last word; bump it, never change the stream silently
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+PHILOX_ROUNDS = 10
+UNIFORM_SCALE = 4.6566127342e-10  # largest float32 with (2^31 - 1) * scale < 1
+BOX_MULLER_MIN_U = 1.0e-7  # Box–Muller's first uniform is clamped here so log(u) stays finite
+UINT32_RANGE = 1 << 32  # noise keys and global sample indices are uint32 counter words
+SEED_RANGE = 1 << 63  # seeds travel as int64 through torch.library schemas
+MAX_ELEMENTS_PER_SAMPLE = 4 * UINT32_RANGE  # four normals per Philox call, quads counted in a uint32
+
+# -- step table (DESIGN §2) ---------------------------------------------------------------------
+# One sampling update, whatever the method, with `out` the network output:
+#   x̂0 = A·x + B·out   (clipped to [−1, 1] when clip = 1)
+#   x_prev = C·x̂0 + D·x + E·out + σ·z
+STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip")
+NUM_STEP_COLUMNS = len(STEP_COLUMNS)
+
+# -- names ------------------------------------------------------------------------------------
+METHODS = ("ddpm", "ddim")
+VARIANCES = ("fixed_large", "fixed_small")
+PREDICTION_TYPES = ("epsilon", "x0", "v")
+SPACINGS = ("uniform", "quadratic")
+# Backends of the ops, the U-Net and the Sampler: "auto" picks the fastest built one per device.
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+FUSED_BACKENDS = ("triton", "cuda", "cpu")  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_int_range(name: str, value, upper: int) -> None:
+    """Raise unless value is an int (not a bool) in [0, upper)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < upper:
+        raise ValueError(f"{name} must be an int in [0, {upper}), got {value!r}")
+
+
+def check_samples(seed: int, sample_offset: int, batch: int) -> None:
+    """A run of global samples sample_offset .. sample_offset + batch − 1 under `seed`."""
+    check_int_range("seed", seed, SEED_RANGE)
+    check_int_range("sample_offset", sample_offset, UINT32_RANGE)
+    if sample_offset + batch > UINT32_RANGE:
+        raise ValueError(f"sample indices [{sample_offset}, {sample_offset + batch}) must lie below 2^32")
+
+
+def check_noise_args(shape: Sequence[int], seed: int, step: int, sample_offset: int) -> tuple[int, int]:
+    """Validate a draw's arguments; return (batch, elements per sample)."""
+    shape = tuple(shape)
+    if len(shape) < 1 or any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"shape must be a non-empty sequence of sizes >= 0 with the batch first, got {shape}")
+    check_int_range("step", step, UINT32_RANGE)
+    check_samples(seed, sample_offset, shape[0])
+    per_sample = math.prod(shape[1:])
+    if per_sample > MAX_ELEMENTS_PER_SAMPLE:
+        raise ValueError(f"at most 2^34 elements per sample, got {per_sample}")
+    return shape[0], per_sample

@@ -1,0 +1,97 @@
+"""FusedDDPMScheduler: diffusers' DDPMScheduler whose step() is ddpm_fast's fused update.
+
+Same constructor, config, timesteps and step() signature as DDPMScheduler, so a pipeline takes
+it unchanged (`accelerate(pipeline)` swaps it in). The maths differs only in precision: the
+coefficients come from NoiseSchedule.step_table in float64 over the scheduler's own betas and
+timesteps (diffusers keeps ᾱ in float32), and z follows ddpm_fast's noise contract (DESIGN §3)
+instead of the generator's stream: keyed by (seed, sample_offset + batch index, timestep), with
+seed = generator.initial_seed() when step() is given a generator, else `self.seed`, else one
+drawn from torch's global generator when set_timesteps starts a run.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+from ...contract import SEED_RANGE
+from ...ops import diffusion_step_
+from ...schedule import NoiseSchedule, StepTable
+
+# diffusers' names → ours; fixed_small_log is fixed_small (σ = exp(½·log β̃) = √β̃)
+_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+_PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
+
+
+class FusedDDPMScheduler(DDPMScheduler):
+    # Plain attributes rather than constructor arguments: diffusers builds schedulers from
+    # configs through the parent's registered __init__ signature.
+    seed: int | None = None  # fixed noise seed for every run; None: one per set_timesteps
+    sample_offset: int = 0  # global index of the batch's first sample in the noise contract
+    impl: str = "auto"  # ddpm_fast.ops.diffusion_step_'s backend
+    # DDPMPipeline reads only prev_sample; accelerate(pipeline) turns this off to save a pass
+    return_pred_original_sample: bool = True
+    _run_seed: int | None = None
+    _host: tuple[StepTable, dict[int, int]] | None = None
+    _on_device: dict[torch.device, StepTable] | None = None  # set with _host
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        super().set_timesteps(*args, **kwargs)
+        self._host = None
+        self._run_seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2^63): a valid seed
+
+    def _rows(self) -> tuple[StepTable, dict[int, int]]:
+        """The float64 table for this scheduler's β and timesteps (so custom schedules and
+        spacings carry over), and timestep → row."""
+        if self._host is None:
+            config, problems = self.config, []
+            if config.variance_type not in _VARIANCES:
+                problems.append(f"variance_type={config.variance_type!r} (supported: {sorted(_VARIANCES)})")
+            if config.prediction_type not in _PREDICTIONS:
+                problems.append(f"prediction_type={config.prediction_type!r} (supported: {sorted(_PREDICTIONS)})")
+            if config.thresholding:
+                problems.append("thresholding=True")
+            if config.clip_sample and config.clip_sample_range != 1.0:
+                problems.append(f"clip_sample_range={config.clip_sample_range} (the fused step clips to [-1, 1])")
+            if problems:
+                raise NotImplementedError("FusedDDPMScheduler does not support " + "; ".join(problems))
+            table = NoiseSchedule(self.betas.double()).step_table(
+                "ddpm", _VARIANCES[config.variance_type], bool(config.clip_sample), _PREDICTIONS[config.prediction_type],
+                steps=self.timesteps.tolist())
+            self._host = table, {t: i for i, t in enumerate(table.timesteps.tolist())}
+            self._on_device = {}
+        return self._host
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True):
+        """diffusers' DDPMScheduler.step, run by ddpm_fast.ops.diffusion_step_ (noise: see module doc)."""
+        if model_output.shape != sample.shape:
+            raise ValueError(f"FusedDDPMScheduler.step: model_output must have the sample's shape {tuple(sample.shape)} "
+                             f"(learned variances are not supported), got {tuple(model_output.shape)}")
+        if isinstance(generator, list):
+            raise NotImplementedError("FusedDDPMScheduler.step: one generator per sample is not supported; the noise "
+                                      "contract already gives every sample its own stream (pass one generator)")
+        host, rows = self._rows()
+        t = int(timestep)
+        if t not in rows:
+            raise ValueError(f"FusedDDPMScheduler.step: timestep {t} is not one of this run's {len(rows)} timesteps "
+                             f"({max(rows)} down to {min(rows)})")
+        seed = generator.initial_seed() % SEED_RANGE if generator is not None else (
+            self.seed if self.seed is not None else self._run_seed)
+        if seed is None:
+            raise ValueError("FusedDDPMScheduler.step: no noise seed; pass a generator, set .seed or call set_timesteps")
+        index = rows[t]
+        x = sample.to(torch.float32, copy=True)  # the op updates in place; diffusers' step does not
+        pred_original_sample = None
+        if self.return_pred_original_sample:
+            pred_original_sample = host.x0_hat(index, x, model_output).to(sample.dtype)
+        if sample.device not in self._on_device:
+            self._on_device[sample.device] = host.to(sample.device)
+        table = self._on_device[sample.device]
+        step_index = torch.tensor([index], dtype=torch.int64).to(sample.device, non_blocking=True)
+        diffusion_step_(x, model_output, table.coefs, table.noise_keys, step_index, seed=seed,
+                        sample_offset=self.sample_offset, impl=self.impl, check=False)
+        prev_sample = x.to(sample.dtype)
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
