@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make sample   draw a grid of samples (creates .venv and builds the ops when needed)
 #   make test     run the whole test suite (likewise)
-# and for CI and GPU machines: make deps | build | report | bench-smoke | wheels | clean.
+# and for CI and GPU machines: make deps | build | report | gpu-check | bench-smoke | wheels | clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +17,7 @@ REPORT_FLAGS ?=
 # what the benchmarks were run with.
 WHEELS ?= diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0
 
-.PHONY: deps build test sample report gpu-report bench-smoke wheels clean
+.PHONY: deps build test sample report gpu-report gpu-check bench-smoke kernel-report wheels clean
 
 # Dependencies come from pyproject.toml alone: build-system requires + dependencies + [test].
 $(DEPS_STAMP): pyproject.toml
@@ -53,6 +53,24 @@ report:
 	REPORT_DIR=$(REPORT_DIR) $(REPORT_PY) -m benchmarks.report $(if $(STAGES),--stage $(STAGES)) $(REPORT_FLAGS)
 
 gpu-report: report
+
+# One GPU lease's check (benchmarks/report/check.py): stages env, build, tests, ops, e2e, each
+# under a hard time cap (about 8.5 minutes in all), into GPU_CHECK_DIR (default
+# benchmarks/results/<date>-<gpu>). GPU_CHECK_STAGES=tests,e2e reruns some stages only (each
+# resumes into the same folder); GPU_CHECK_ARCHIVE=$$OUT/gpu-check.tar.gz keeps a .tar.gz of the
+# folder up to date for a machine that returns only a few files. Without a GPU: a rehearsal.
+GPU_CHECK_DIR ?=
+GPU_CHECK_STAGES ?=
+GPU_CHECK_ARCHIVE ?=
+gpu-check:
+	PYTHONUNBUFFERED=1 $(REPORT_PY) -m benchmarks.report --check $(if $(GPU_CHECK_DIR),--dir $(GPU_CHECK_DIR)) \
+		$(if $(GPU_CHECK_STAGES),--stage $(GPU_CHECK_STAGES)) $(if $(GPU_CHECK_ARCHIVE),--archive $(GPU_CHECK_ARCHIVE))
+
+# Every Triton launch config and CUDA C++ kernel compiled for sm_80/86/89/90/100/120 on this machine
+# (no GPU needed): registers, spills, shared memory, dot instructions, occupancy, into
+# benchmarks/results/kernel-resources.md (DESIGN §8).
+kernel-report: $(BUILD_STAMP)
+	$(PY) -m benchmarks.kernel_resources
 
 # CI's smoke test of the benchmarks and the report: the --quick sizes, into build/. One thread:
 # its figures are not quoted anywhere, and two OpenMP threads on a machine where other jobs hold

@@ -30,7 +30,7 @@ def _set_cuda_home() -> None:
 
 
 _set_cuda_home()
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0+PTX")  # PTX: loads on newer GPUs (JIT)
 
 import torch  # noqa: E402  (CUDA_HOME must be settled before cpp_extension reads it)
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402

@@ -33,9 +33,14 @@ NUM_STEP_COLUMNS = len(STEP_COLUMNS)
 METHODS = ("ddpm", "ddim")
 VARIANCES = ("fixed_large", "fixed_small")
 PREDICTION_TYPES = ("epsilon", "x0", "v")
-SPACINGS = ("uniform", "quadratic")
+# DDIM's kept timesteps: "uniform" (= diffusers' "leading"), diffusers' "trailing" and "linspace",
+# and DDIM's "quadratic" (DESIGN §2.3)
+SPACINGS = ("uniform", "leading", "trailing", "linspace", "quadratic")
 # Backends of the ops, the U-Net and the Sampler: "auto" picks the fastest built one per device.
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+# float32 dot precisions of the attention kernel (DESIGN §5.3): three TF32 tensor-core products
+# (float32-class accuracy, the default), float32 FMAs, one TF32 product (~1e-3)
+ATTENTION_PRECISIONS = ("tf32x3", "ieee", "tf32")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
 
 

@@ -41,10 +41,11 @@ def _low_precision_bound(q, k, v, scale, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_triton_fp32_matches_float64(triton_device, shape):
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"] if ON_GPU else ["ieee"])  # alike in the interpreter
+def test_triton_fp32_matches_float64(triton_device, shape, precision):
     q, k, v = _qkv(shape, torch.float32, triton_device, strided=shape[2] % 2 == 0)
     scale = shape[3] ** -0.5
-    out = attention(q, k, v, impl="triton", precision="ieee")
+    out = attention(q, k, v, impl="triton", precision=precision)
     assert out.shape == shape and out.dtype == torch.float32
     assert relative_error(out, _reference64(q, k, v, scale)) < 1e-5
 
@@ -173,3 +174,32 @@ def test_bad_input(make, error, match):
         attention(*make())
     with pytest.raises(ValueError, match="precision"):
         attention(*(torch.zeros(1, 1, 4, 8),) * 3, precision="bf16x3")
+
+
+def _tf32(x):
+    # round float32 to TF32 (10 mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32)
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _dot_tf32x3(a, b):
+    # Triton's input_precision="tf32x3": a ≈ hi + lo with both TF32, three tensor-core products
+    # (exact for TF32 operands) accumulated in float32; lo·lo is dropped
+    a_hi, b_hi = _tf32(a), _tf32(b)
+    a_lo, b_lo = _tf32(a - a_hi), _tf32(b - b_hi)
+    return a_hi @ b_lo + a_lo @ b_hi + a_hi @ b_hi
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tf32x3_arithmetic_matches_float64(shape):
+    # The interpreter ignores input_precision, so the kernel's float32 default ("tf32x3",
+    # DESIGN §5.3) is emulated here: both dots as three TF32 products, softmax in float32
+    q, k, v = _qkv(shape, torch.float32, torch.device("cpu"), strided=shape[2] % 2 == 0)
+    scale = shape[3] ** -0.5
+    s = _dot_tf32x3(q, k.transpose(-1, -2)) * (scale * 1.4426950408889634)
+    p = torch.exp2(s - s.amax(-1, keepdim=True))
+    out = _dot_tf32x3(p, v) / p.sum(-1, keepdim=True)
+    assert relative_error(out, _reference64(q, k, v, scale)) < 1e-5
+    # one TF32 product is not float32-class: the emulation does round
+    single = torch.softmax(_tf32(q) @ _tf32(k).transpose(-1, -2) * scale, -1)
+    assert relative_error(_tf32(single) @ _tf32(v), _reference64(q, k, v, scale)) > 1e-4

@@ -106,9 +106,26 @@ def test_triton_matches_group_norm_silu(triton_device, case):
     _check_forward("triton", triton_device, *case)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
 def test_cuda_op_matches_group_norm_silu(case):
     _check_forward("cuda", cuda_or_skip(), *case)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_channel_chunks(triton_device, monkeypatch, layout):
+    # groups of 4 channels × 15 positions against a chunk of 2 elements: the forward's three sweeps and
+    # the backward's two run over channel chunks as well as position chunks
+    monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", 16)
+    monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", 2)
+    assert triton_kernels._blocks((2, 8, 5, 3), 2, 16) == (2, 1, False)
+    _check_forward("triton", triton_device, (2, 8, 5, 3), 2, torch.float32, layout, True, True)
+    leaves, grads, grad_out = _gradients("triton", triton_device, torch.float32, layout, True, True, groups=2)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], 2, ref_leaves[3]), ref_leaves,
+                                    grad_out.double().cpu())
+    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
+        assert relative_error(got, want) < 1e-5, name
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -123,10 +140,11 @@ def test_triton_multi_pass_path(triton_device, monkeypatch, layout, dtype):
     # groups of 4 × 63 elements against an on-chip limit of 64: three sweeps of 8-position chunks
     monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", 64)
     monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", 32)
-    assert not triton_kernels._blocks(torch.empty(1, 8, 7, 9), 2)[2]
+    assert not triton_kernels._blocks((1, 8, 7, 9), 2, triton_kernels.ON_CHIP_ELEMENTS)[2]
     _check_forward("triton", triton_device, (2, 8, 7, 9), 2, dtype, layout, True, True)
 
 
+@pytest.mark.gpu
 def test_cuda_op_group_too_large_for_shared_memory():
     _check_forward("cuda", cuda_or_skip(), (2, 128, 256, 256), 32, torch.float32, "channels_last", True, True)
 

@@ -7,11 +7,14 @@ an index outside the table writes NaN (a device-side error the sampler's finite 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..contract import NUM_STEP_COLUMNS
+from . import TYPES as _TYPES, capability as _capability
 
 
 @triton.jit
@@ -64,6 +67,27 @@ def _dims(t: torch.Tensor) -> tuple[int, ...]:
     return (per, 1, 1, per, 1, 1, 1)
 
 
+BLOCKS = tuple(1 << i for i in range(9))  # quads per program: 1 … 256
+_INTS = ("rows", "seed", "sample_offset", "per_sample", "blocks", "C", "H", "W", "sxb", "sxc", "sxh", "sxw",
+         "sob", "soc", "soh", "sow")
+
+
+@functools.lru_cache
+def launch_configs(capability: tuple[int, int]) -> list[dict]:
+    """Every config the launcher can choose (the same on every GPU: no shared memory, no dots)."""
+    return [dict(kernel=diffusion_step_kernel, name=f"diffusion_step_{name}_block{block}", num_warps=4, num_stages=1,
+                 signature={"X": "*fp32", "Out": "*" + name, "Coefs": "*fp32", "Keys": "*i64", "StepIndex": "*i64",
+                            **dict.fromkeys(_INTS, "i64"), "BLOCK": "constexpr", "COLUMNS": "constexpr"},
+                 constexprs=dict(BLOCK=block, COLUMNS=NUM_STEP_COLUMNS))
+            for name in _TYPES.values() for block in BLOCKS]
+
+
+def select(quads: int, out_dtype: torch.dtype, capability: tuple[int, int]) -> dict:
+    """The config of launch_configs(capability) for `quads` quads per sample (pure)."""
+    name = f"diffusion_step_{_TYPES[out_dtype]}_block{min(BLOCKS[-1], triton.next_power_of_2(quads))}"
+    return next(config for config in launch_configs(capability) if config["name"] == name)
+
+
 def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
                    step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
     """Launch the update of x in place: one program per BLOCK quads of one sample."""
@@ -72,10 +96,11 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Ten
     quads = (per_sample + 3) // 4
     if batch == 0 or quads == 0:
         return
-    block = min(256, triton.next_power_of_2(quads))
-    blocks = triton.cdiv(quads, block)
+    config = select(quads, model_output.dtype, _capability(x))
+    blocks = triton.cdiv(quads, config["constexprs"]["BLOCK"])
     C, H, W, *x_strides = _dims(x)
     out_strides = _dims(model_output)[3:]
     diffusion_step_kernel[(batch * blocks,)](
         x, model_output, coefs, noise_keys, step_index, coefs.shape[0], seed, sample_offset, per_sample, blocks,
-        C, H, W, *x_strides, *out_strides, BLOCK=block, COLUMNS=NUM_STEP_COLUMNS)
+        C, H, W, *x_strides, *out_strides, **config["constexprs"], num_warps=config["num_warps"],
+        num_stages=config["num_stages"])

@@ -6,7 +6,8 @@ One program per (n, group) works on a [BLOCK_C, BLOCK_P] tile: the group's chann
 of its H·W positions, addressed through x's four strides, so NCHW, channels_last and strided
 views all take the same path. When the whole group fits in ON_CHIP_ELEMENTS, the tile holds
 it: x is read once, y written once (ONE_PASS). A larger group (LSUN-256: 4 channels × 65,536
-positions) is swept in chunks three times: the sum, the squared deviations, the output.
+positions; or more than CHUNK_ELEMENTS channels) is swept in BLOCK_C × BLOCK_P chunks three times: the
+sum, the squared deviations, the output.
 Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504).
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import TYPES as _TYPES, capability as _capability
+
 # Elements of one (n, group) kept on chip in ONE_PASS; tests lower it to reach the multi-pass path.
 ON_CHIP_ELEMENTS = 8192
-CHUNK_ELEMENTS = 2048  # tile size of the multi-pass sweeps
+CHUNK_ELEMENTS = 1024  # tile of the multi-pass sweeps and the backward (2048 spilled 8–40 B a thread)
 
 
 @triton.jit
@@ -30,14 +33,15 @@ def _tile(n, c, c_mask, p, HW, W, sn, sc, sh, sw):
 
 
 @triton.jit
-def _group(pid, Weight, Bias, C, HW, G, BLOCK_C: tl.constexpr):
-    # (n, the group's channels c, their mask, its element count, weight[c], bias[c]) of program pid
+def _channels(pid, c0, Weight, Bias, C, G, BLOCK_C: tl.constexpr):
+    # (channels c0 … c0 + BLOCK_C − 1 of program pid's group, their mask, weight[c], bias[c])
     group_channels = C // G
-    c = (pid % G) * group_channels + tl.arange(0, BLOCK_C)
-    c_mask = tl.arange(0, BLOCK_C) < group_channels
+    offs = c0 + tl.arange(0, BLOCK_C)
+    c = (pid % G) * group_channels + offs
+    c_mask = offs < group_channels
     weight = tl.load(Weight + c, mask=c_mask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)
-    return (pid // G).to(tl.int64), c, c_mask, group_channels * HW, weight, bias
+    return c, c_mask, weight, bias
 
 
 @triton.jit
@@ -64,8 +68,11 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
                                HAS_ADD: tl.constexpr, ACT: tl.constexpr, ONE_PASS: tl.constexpr,
                                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
-    n, c, c_mask, count, weight, bias = _group(pid, Weight, Bias, C, HW, G, BLOCK_C)
+    n = (pid // G).to(tl.int64)
+    group_channels = C // G
+    count = group_channels * HW
     if ONE_PASS:
+        c, c_mask, weight, bias = _channels(pid, 0, Weight, Bias, C, G, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
         v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
         mean = tl.sum(tl.sum(v, axis=1), axis=0) / count
@@ -73,25 +80,31 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
         rstd = tl.rsqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / count + eps)
         y_offsets, _ = _tile(n, c, c_mask, p, HW, W, syn, syc, syh, syw)
         _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT)
-    else:
+    else:  # three sweeps of BLOCK_C × BLOCK_P chunks over the group's channels and positions
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        for p0 in range(0, HW, BLOCK_P):
-            v, mask = _shifted(X, Add, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh, sxw,
-                               HAS_ADD)
-            acc += v
+        for c0 in range(0, group_channels, BLOCK_C):
+            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+            for p0 in range(0, HW, BLOCK_P):
+                v, mask = _shifted(X, Add, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh, sxw,
+                                   HAS_ADD)
+                acc += v
         mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        for p0 in range(0, HW, BLOCK_P):
-            v, mask = _shifted(X, Add, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh, sxw,
-                               HAS_ADD)
-            d = tl.where(mask, v - mean, 0.0)
-            acc += d * d
+        for c0 in range(0, group_channels, BLOCK_C):
+            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+            for p0 in range(0, HW, BLOCK_P):
+                v, mask = _shifted(X, Add, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh, sxw,
+                                   HAS_ADD)
+                d = tl.where(mask, v - mean, 0.0)
+                acc += d * d
         rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / count + eps)
-        for p0 in range(0, HW, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
-            y_offsets, _ = _tile(n, c, c_mask, p, HW, W, syn, syc, syh, syw)
-            _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT)
+        for c0 in range(0, group_channels, BLOCK_C):
+            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+            for p0 in range(0, HW, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
+                y_offsets, _ = _tile(n, c, c_mask, p, HW, W, syn, syc, syh, syw)
+                _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT)
     tl.store(Mean + pid, mean)
     tl.store(Rstd + pid, rstd)
 
@@ -116,46 +129,105 @@ def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Mean, Rstd, GradX, S
                                C, HW, W, G, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
                                HAS_ADD: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
                                BLOCK_P: tl.constexpr):
+    # two sweeps of BLOCK_C × BLOCK_P chunks over the group (one chunk when the group fits)
     pid = tl.program_id(0)
-    n, c, c_mask, count, weight, bias = _group(pid, Weight, Bias, C, HW, G, BLOCK_C)
+    n = (pid // G).to(tl.int64)
+    group_channels = C // G
+    count = group_channels * HW
     mean = tl.load(Mean + pid)
     rstd = tl.load(Rstd + pid)
-    acc_dz = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    acc_dz_xhat = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for p0 in range(0, HW, BLOCK_P):
-        xhat, dz, mask = _grad_z(X, Add, GradY, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh,
-                                 sxw, sgn, sgc, sgh, sgw, mean, rstd, weight, bias, HAS_ADD, ACT)
-        acc_dz += dz
-        acc_dz_xhat += dz * xhat
-    sum_dz = tl.sum(acc_dz, axis=1)
-    sum_dz_xhat = tl.sum(acc_dz_xhat, axis=1)
-    mean_dxhat = tl.sum(weight * sum_dz, axis=0) / count  # dx̂ = dz·weight
-    mean_dxhat_xhat = tl.sum(weight * sum_dz_xhat, axis=0) / count
-    acc_dx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for p0 in range(0, HW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        xhat, dz, mask = _grad_z(X, Add, GradY, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-                                 mean, rstd, weight, bias, HAS_ADD, ACT)
-        dx = tl.where(mask, rstd * (weight[:, None] * dz - mean_dxhat - xhat * mean_dxhat_xhat), 0.0)
-        d_offsets, _ = _tile(n, c, c_mask, p, HW, W, sdn, sdc, sdh, sdw)
-        tl.store(GradX + d_offsets, dx.to(GradX.dtype.element_ty), mask=mask)
-        acc_dx += dx
-    tl.store(SumDz + n * C + c, sum_dz, mask=c_mask)
-    tl.store(SumDzXhat + n * C + c, sum_dz_xhat, mask=c_mask)
-    tl.store(GradAdd + n * C + c, tl.sum(acc_dx, axis=1), mask=c_mask)
+    dxhat_total = 0.0  # Σ dx̂ and Σ dx̂·x̂ over the group, dx̂ = dz·weight
+    dxhat_xhat_total = 0.0
+    for c0 in range(0, group_channels, BLOCK_C):
+        c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+        acc_dz = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        acc_dz_xhat = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, HW, BLOCK_P):
+            xhat, dz, mask = _grad_z(X, Add, GradY, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc,
+                                     sxh, sxw, sgn, sgc, sgh, sgw, mean, rstd, weight, bias, HAS_ADD, ACT)
+            acc_dz += dz
+            acc_dz_xhat += dz * xhat
+        sum_dz = tl.sum(acc_dz, axis=1)
+        sum_dz_xhat = tl.sum(acc_dz_xhat, axis=1)
+        tl.store(SumDz + n * C + c, sum_dz, mask=c_mask)
+        tl.store(SumDzXhat + n * C + c, sum_dz_xhat, mask=c_mask)
+        dxhat_total += tl.sum(weight * sum_dz, axis=0)
+        dxhat_xhat_total += tl.sum(weight * sum_dz_xhat, axis=0)
+    mean_dxhat = dxhat_total / count
+    mean_dxhat_xhat = dxhat_xhat_total / count
+    for c0 in range(0, group_channels, BLOCK_C):
+        c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+        acc_dx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, HW, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            xhat, dz, mask = _grad_z(X, Add, GradY, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, sgn, sgc, sgh,
+                                     sgw, mean, rstd, weight, bias, HAS_ADD, ACT)
+            dx = tl.where(mask, rstd * (weight[:, None] * dz - mean_dxhat - xhat * mean_dxhat_xhat), 0.0)
+            d_offsets, _ = _tile(n, c, c_mask, p, HW, W, sdn, sdc, sdh, sdw)
+            tl.store(GradX + d_offsets, dx.to(GradX.dtype.element_ty), mask=mask)
+            acc_dx += dx
+        tl.store(GradAdd + n * C + c, tl.sum(acc_dx, axis=1), mask=c_mask)
 
 
-def _blocks(x: torch.Tensor, num_groups: int) -> tuple[int, int, bool]:
-    # (BLOCK_C, BLOCK_P, ONE_PASS) for the groups of x
-    block_c = triton.next_power_of_2(x.shape[1] // num_groups)
-    block_hw = triton.next_power_of_2(x.shape[2] * x.shape[3])
-    if block_c * block_hw <= ON_CHIP_ELEMENTS:
+def _blocks(shape: tuple[int, ...], num_groups: int, on_chip: int) -> tuple[int, int, bool]:
+    # (BLOCK_C, BLOCK_P, whole group in one tile) for the groups of an [N, C, H, W] input
+    block_c = triton.next_power_of_2(shape[1] // num_groups)
+    block_hw = triton.next_power_of_2(shape[2] * shape[3])
+    if block_c * block_hw <= on_chip:
         return block_c, block_hw, True
-    return block_c, min(block_hw, max(1, CHUNK_ELEMENTS // block_c)), False
+    block_c = min(block_c, CHUNK_ELEMENTS)  # wider groups are swept in channel chunks too
+    return block_c, min(block_hw, CHUNK_ELEMENTS // block_c), False
 
 
 def _num_warps(block_c: int, block_p: int) -> int:
     return 8 if block_c * block_p >= 4096 else 4
+
+
+def _config(backward: bool, dtype: torch.dtype, has_add: bool, act: bool, block_c: int, block_p: int,
+            one_pass: bool) -> dict:
+    t = "*" + _TYPES[dtype]
+    if backward:
+        kernel, name = group_norm_silu_bwd_kernel, "bwd"
+        scalars = dict(GradY=t, X=t, Weight=t, Bias=t, Add=t, Mean="*fp32", Rstd="*fp32", GradX=t, SumDz="*fp32",
+                       SumDzXhat="*fp32", GradAdd="*fp32", C="i32", HW="i32", W="i32", G="i32",
+                       **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh", "sgw", "sdn", "sdc", "sdh",
+                                        "sdw"), "i32"))
+        constexprs = dict(HAS_ADD=has_add, ACT=act, BLOCK_C=block_c, BLOCK_P=block_p)
+    else:
+        kernel, name = group_norm_silu_fwd_kernel, "fwd_one_pass" if one_pass else "fwd_three_pass"
+        scalars = dict(X=t, Weight=t, Bias=t, Add=t, Y=t, Mean="*fp32", Rstd="*fp32", C="i32", HW="i32", W="i32",
+                       G="i32", eps="fp32",
+                       **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw"), "i32"))
+        constexprs = dict(HAS_ADD=has_add, ACT=act, ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_P=block_p)
+    return dict(kernel=kernel, signature={**scalars, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs,
+                num_warps=_num_warps(block_c, block_p), num_stages=3,
+                name=f"group_norm_silu_{name}_{_TYPES[dtype]}{'_add' if has_add else ''}{'_silu' if act else ''}"
+                     f"_{block_c}x{block_p}")
+
+
+def _tiles() -> list[tuple[int, int, bool]]:
+    # every (BLOCK_C, BLOCK_P, whole group) _blocks can return with on_chip = ON_CHIP_ELEMENTS
+    powers = [1 << i for i in range(ON_CHIP_ELEMENTS.bit_length())]
+    return ([(c, p, True) for c in powers for p in powers if c * p <= ON_CHIP_ELEMENTS]
+            + [(c, CHUNK_ELEMENTS // c, False) for c in powers if c <= CHUNK_ELEMENTS])
+
+
+def launch_configs(capability: tuple[int, int]) -> list[dict]:
+    """Every config the launchers can choose (the same on every GPU: no dots, little shared memory).
+    The backward sweeps twice whatever the group's size, in tiles of at most CHUNK_ELEMENTS (an
+    ON_CHIP_ELEMENTS tile spilled there: 784 B a thread on sm_90)."""
+    variants = [(dtype, has_add, act) for dtype in _TYPES for has_add in (False, True) for act in (False, True)]
+    tiles = _tiles()
+    backward_tiles = sorted({(c, p) for c, p, _ in tiles if c * p <= CHUNK_ELEMENTS})
+    return ([_config(False, *variant, c, p, one_pass) for variant in variants for c, p, one_pass in tiles]
+            + [_config(True, *variant, c, p, False) for variant in variants for c, p in backward_tiles])
+
+
+def select(shape: tuple[int, int, int, int], num_groups: int, dtype: torch.dtype, has_add: bool, act: bool,
+           backward: bool, capability: tuple[int, int]) -> dict:
+    """The launchers' config for an [N, C, H, W] input (pure: tests call it without a GPU)."""
+    block_c, block_p, one_pass = _blocks(shape, num_groups, CHUNK_ELEMENTS if backward else ON_CHIP_ELEMENTS)
+    return _config(backward, dtype, has_add, act, block_c, block_p, one_pass and not backward)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None, y: torch.Tensor,
@@ -163,11 +235,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torc
     """Launch the forward kernel into y (x's dense layout), mean and rstd ([N, G] float32);
     weight, bias and add contiguous."""
     N, C, H, W = x.shape
-    block_c, block_p, one_pass = _blocks(x, num_groups)
+    config = select(x.shape, num_groups, x.dtype, add is not None, act, False, _capability(x))
     group_norm_silu_fwd_kernel[(N * num_groups,)](
         x, weight, bias, add if add is not None else x, y, mean, rstd, C, H * W, W, num_groups, eps,
-        *x.stride(), *y.stride(), HAS_ADD=add is not None, ACT=act, ONE_PASS=one_pass, BLOCK_C=block_c,
-        BLOCK_P=block_p, num_warps=_num_warps(block_c, block_p))
+        *x.stride(), *y.stride(), **config["constexprs"], num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -176,8 +248,8 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
              act: bool) -> None:
     """Launch the backward kernel into grad_x (x's dense layout) and the [N, C] sums."""
     N, C, H, W = x.shape
-    block_c, block_p, _ = _blocks(x, num_groups)  # two sweeps over the group either way
+    config = select(x.shape, num_groups, x.dtype, add is not None, act, True, _capability(x))
     group_norm_silu_bwd_kernel[(N * num_groups,)](
         grad_y, x, weight, bias, add if add is not None else x, mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add,
-        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), HAS_ADD=add is not None,
-        ACT=act, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_num_warps(block_c, block_p))
+        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), **config["constexprs"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])

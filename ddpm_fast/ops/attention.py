@@ -13,20 +13,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..contract import ATTENTION_PRECISIONS as PRECISIONS
 from ..reference.attention import attention as reference_attention
 from ._dispatch import resolve
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 512
-PRECISIONS = ("ieee", "tf32")  # float32 dots: exact products, or tensor-core TF32 (GPUs only)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, impl: str = "auto",
-              precision: str = "ieee") -> torch.Tensor:
+              precision: str = "tf32x3") -> torch.Tensor:
     """q [B, heads, N_q, d], k and v [B, heads, N_k, d] (any strides) → [B, heads, N_q, d].
 
-    scale defaults to d^(−1/2). precision applies to float32 inputs on the GPU: "ieee" (float32
-    products, the default: 1e-5 relative accuracy) or "tf32" (tensor cores, ~1e-3)."""
+    scale defaults to d^(−1/2). precision applies to float32 inputs on the GPU: "tf32x3" (the
+    default: three TF32 tensor-core products, 1e-5 relative accuracy), "ieee" (float32 FMAs,
+    1e-5, slower) or "tf32" (one TF32 product, ~1e-3)."""
     _check(q, k, v, scale, precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve("attention", impl, q.device, _IMPLEMENTATIONS)
