@@ -23,17 +23,20 @@ RESULTS: dict = {}  # group -> name -> median seconds, for the ratio summary and
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="ddpm_fast: reduced sizes and rounds (a smoke test)")
+    parser.addoption("--check", action="store_true", help="ddpm_fast: make gpu-check's sizes (on a GPU)")
     parser.addoption("--results", default=None, help="ddpm_fast: append every result to this JSON-lines file")
 
 
 def pytest_configure(config):
     settings.QUICK = config.getoption("--quick")
+    settings.CHECK = config.getoption("--check")
     path = config.getoption("--results")
     # a run resumed into the same results file skips what it has measured at these sizes already
     config.ddpm_fast_recorded = set()
     if path and os.path.exists(path):
         with open(path) as f:
-            config.ddpm_fast_recorded = {r["test"] for r in map(json.loads, f) if r.get("quick") == settings.QUICK}
+            config.ddpm_fast_recorded = {r["test"] for r in map(json.loads, f)
+                                         if (r.get("quick"), r.get("check", False)) == (settings.QUICK, settings.CHECK)}
 
 
 def pytest_runtest_setup(item):
@@ -81,7 +84,8 @@ def measure(benchmark, request):
         RESULTS.setdefault(group, {})[name] = median
         _append(request.config.getoption("--results"),
                 dict(extra, median_s=median, min_s=stats.min, max_s=stats.max, mean_s=stats.mean,
-                     stddev_s=stats.stddev, rounds=stats.rounds, quick=settings.QUICK, test=request.node.nodeid))
+                     stddev_s=stats.stddev, rounds=stats.rounds, quick=settings.QUICK, check=settings.CHECK,
+                     test=request.node.nodeid))
         return median
     return run
 

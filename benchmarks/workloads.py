@@ -7,7 +7,9 @@ Variants — like for like: each runs in the config's dtype and memory layout (C
 the same graph use):
   eager                       reference U-Net (backend="reference") + reference update
                               (reference/diffusion_step.py, noise from torch.randn), a Python loop
-  torch.compile max-autotune  the same step function through torch.compile(mode="max-autotune")
+  torch.compile               the same step function through torch.compile, default mode (no
+                              CUDA graphs): make gpu-check's variants only (settings.py)
+  torch.compile max-autotune  the same through torch.compile(mode="max-autotune")
                               (CUDA graphs on GPUs: mode max-autotune captures them)
   diffusers                   UNet2DModel (same architecture) + DDPMScheduler, as its pipeline loops
   reference sampler           Sampler(backend="reference"): the reference with the noise contract's
@@ -36,6 +38,8 @@ from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 DEVICE = settings.DEVICE
 STEP_ROW = 500  # the DDPM row the one-step benchmark repeats: clip on, σ > 0
 VARIANTS = ("eager", "torch.compile max-autotune", "diffusers", "reference sampler", "ours", "ours + CUDA graph")
+COMPILE_MODES = {"eager": None, "torch.compile": "default", "torch.compile max-autotune": "max-autotune"}
+LAST = "torch.compile max-autotune"  # its compile takes longest: run after every other variant
 STEPLESS = ("reference sampler",)  # variants timed as sampling runs only
 DIFFUSERS_MISSING = ("diffusers is not installed: `pip install diffusers` (offline GPU machine: "
                      "`make wheels` where pip works, then carry .whl/ along; `make report` installs it)")
@@ -76,9 +80,9 @@ def build(model: str, config: str, variant: str, batch: int) -> Workload:
     net = _base_model(model)
     shape = (batch, net.in_channels, net.resolution, net.resolution)
     place = dict(device=DEVICE, dtype=dtype, memory_format=layout)
-    if variant in ("eager", "torch.compile max-autotune"):
+    if variant in COMPILE_MODES:
         net.backend = "reference"
-        return _reference_loop(net.to(**place).eval(), dtype, shape, compiled=variant != "eager")
+        return _reference_loop(net.to(**place).eval(), dtype, shape, COMPILE_MODES[variant])
     if variant == "diffusers":
         return _diffusers(net.config, place, shape)
     net.backend = "reference" if variant == "reference sampler" else "auto"
@@ -111,7 +115,7 @@ def _sampler(net: UNet, dtype: torch.dtype, steps: int, backend: str, graph: boo
     return Sampler(net, NoiseSchedule.linear(1000), backend=backend, dtype=dtype, cuda_graph=graph, **method)
 
 
-def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, compiled: bool) -> Workload:
+def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, mode: str | None) -> Workload:
     batch = shape[0]
 
     def step(x, t, row):
@@ -119,8 +123,8 @@ def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, compiled: bool)
 
     # reference_step's `if clip != 0` reads a tensor: under torch.compile a graph break and, on a
     # GPU, one host sync per step — the reference as written, so the baseline keeps it.
-    graph = compiled and settings.ON_GPU  # mode="max-autotune" replays CUDA graphs on GPUs
-    fn = torch.compile(step, mode="max-autotune") if compiled else step
+    graph = mode == "max-autotune" and settings.ON_GPU  # mode="max-autotune" replays CUDA graphs on GPUs
+    fn = torch.compile(step, mode=mode) if mode else step
 
     def advance(x, t, row):
         if graph:  # cudagraph trees: a new iteration; clone so the next replay may reuse the output buffer
@@ -195,9 +199,12 @@ def _sampling(net: UNet, dtype: torch.dtype, batch: int, backend: str, graph: bo
 
 
 def cases() -> list[tuple[settings.E2E, str, str]]:
-    """(workload, config, variant) for every e2e benchmark at the current sizes."""
+    """(workload, config, variant) for every e2e benchmark at the current sizes, max-autotune
+    last: a run with a time budget skips it first."""
     sizes = settings.sizes()
-    return [(e2e, config, variant) for e2e in sizes.e2e for config in sizes.e2e_configs for variant in VARIANTS]
+    found = [(e2e, config, variant) for e2e in sizes.e2e for config in sizes.e2e_configs
+             for variant in (e2e.variants or VARIANTS)]
+    return sorted(found, key=lambda case: case[2] == LAST)
 
 
 def case_id(case) -> str:

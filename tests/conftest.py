@@ -2,12 +2,14 @@
 where a GPU is present; DDPM_FAST_REQUIRE_CUDA=1 (the GPU report) turns a missing GPU into a
 failure instead of a skip. Triton kernels run in Triton's interpreter on machines without
 CUDA: TRITON_INTERPRET must be set before any kernel is defined, hence here."""
+import inspect
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 import pytest  # noqa: E402
 
@@ -33,3 +35,14 @@ def fused(request, triton_device):
     if impl == "cuda":
         return impl, cuda_or_skip()
     return impl, torch.device("cpu") if impl == "cpu" else triton_device
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        params = {str(v) for v in item.callspec.params.values()} if hasattr(item, "callspec") else set()
+        asks = inspect.signature(item.function).parameters if hasattr(item, "function") else {}
+        triton = "triton" in params or "triton_device" in asks
+        if triton or "cuda" in params:
+            item.add_marker(pytest.mark.gpu)
+        if triton and INTERPRETED:
+            item.add_marker(pytest.mark.interpreter)

@@ -2,16 +2,23 @@
 junit file, like-for-like pairing, fractions of peak, the 1000-step projection, the goals and
 the rendered markdown."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.report import analysis, junit
 from benchmarks.report.render import ratio, render
 
+ROOT = Path(__file__).resolve().parents[1]
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.test_noise" name="test_a[cpu]"/>
 <testcase classname="tests.test_noise" name="test_a[cuda]"><skipped message="no CUDA device"/></testcase>
 <testcase classname="tests.test_x" name="test_interp"><skipped message="interpreter only"/></testcase>
+<testcase classname="tests.test_x" name="test_cuda_loop[cpu]"><skipped message="CUDA graphs need a GPU"/></testcase>
 <testcase classname="tests.test_x" name="test_bad"><failure message="boom"/></testcase>
 <testcase classname="tests.test_x" name="test_err"><error message="boom"/></testcase>
 </testsuite></testsuites>"""
@@ -36,6 +43,7 @@ def _records():
         _record("op", "step", "torch.compile", 0.25, **op),
         _record("op", "step", "fused cpu", 0.1, **op),
         _record("e2e-sample", "s", "diffusers", 10.0, cuda_graph=False, **e2e),
+        _record("e2e-sample", "s", "torch.compile", 4.5, cuda_graph=False, **e2e),
         _record("e2e-sample", "s", "torch.compile max-autotune", 3.0, cuda_graph=True, **e2e),
         _record("e2e-sample", "s", "ours", 4.0, cuda_graph=False, **e2e),
         _record("e2e-sample", "s", "ours + CUDA graph", 2.5, cuda_graph=True, **e2e),
@@ -46,11 +54,26 @@ def test_summary_flags_failures_and_cuda_skips(tmp_path):
     path = tmp_path / "junit.xml"
     path.write_text(JUNIT)
     s = junit.summarize_junit(path)
-    assert s["tests"] == 5 and s["passed"] == 1
+    assert s["tests"] == 6 and s["passed"] == 1
     assert s["failed"] == ["tests.test_x::test_bad", "tests.test_x::test_err"]
-    assert s["cuda_skips"] == ["tests.test_noise::test_a[cuda]"] and len(s["skipped"]) == 2
+    # by the skip reason: a deliberate skip of a test named cuda is not a CUDA test skipped
+    assert s["cuda_skips"] == ["tests.test_noise::test_a[cuda]"] and len(s["skipped"]) == 3
     assert len(junit.problems(s, 1, on_gpu=True)) == 2  # failures, and the skipped CUDA test
     assert len(junit.problems(s, 1, on_gpu=False)) == 1  # without a GPU, CUDA skips are expected
+
+
+def test_verdict_on_the_deliberate_cpu_parameter_skip(tmp_path):
+    # the GPU report's verdict, rehearsed on pytest's own junit of the test whose [cpu] parameter
+    # skips on purpose; CUDA hidden, so its [cuda] parameter skips for want of a device everywhere
+    xml = tmp_path / "junit.xml"
+    env = {k: v for k, v in os.environ.items() if k != "DDPM_FAST_REQUIRE_CUDA"}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                    "tests/test_sampler.py::test_cuda_graph_loop_without_host_syncs"], cwd=ROOT, check=True,
+                   env=dict(env, CUDA_VISIBLE_DEVICES=""), capture_output=True)
+    s = junit.summarize_junit(xml)
+    assert s["tests"] == 2 and len(s["skipped"]) == 2
+    assert s["cuda_skips"] == ["tests.test_sampler::test_cuda_graph_loop_without_host_syncs[cuda]"]
+    assert junit.problems(s, 0, on_gpu=True) == ["1 CUDA tests were skipped"]
 
 
 def test_missing_junit_counts_nothing(tmp_path):
@@ -60,7 +83,8 @@ def test_missing_junit_counts_nothing(tmp_path):
 
 def test_ours_is_paired_only_with_baselines_of_the_same_graph_use():
     rows = {(c["ours"], c["baseline"]): c["ratio"] for c in analysis.comparisons(_records(), ("e2e-sample",))}
-    assert rows == {("ours", "diffusers"): 2.5, ("ours + CUDA graph", "torch.compile max-autotune"): 1.2}
+    assert rows == {("ours", "diffusers"): 2.5, ("ours", "torch.compile"): 1.125,
+                    ("ours + CUDA graph", "torch.compile max-autotune"): 1.2}
 
 
 def test_fraction_of_peak_uses_the_matching_ceiling():
@@ -81,12 +105,39 @@ def test_projection_extrapolates_per_step_time():
 def test_goals_are_judged_on_exact_values():
     cpu = {g["goal"]: g["met"] for g in analysis.cpu_goals(_records())}
     assert cpu == {"step: fused cpu vs eager": True, "step: fused cpu vs torch.compile": True}
-    gpu = analysis.gpu_goals(_records())
-    compile_goal = next(g for g in gpu if "max-autotune" in g["goal"])
-    assert compile_goal["met"] and not compile_goal["stretch_met"]  # 1.2× against 1.15×, stretch 1.3×
-    fid = next(g for g in gpu if g["at_most"])
+    gpu = {g["goal"]: g for g in analysis.gpu_goals(_records())}
+    compile_goal = gpu["end to end bf16-cl: vs torch.compile"]
+    assert compile_goal["value"] == 1.125 and not compile_goal["met"]  # against 1.15×
+    assert gpu["end to end bf16-cl: vs diffusers"]["met"]  # 2.5× against 2×
+    fid = next(g for g in gpu.values() if g["at_most"])
     assert fid["value"] == pytest.approx(50_000 / (256 / 50.0) / 60) and not fid["met"]  # 162.7 min
     assert ratio(1.999) == "1.99×"  # truncated, never rounded up to a goal
+
+
+def test_gpu_op_goals_take_the_worst_shape_with_our_faster_kernel():
+    def op(group, name, median):
+        return _record("op", group, name, median, bytes_moved=10 ** 9, dtype="bfloat16")
+    records = [_record("peak", "peak copy", "copy", 1.0, bytes_moved=2 * 10 ** 9, dtype="float32"),
+               op("group_norm_silu 64x128x32x32 nchw bfloat16", "torch.compile", 0.6),
+               op("group_norm_silu 64x128x32x32 nchw bfloat16", "fused triton", 0.55),
+               op("group_norm_silu 64x128x32x32 nchw bfloat16", "fused cuda", 0.5),  # 1.2×, 100% of copy
+               op("group_norm_silu 256x256x4x4 nchw bfloat16", "torch.compile", 0.9),
+               op("group_norm_silu 256x256x4x4 nchw bfloat16", "fused cuda", 1.0)]  # 0.9×, 50% of copy
+    gpu = {g["goal"]: g for g in analysis.gpu_goals(records)}
+    bandwidth = gpu["GroupNorm+SiLU: fraction of copy bandwidth"]
+    assert bandwidth["value"] == 0.5 and not bandwidth["met"] and bandwidth["where"].endswith("met at 1 of 2")
+    assert bandwidth["where"].startswith("group_norm_silu 256x256x4x4 nchw bfloat16 (fused cuda)")
+    assert gpu["GroupNorm+SiLU: vs torch.compile"]["value"] == pytest.approx(0.9)
+    assert gpu["attention d=512: vs SDPA"]["value"] is None  # not measured
+
+
+def test_a_check_without_gpu_data_renders_every_gpu_goal_not_measured(tmp_path):
+    meta = {"environment": {"gpu": "none", "torch": "2"}, "quick": True, "check": True, "stages": {}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    text = render(tmp_path)
+    goals = text.split("## GPU goals (H200, like for like)")[1].split("## Verdict")[0]
+    assert goals.count("| not measured |") == len(analysis.GPU_OP_GOALS) + len(analysis.GPU_E2E_GOALS) + 1
+    assert "Environment: GPU none;" in text and "copy not measured; bf16 matmul not measured" in text
 
 
 def test_render_shows_every_section_and_the_verdict(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.reference import diffusion as D
-from helpers import relative_error, ulp_distance
+from helpers import cuda_or_skip, relative_error, ulp_distance
 
 SMALL = dict(ch=16, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
              in_channels=1, resolution=8, num_groups=8)
@@ -116,6 +116,23 @@ def test_cuda_graph_loop_without_host_syncs(device):
         assert relative_error(other, plain) <= 1e-5, backend
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_graph_loop_in_low_precision_without_host_syncs(dtype):
+    # float32 is test_cuda_graph_loop_without_host_syncs; the CPU's low precision, the test below
+    device = cuda_or_skip()
+    schedule = df.NoiseSchedule.linear(20)
+    reference = df.Sampler(_small_model(), schedule, method="ddim", steps=10, backend="reference").sample(4, seed=1)
+    sampler = df.Sampler(_small_model().to(device), schedule, method="ddim", steps=10, dtype=dtype)
+    sampler.sample(4, seed=1)  # warm-up: cuDNN and Triton pick their kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graphed = sampler.sample(4, seed=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert graphed.dtype == torch.float32 and relative_error(graphed, reference) < 0.05
+
+
 def test_stepper_takes_the_samplers_steps_one_by_one(device):
     model = _small_model().to(device).eval()
     sampler = df.Sampler(model, df.NoiseSchedule.linear(10), method="ddim", steps=5, eta=1.0)
@@ -159,7 +176,8 @@ def test_low_precision_model_keeps_x_in_float32(dtype):
     reference = df.Sampler(_small_model(), df.NoiseSchedule.linear(20), method="ddim", steps=10).sample(4, seed=1)
     low = df.Sampler(model, df.NoiseSchedule.linear(20), method="ddim", steps=10, dtype=dtype).sample(4, seed=1)
     assert low.dtype == torch.float32 and next(model.parameters()).dtype == dtype
-    assert ((low - reference).norm() / reference.norm()) < 0.05
+    # DESIGN §6: half precision within 1e-2 (measured: bf16 1.3e-3, fp16 1.8e-4; a zero model scores 0.175)
+    assert ((low - reference).norm() / reference.norm()) < 1e-2
 
 
 def test_float64_sampling():

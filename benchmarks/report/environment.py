@@ -71,9 +71,12 @@ def environment() -> dict[str, str]:
     nvcc = output(["nvcc", "--version"]).splitlines()
     gpu = output(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
     dirty = " (uncommitted changes)" if output(["git", "status", "--porcelain", "--untracked-files=no"]) else ""
+    on_gpu = torch.cuda.is_available()
+    props = torch.cuda.get_device_properties(0) if on_gpu else None
     return {
         "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "gpu": gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        "gpu": gpu or (torch.cuda.get_device_name() if on_gpu else "none"),
+        "gpu multiprocessors": str(props.multi_processor_count) if props else "none",
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores, {memory_gib()}",
         "torch threads": str(torch.get_num_threads()),
         "last-level cache": f"{last_level_cache_bytes() / 2 ** 20:.0f} MiB",

@@ -20,9 +20,9 @@ def render(report_dir: Path) -> str:
     measured = A.peaks(records)
     on_gpu = meta.get("environment", {}).get("gpu", "none") != "none"
     lines = [TITLE, ""]
-    lines += _environment(meta) + _stages(meta) + _tests(report_dir)
+    lines += _environment(meta, measured) + _stages(meta) + _tests(report_dir)
     lines += _peaks(measured) + _ops(records, measured) + _e2e(records, measured)
-    lines += _projection(records) + _breakdown(records) + _goals(records, on_gpu)
+    lines += _projection(records) + _breakdown(records) + _goals(records, on_gpu, meta.get("check", False))
     if (report_dir / "speedup.png").exists():
         lines += ["## Speed-ups, like for like", "", "![ours over each baseline](speedup.png)", ""]
     problems = [p for stage in meta.get("stages", {}).values() for p in stage.get("problems", [])]
@@ -50,11 +50,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _environment(meta: dict) -> list[str]:
+def environment_line(env: dict, measured: dict) -> str:
+    """One line: the GPU (name, memory, driver), its multiprocessors, torch, triton, nvcc and the
+    measured ceilings (copy bandwidth, bf16 matmul), "not measured" where the peaks are missing."""
+    copy = measured["copy_gb_per_s"]
+    bf16 = measured["matmul_tflop_per_s"].get("bfloat16")
+    return (f"GPU {env.get('gpu', '?')}; {env.get('gpu multiprocessors', '?')} multiprocessors; "
+            f"torch {env.get('torch', '?')}; triton {env.get('triton', '?')}; nvcc {env.get('nvcc', '?')}; "
+            f"copy {f'{copy:.2f} GB/s' if copy else 'not measured'}; "
+            f"bf16 matmul {f'{bf16:.3f} TFLOP/s' if bf16 else 'not measured'}")
+
+
+def _environment(meta: dict, measured: dict) -> list[str]:
     env = meta.get("environment", {})
     mode = "--quick (reduced sizes: a smoke test)" if meta.get("quick") else "full sizes for this machine"
+    if meta.get("check"):
+        mode = "make gpu-check" + (" rehearsed without a GPU: " + mode if meta.get("quick") else "")
     rows = [[k, str(v)] for k, v in env.items()] + [["suite", mode]]
-    return ["## Machine and software", ""] + _table(["", ""], rows) + [""]
+    return (["## Machine and software", "", "Environment: " + environment_line(env, measured), ""]
+            + _table(["", ""], rows) + [""])
 
 
 def _stages(meta: dict) -> list[str]:
@@ -76,7 +90,9 @@ def _tests(report_dir: Path) -> list[str]:
     s = json.loads(path.read_text())
     lines = ["## Tests", "", f"{s['tests']} tests: {s['passed']} passed, {len(s['failed'])} failed, "
              f"{len(s['skipped'])} skipped", ""]
-    return lines + [f"- FAILED {n}" for n in s["failed"]] + [f"- skipped {n}" for n in s["skipped"]] + [""]
+    lines += [f"- FAILED {n}" for n in s["failed"]] + [f"- skipped {n}" for n in s["skipped"]] + [""]
+    slowest = [f"- {seconds:.2f} s {name}" for name, seconds in s.get("slowest", [])]
+    return lines + (["Slowest tests (junit.xml has every test's time):", ""] + slowest + [""] if slowest else [])
 
 
 def _peaks(measured: dict) -> list[str]:
@@ -178,19 +194,29 @@ def _breakdown(records: list[dict]) -> list[str]:
                       "costliest other", "measured on"], rows) + [""])
 
 
-def _goals(records: list[dict], on_gpu: bool) -> list[str]:
-    goals = A.gpu_goals(records) if on_gpu else A.cpu_goals(records)
+def _goals(records: list[dict], on_gpu: bool, check: bool) -> list[str]:
+    """The GPU goals on a GPU and in make gpu-check (without a GPU: every one not measured), else the CPU's."""
+    gpu = on_gpu or check
+    goals = A.gpu_goals(records if on_gpu else []) if gpu else A.cpu_goals(records)
     if not goals:
         return []
     rows = []
     for g in goals:
-        value = f"{g['value']:.2f} min" if g["at_most"] else ratio(g["value"])
-        want = f"≤ {g['want']} min" if g["at_most"] else f"≥ {g['want']}×"
-        met = "met" if g["met"] else "missed"
-        if g["stretch"] is not None:
-            met += f"; stretch {g['stretch']}× {'met' if g['stretch_met'] else 'missed'}"
-        rows.append([g["goal"], value, want, met])
-    title = "GPU goals (set for an H100)" if on_gpu else "CPU goals (2 cores)"
-    note = "Measured, not pass/fail tests." + ("" if on_gpu else " Attention has no CPU kernel of ours (the CPU runs "
-                                                "scaled_dot_product_attention), so it has no CPU goal.")
-    return [f"## {title}", "", note, ""] + _table(["goal", "measured", "wanted", ""], rows) + [""]
+        if g["value"] is None:
+            rows.append([g["goal"], "", _goal_value(g["want"], g, wanted=True), "not measured", ""])
+            continue
+        rows.append([g["goal"], _goal_value(g["value"], g), _goal_value(g["want"], g, wanted=True),
+                     "met" if g["met"] else "missed", g["where"]])
+    title = "GPU goals (H200, like for like)" if gpu else "CPU goals (2 cores)"
+    note = "Measured, not pass/fail tests." + (" An op goal's figure is its worst shape, with the faster of our "
+                                               "kernels there." if gpu else " Attention has no CPU kernel of ours "
+                                               "(the CPU runs scaled_dot_product_attention), so it has no CPU goal.")
+    return [f"## {title}", "", note, ""] + _table(["goal", "measured", "wanted", "", "where"], rows) + [""]
+
+
+def _goal_value(value: float, goal: dict, wanted: bool = False) -> str:
+    """A measured figure truncated ("1.19×", "84.9%", "29.99 min"); a wanted one as set, with ≥ or ≤."""
+    if wanted:
+        text = {"ratio": f"{value:g}×", "percent": f"{100 * value:g}%"}.get(goal["unit"], f"{value:g} min")
+        return ("≤ " if goal["at_most"] else "≥ ") + text
+    return {"ratio": ratio, "percent": percent}.get(goal["unit"], lambda v: truncated(v, 2) + " min")(value)

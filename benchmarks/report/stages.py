@@ -4,6 +4,7 @@ after each, so a run cut off part-way keeps every stage it finished — and, sin
 appends each benchmark's record as soon as it is measured, every benchmark too: a benchmark
 stage run again into the same folder resumes where it stopped (--fresh starts it over).
 
+    env        make gpu-check's first stage: the peaks below, into env.jsonl (the environment line)
     build      install carried wheels (.whl/*.whl), then build the ops (CUDA ones on a GPU)
     tests      the test suite; on a GPU every CUDA test must run and pass
     peaks      copy bandwidth and matmul rates: the ceilings everything is divided by
@@ -11,6 +12,8 @@ stage run again into the same folder resumes where it stopped (--fresh starts it
     e2e        one U-Net step and sampling runs, both models, every baseline
     breakdown  torch.profiler shares of one U-Net step
     plot       speedup.png
+
+make gpu-check (check.py) runs env, build, tests, ops, e2e with a hard time cap on each.
 """
 from __future__ import annotations
 
@@ -23,23 +26,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.report import analysis, junit, plot
+from benchmarks.report import analysis, check, junit, plot
 from benchmarks.report.environment import ROOT
 
 BENCHMARKS = {
+    "env": ["test_peaks.py"],
     "peaks": ["test_peaks.py"],
     "ops": ["test_step.py", "test_group_norm.py", "test_attention.py"],
     "e2e": ["test_unet_step.py", "test_sampling.py"],
     "breakdown": ["test_breakdown.py"],
 }
-ALL = ("build", "tests", "peaks", "ops", "e2e", "breakdown", "plot")
+ALL = ("env", "build", "tests", "peaks", "ops", "e2e", "breakdown", "plot")
 GRACE_S = 60  # past the budget, a stage still gets this long to finish its current benchmark
 
 
 def default_stages(on_gpu: bool) -> tuple[str, ...]:
-    """Everything on a GPU (a bare machine: build first, then the tests); on a CPU the ops are
-    built already (make build) and the tests run separately (make test)."""
-    return ALL if on_gpu else ("peaks", "ops", "e2e", "breakdown", "plot")
+    """Everything but env (make gpu-check's peaks) on a GPU (a bare machine: build first, then
+    the tests); on a CPU the ops are built already (make build) and the tests run separately
+    (make test)."""
+    return tuple(n for n in ALL if n != "env") if on_gpu else ("peaks", "ops", "e2e", "breakdown", "plot")
 
 
 @dataclass
@@ -49,6 +54,18 @@ class Context:
     fresh: bool  # measure the benchmark stages anew rather than resume them
     deadline: float | None  # Unix time after which no new benchmark starts
     on_gpu: bool
+    check: bool = False  # make gpu-check's cut: its test selection, build settings and benchmark sizes
+    cap_until: float | None = None  # Unix time at which the running stage is killed (make gpu-check)
+
+    def kill_at(self) -> float | None:
+        """When a stage's command is killed: the budget's deadline plus grace, or the stage's cap."""
+        ends = [t for t in (self.deadline and self.deadline + GRACE_S, self.cap_until) if t]
+        return min(ends) if ends else None
+
+    def start_by(self) -> float | None:
+        """After when no benchmark starts: the budget's deadline or the stage's cap."""
+        ends = [t for t in (self.deadline, self.cap_until) if t]
+        return min(ends) if ends else None
 
 
 def run(name: str, ctx: Context) -> list[str]:
@@ -62,8 +79,9 @@ def run(name: str, ctx: Context) -> list[str]:
 
 
 def _call(cmd: list[str], log: Path, ctx: Context, env: dict | None = None) -> int:
-    """Run cmd with output to log; past the deadline (plus grace) its process group is killed."""
-    timeout = None if ctx.deadline is None else max(1.0, ctx.deadline + GRACE_S - time.time())
+    """Run cmd with output to log; past the deadline (plus grace) or the stage's cap its process
+    group is killed."""
+    timeout = None if ctx.kill_at() is None else max(1.0, ctx.kill_at() - time.time())
     with log.open("w") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
@@ -74,7 +92,7 @@ def _call(cmd: list[str], log: Path, ctx: Context, env: dict | None = None) -> i
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            f.write("\n[report] killed: the time budget was used up\n")
+            f.write("\n[report] killed: the time budget or the stage's cap was used up\n")
             return -9
 
 
@@ -86,8 +104,9 @@ def _build(ctx: Context) -> list[str]:
                    ctx.report_dir / "wheels.log", ctx)
         if rc:
             problems.append(f"installing the carried wheels failed (exit {rc}): see wheels.log")
+    env = {"DDPM_FAST_CUDA": "1"} if ctx.on_gpu else {}
     rc = _call([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
-               ctx.report_dir / "build.log", ctx, {"DDPM_FAST_CUDA": "1"} if ctx.on_gpu else None)
+               ctx.report_dir / "build.log", ctx, {**env, **check.BUILD_ENV} if ctx.check else env)
     if rc:
         problems.append(f"build failed (exit {rc}): see build.log")
     return problems
@@ -95,26 +114,31 @@ def _build(ctx: Context) -> list[str]:
 
 def _tests(ctx: Context) -> list[str]:
     xml = ctx.report_dir / "junit.xml"
-    rc = _call([sys.executable, "-m", "pytest", "tests", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+    selection = check.test_args() if ctx.check else ["-q"]
+    rc = _call([sys.executable, "-m", "pytest", "tests", *selection, "-rs", "-p", "no:cacheprovider",
+                f"--junitxml={xml}"],
                ctx.report_dir / "tests.log", ctx, {"DDPM_FAST_REQUIRE_CUDA": "1"} if ctx.on_gpu else None)
     summary = junit.summarize_junit(xml)
     (ctx.report_dir / "tests.json").write_text(json.dumps(summary, indent=1))
-    return junit.problems(summary, rc, ctx.on_gpu)
+    cut = ["stage tests was cut off at its time cap: tests.log has the results streamed so far"] if rc == -9 else []
+    return cut + junit.problems(summary, rc, ctx.on_gpu)
 
 
 def _benchmarks(name: str, ctx: Context) -> list[str]:
     results = ctx.report_dir / f"{name}.jsonl"
     if ctx.fresh:
         results.unlink(missing_ok=True)  # else a stage run again resumes: its recorded benchmarks are skipped
-    cmd = [sys.executable, "-m", "pytest", *(f"benchmarks/{f}" for f in BENCHMARKS[name]), "--benchmark-only",
+    files = check.BENCHMARKS.get(name, BENCHMARKS[name]) if ctx.check else BENCHMARKS[name]
+    cmd = [sys.executable, "-m", "pytest", *(f"benchmarks/{f}" for f in files), "--benchmark-only",
            "-q", "-p", "no:cacheprovider", f"--results={results}"] + (["--quick"] if ctx.quick else [])
-    env = {"DDPM_FAST_BENCH_DEADLINE": str(ctx.deadline)} if ctx.deadline else {}
+    cmd += ["--check"] if ctx.check else []
+    env = {"DDPM_FAST_BENCH_DEADLINE": str(ctx.start_by())} if ctx.start_by() else {}
     rc = _call(cmd, ctx.report_dir / f"{name}.log", ctx, env)
     if rc == -9:
-        return [f"stage {name} was cut off at the time budget: run it again to resume (see {name}.log)"]
+        return [f"stage {name} was cut off at the time budget or its cap: run it again to resume (see {name}.log)"]
     if rc:
         return [f"benchmarks of stage {name} failed (pytest exit {rc}): see {name}.log"]
-    if ctx.deadline and time.time() > ctx.deadline:
+    if ctx.start_by() and time.time() > ctx.start_by():
         return [f"stage {name} ran out of time budget, some benchmarks were skipped: run it again to resume"]
     return []
 
