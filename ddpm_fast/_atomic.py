@@ -1,45 +1,164 @@
-"""Atomic file writes: whoever reads the file — a user, an FID tool, a resumed job — finds the
-old content or the whole new one, never half of it, however the writer dies."""
+"""Files written whole or not at all, never through someone else's link, never over another
+job's output unasked.
+
+atomic_write is the one way this package writes a file: whoever reads it — a user, an FID
+tool, a resumed job — finds the old content or the whole new one, never half of it, however
+the writer dies; and anyone able to write into the target folder cannot redirect the write
+elsewhere (the temporary file is created with O_CREAT | O_EXCL | O_NOFOLLOW under a random
+name, and the writer is handed the open file, never a path to reopen).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import secrets
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator, Mapping
 
 import torch
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path`: `.NAME.<random>.tmp` (stale_temporaries finds them)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """The temporary files and folders atomic writes of `path` (and of `path`.anything, such as
+    its manifest) leave behind when their writer is killed."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.name else []
+
+
+def remove(path: Path) -> None:
+    """Remove a file, a link or a folder tree (a link is removed, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write; when the block succeeds, flush it to disk
-    and rename it over `path` (os.replace: atomic within one filesystem). The temporary name is
-    hidden (leading dot) so tools listing an output folder skip it, and holds the pid so that
-    processes writing different files never share one."""
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a new temporary file beside `path`, open for writing in binary; when the block
+    succeeds, flush it to disk and rename it over `path` (atomic within one filesystem; a link
+    at `path` is replaced, not followed). The file gets the permissions the umask gives new
+    files. An OSError names `path` (a full disk says which file it was writing)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    tmp = temporary_name(path)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        fd = os.open(tmp, _CREATE, 0o666)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create a file in {path.parent}: {error.strerror}", str(path)) from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write it: {error.strerror}", str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _fsync_folder(folder: Path) -> None:
+    # the rename itself survives a power cut once the folder's entry is on disk
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> bool:
+    """Write `data` to `path` atomically. With overwrite=False an existing file is left alone:
+    holding exactly `data` it is kept (returns False: nothing written), holding anything else
+    it is refused with a FileExistsError that names --overwrite."""
+    path = Path(path)
+    if not overwrite and (path.exists() or path.is_symlink()):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+        raise FileExistsError(errno.EEXIST, "exists with other content: pass --overwrite to replace it", str(path))
+    with atomic_write(path) as file:
+        file.write(data)
+    return True
+
+
 def write_json(path: str | Path, content: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
+    write_bytes(path, (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, atomically, and with the permissions the umask gives new files:
-    safetensors itself creates them 0600, which hides a trained model from the machine's other
-    users."""
-    from safetensors.torch import save_file
-    umask = os.umask(0)
-    os.umask(umask)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~umask)
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: the same weights
+    give the same checksum whichever file format or path they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+CHECKSUM_KEY = "ddpm_fast_tensors_sha256"
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+                     overwrite: bool = True) -> bool:
+    """safetensors' format, atomically (as write_bytes, whose `overwrite` it takes), with the
+    sha256 of the tensor data (tensors_sha256) in the metadata under CHECKSUM_KEY, which the
+    loaders verify."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return write_bytes(path, save(tensors, metadata={**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)}),
+                       overwrite)
+
+
+class Busy(ValueError):
+    """Another process holds the lock of an output."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Hold the lock of output `path` — an flock on the hidden file `.NAME.lock` beside it,
+    released by the kernel when the process dies, so no lock is ever stale — or raise Busy at
+    once. The lock file is removed on the way out."""
+    path = Path(os.path.abspath(path))  # "." has a name once absolute
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"{what} {path} is being written by another process (it holds {lock}): wait for it to "
+                       f"finish, or choose another output") from None
+        try:  # the holder before us may have removed the file we locked: then lock the new one
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)

@@ -8,21 +8,27 @@ model module, which imports it (DESIGN §4: no import cycles).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from ._atomic import save_safetensors
+from ._atomic import CHECKSUM_KEY, save_safetensors, tensors_sha256
 from .integrations.diffusers.convert import convert_diffusers_state_dict, unet_config_from_diffusers
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
 CONFIG_KEY = "ddpm_fast_config"
 
 
-def save_pretrained(model, path: str | Path) -> None:
-    """Write model's weights as safetensors with its constructor arguments (model.config) in the
-    metadata, atomically."""
-    save_safetensors(model.state_dict(), path, metadata={CONFIG_KEY: json.dumps(model.config)})
+class UnverifiedFileWarning(UserWarning):
+    """A file of ours written before its tensor data carried a checksum: loaded unverified."""
+
+
+def save_pretrained(model, path: str | Path, overwrite: bool = True) -> bool:
+    """Write model's weights as safetensors with its constructor arguments (model.config) and the
+    sha256 of its tensor data in the metadata, atomically (_atomic.save_safetensors)."""
+    return save_safetensors(model.state_dict(), path, metadata={CONFIG_KEY: json.dumps(model.config)},
+                            overwrite=overwrite)
 
 
 def load_pretrained(cls, name_or_path: str | Path, config: dict | None = None):
@@ -54,14 +60,35 @@ def read_torch_weights(path: Path):
         raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; a truncated or corrupt one is a ValueError."""
+def read_safetensors(path: Path, ours: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a truncated or corrupt one is a ValueError.
+    The sha256 of the tensor data, where the metadata records one (CHECKSUM_KEY), must match;
+    a file of ours (`ours`) without one loads with an UnverifiedFileWarning."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as error:  # safetensors' own error type derives from Exception alone
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    if CHECKSUM_KEY in metadata:
+        if tensors_sha256(tensors) != metadata[CHECKSUM_KEY]:
+            raise ValueError(f"{path} is corrupt: its tensor data do not match the sha256 its metadata records")
+    elif ours:
+        warnings.warn(f"{path} records no sha256 of its tensor data (written by an older ddpm_fast): loaded "
+                      f"unverified; save it again to add one", UnverifiedFileWarning, stacklevel=2)
+    return tensors, metadata
+
+
+def build_checked(cls, config: dict, state_dict: dict[str, torch.Tensor], source: str):
+    """cls(**config) holding `state_dict`. The shapes are compared on the meta device first, so
+    a config asking for absurd sizes is refused without allocating them."""
+    try:
+        with torch.device("meta"):
+            skeleton = cls(**config)
+    except TypeError as error:  # an unknown or missing argument
+        raise ValueError(f"{source}: its configuration are not {cls.__name__} arguments: {error}") from error
+    skeleton.check_state_dict(state_dict, source)
+    return cls(**config).load_checked(state_dict, source)
 
 
 def from_diffusers(cls, model):
@@ -78,7 +105,10 @@ def load_diffusers_folder(cls, folder: str | Path):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a diffusers UNet2DModel folder")
-    config = unet_config_from_diffusers(json.loads(config_path.read_text()))
+    try:
+        config = unet_config_from_diffusers(json.loads(config_path.read_text()))
+    except ValueError as error:  # json's decode error included
+        raise ValueError(f"{config_path}: {error}") from error
     weights = folder / "diffusion_pytorch_model.safetensors"
     if weights.is_file():
         state_dict = read_safetensors(weights)[0]
@@ -87,7 +117,7 @@ def load_diffusers_folder(cls, folder: str | Path):
         state_dict = read_torch_weights(weights)
     else:
         raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors or .bin")
-    return cls(**config).load_checked(convert_diffusers_state_dict(state_dict, len(config["ch_mult"])), str(weights))
+    return build_checked(cls, config, convert_diffusers_state_dict(state_dict, len(config["ch_mult"])), str(weights))
 
 
 def _load_torch(cls, path: Path, config: dict | None):
@@ -99,15 +129,19 @@ def _load_torch(cls, path: Path, config: dict | None):
         raise ValueError(f"{path} holds a bare state dict: pass config= (e.g. UNet.ddpm_cifar10().config)")
     if not isinstance(content, dict) or not all(isinstance(v, torch.Tensor) for v in content.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    return cls(**config).load_checked(content, str(path))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its config must be a dict of UNet arguments, got {type(config).__name__}")
+    return build_checked(cls, config, content, str(path))
 
 
 def _load_safetensors(cls, path: Path):
-    state_dict, metadata = read_safetensors(path)
+    state_dict, metadata = read_safetensors(path, ours=True)
     if CONFIG_KEY not in metadata:
         raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: not a ddpm_fast checkpoint")
     try:
-        model = cls(**json.loads(metadata[CONFIG_KEY]))
-    except (TypeError, ValueError) as error:  # ValueError includes json's decode error
-        raise ValueError(f"{path}: its {CONFIG_KEY!r} metadata are not UNet arguments: {error}") from error
-    return model.load_checked(state_dict, str(path))
+        config = json.loads(metadata[CONFIG_KEY])
+    except ValueError as error:
+        raise ValueError(f"{path}: its {CONFIG_KEY!r} metadata are not UNet arguments (not JSON: {error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its {CONFIG_KEY!r} metadata must be a dict of UNet arguments, got {config!r:.80}")
+    return build_checked(cls, config, state_dict, str(path))

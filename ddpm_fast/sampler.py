@@ -41,8 +41,11 @@ class Sampler:
 
     backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
     cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
+    check_finite: after the last step, sample() reads once whether x is finite and raises
+    FloatingPointError if not (a NaN or infinite model gives no silently black images).
     finite_check_every: if set to K, a device-side flag records the first step whose x is not
-    finite and is read every K steps (one sync per K steps); sampling then stops with an error.
+    finite and is read every K steps (one sync per K steps); sampling then stops with an error
+    naming that step.
     """
 
     def __init__(self, model: Callable, schedule: NoiseSchedule, method: str = "ddpm",
@@ -50,7 +53,7 @@ class Sampler:
                  dtype: torch.dtype | None = None, steps: int | None = None, eta: float = 0.0,
                  spacing: str = "uniform", prediction_type: str = "epsilon",
                  sample_shape: tuple[int, int, int] | None = None, cuda_graph: bool = True,
-                 finite_check_every: int | None = None):
+                 finite_check_every: int | None = None, check_finite: bool = True):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         check_choice("method", method, METHODS)
@@ -68,6 +71,7 @@ class Sampler:
         self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing)
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
         self.dtype, self.cuda_graph, self.finite_check_every = model_dtype, cuda_graph, finite_check_every
+        self.check_finite = bool(check_finite)
         self.timesteps = self.table.timesteps.tolist()
         # what decides the samples besides the model, seed and batch (a sampling job's manifest)
         self.config = dict(method=method, steps=len(self.table), eta=float(eta), clip_denoised=bool(clip_denoised),
@@ -76,6 +80,9 @@ class Sampler:
                            backend=backend)
         self._tables: dict[torch.device, StepTable] = {}
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else _infer_sample_shape(model)
+        if len(self.sample_shape) != 3 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
+                                              for n in self.sample_shape):
+            raise ValueError(f"sample_shape must be three positive ints (C, H, W), got {sample_shape!r}")
         if dtype is not None and isinstance(model, torch.nn.Module):
             model.to(dtype)
 
@@ -111,8 +118,16 @@ class Sampler:
                     desc=f"{self.method} [{backend}], {num_samples} samples"))
         with self._eval_mode(), bar as bar:
             run = self._sample_reference if backend == "reference" else self._sample_fused
-            return torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend)
-                              for start in starts])
+            x = torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend)
+                           for start in starts])
+        if self.check_finite:
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())  # the one device read of the run
+            if bad:
+                raise FloatingPointError(
+                    f"{bad} of {num_samples} samples hold NaN or infinite values after the last step: the model gives "
+                    f"non-finite outputs (check its weights); finite_check_every=1 (ddpm-fast sample --check-finite) "
+                    f"names the step where they first appear")
+        return x
 
     def _initial_noise(self, n: int, seed: int, sample_offset: int, backend: str) -> torch.Tensor:
         # x_T under key T (DESIGN §3), drawn by the compiled kernel where one runs on this device
@@ -237,15 +252,16 @@ class Sampler:
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        module = self.model if isinstance(self.model, torch.nn.Module) else None
-        was_training = module is not None and module.training
-        if module is not None:
-            module.eval()
+        # each module's own flag is restored: a wrapper in train mode may hold modules in eval mode
+        modules = list(self.model.modules()) if isinstance(self.model, torch.nn.Module) else []
+        flags = [module.training for module in modules]
+        for module in modules:
+            module.training = False
         try:
             yield
         finally:
-            if was_training:
-                module.train()
+            for module, flag in zip(modules, flags):
+                module.training = flag
 
 
 def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[], None]:

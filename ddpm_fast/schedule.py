@@ -13,18 +13,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .contract import METHODS, PREDICTION_TYPES, SPACINGS, STEP_COLUMNS, VARIANCES, check_choice
+from .contract import METHODS, PREDICTION_TYPES, SPACINGS, STEP_COLUMNS, UINT32_RANGE, VARIANCES, check_choice
 
 
 class NoiseSchedule:
     """A variance schedule β_1..β_T with its derived tables (all float64 CPU tensors of length T)."""
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, zero_terminal_snr: bool = False):
+        """zero_terminal_snr=True admits β_T = 1 (ᾱ_T = 0), as diffusers' rescale_betas_zero_snr gives."""
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a 1-D tensor with T >= 1 entries, got shape {tuple(betas.shape)}")
-        if not torch.isfinite(betas).all() or not ((betas > 0) & (betas < 1)).all():
-            raise ValueError(f"every beta must lie in (0, 1), got min {betas.min().item()}, max {betas.max().item()}")
+        # β_T = 1 (ᾱ_T = 0, zero terminal SNR: Lin et al. 2024) only when asked for, at the last timestep
+        inside = (betas > 0) & (betas < 1)
+        if zero_terminal_snr:
+            inside[-1] = betas[-1] == 1 or inside[-1]
+        if not torch.isfinite(betas).all() or not inside.all():
+            last = ", the last in (0, 1]" if zero_terminal_snr else " (β_T = 1 needs zero_terminal_snr=True)"
+            raise ValueError(f"every beta must lie in (0, 1){last}, got min {betas.min().item()}, "
+                             f"max {betas.max().item()}")
         self.betas = betas
         self.num_timesteps = betas.numel()
         self.alphas = 1.0 - betas
@@ -66,7 +73,9 @@ class NoiseSchedule:
 
     def timesteps(self, steps: int | Sequence[int] | None = None, spacing: str = "uniform") -> list[int]:
         """The kept timesteps, in sampling order (descending): all T by default, or a DDIM
-        subsequence of `steps` — "uniform" (i·⌊T/steps⌋, diffusers' "leading") or "quadratic"
+        subsequence of `steps` — "uniform" or "leading" (i·⌊T/steps⌋), diffusers' "trailing"
+        (round(T − i·T/steps) − 1) and "linspace" (round(i·(T−1)/(steps−1))), each as diffusers'
+        DDIMScheduler.set_timesteps computes it (with steps_offset 0), or "quadratic"
         (⌊(i·√(0.8T)/(steps−1))²⌋, Song et al. 2021, without repeats: at most `steps`) — or
         `steps` itself when it is a sequence (e.g. a diffusers scheduler's own timesteps)."""
         T = self.num_timesteps
@@ -80,8 +89,12 @@ class NoiseSchedule:
             return list(range(T - 1, -1, -1))
         if not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
-        if spacing == "uniform":
+        if spacing in ("uniform", "leading"):
             kept = [i * (T // steps) for i in range(steps)]
+        elif spacing == "trailing":
+            kept = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[::-1].tolist()
+        elif spacing == "linspace":
+            kept = np.linspace(0, T - 1, steps).round().astype(np.int64).tolist()
         elif spacing == "quadratic":
             # Near t = 0 the squares can repeat an integer; DDIM's code runs a repeated
             # timestep as a step from t to t, which returns x_t unchanged (ᾱ_s = ᾱ_t, σ = 0),
@@ -110,9 +123,15 @@ class NoiseSchedule:
             ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0  # ᾱ at the next kept timestep
             sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
             # x̂0 = A·x + B·out and ε = Fx·x + Fo·out for each kind of network output
-            A, B, Fx, Fo = {"epsilon": (1.0 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, 0.0, 1.0),
-                            "x0": (0.0, 1.0, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab),
-                            "v": (sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab)}[prediction_type]
+            if prediction_type == "epsilon":
+                if sqrt_ab == 0.0:
+                    raise ValueError(f"ᾱ = 0 at timestep {t} (zero terminal SNR): epsilon prediction gives "
+                                     f"x̂0 = (x − ε)/0 there; use prediction_type 'v' or 'x0'")
+                A, B, Fx, Fo = 1.0 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, 0.0, 1.0
+            elif prediction_type == "x0":
+                A, B, Fx, Fo = 0.0, 1.0, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab
+            else:
+                A, B, Fx, Fo = sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab
             if method == "ddpm" and len(kept) == self.num_timesteps:  # μ̃_t(x_t, x̂0), eq. 7; σ² = β_t or β̃_t
                 C, D, E = self.posterior_mean_coef1[t].item(), self.posterior_mean_coef2[t].item(), 0.0
                 sigma = math.sqrt((self.betas if variance == "fixed_large" else self.posterior_variance)[t].item())
@@ -147,8 +166,9 @@ class NoiseSchedule:
 
 
 def _check_T(T: int) -> None:
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T must be an int >= 1, got {T!r}")
+    # x_T's noise key is T, a uint32 counter word (DESIGN §3.2)
+    if not isinstance(T, int) or isinstance(T, bool) or not 1 <= T < UINT32_RANGE:
+        raise ValueError(f"T must be an int in [1, 2^32), got {T!r}")
 
 
 _A, _B, _CLIP = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip"))

@@ -261,6 +261,10 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError("t must be finite")
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must hold integer timesteps (0-based), got {t.dtype}")
+        if t.device.type == "cpu" and t.numel() and int(t.min()) < 0:  # on a GPU this would cost a sync per call
+            raise ValueError(f"t must hold timesteps >= 0, got {int(t.min())}")
         return t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -292,9 +296,11 @@ class UNet(nn.Module):
 
     # -- checkpoints (ddpm_fast/checkpoints.py) ----------------------------------------------
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the weights as safetensors with the constructor arguments in its metadata."""
-        checkpoints.save_pretrained(self, path)
+    def save_pretrained(self, path: str | Path, overwrite: bool = True) -> bool:
+        """Write the weights as safetensors with the constructor arguments and the sha256 of the
+        tensor data in its metadata. overwrite=False keeps an identical file and refuses a
+        different one (returns whether it wrote)."""
+        return checkpoints.save_pretrained(self, path, overwrite)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, config: dict | None = None) -> "UNet":
@@ -310,8 +316,9 @@ class UNet(nn.Module):
         """This network with the weights of a diffusers UNet2DModel instance, in its dtype."""
         return checkpoints.from_diffusers(cls, model)
 
-    def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":
-        """load_state_dict that names every missing, unexpected or mis-shaped key of `source`."""
+    def check_state_dict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Raise, naming every missing, unexpected or mis-shaped key of `source`, unless
+        state_dict fits this network (works on the meta device too)."""
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -320,6 +327,10 @@ class UNet(nn.Module):
         if missing or unexpected or misshaped:
             raise ValueError(f"{source} does not match UNet({self.config}): missing keys {missing}, "
                              f"unexpected keys {unexpected}, mismatched shapes {misshaped}")
+
+    def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":
+        """load_state_dict that names every missing, unexpected or mis-shaped key of `source`."""
+        self.check_state_dict(state_dict, source)
         self.load_state_dict(state_dict)
         return self
 

@@ -18,6 +18,11 @@ KNOWN_ANSWERS = [
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
 # Committed draws: once released the stream never changes without bumping the version word.
+# They were produced by reference/noise.py itself, so on their own they only pin the stream
+# against change. What makes them right are the independent cross-checks below: the Philox words
+# against Random123's published vectors (KNOWN_ANSWERS) and Triton's own tl.philox, the uniforms
+# and normals against Triton's tl.uint_to_uniform_float / tl.pair_uniform_to_normal, and the
+# compiled CPU/CUDA kernels against the reference.
 GOLDEN = [
     (dict(shape=(2, 6), seed=0, step=1000, sample_offset=0),
      [0.5816279649734497, -0.8748992085456848, 0.827624499797821, -0.9540039300918579, 0.546444296836853,

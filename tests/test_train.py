@@ -39,10 +39,22 @@ def test_image_folder_dataset(tmp_path):
         image_folder_dataset(tmp_path / "empty", 8)
 
 
+def _loss(model, data, timesteps, seed=1):
+    """L_simple on a fixed batch, t and ε (eq. 14), in eval mode."""
+    from ddpm_fast.reference.diffusion import training_losses
+    g = torch.Generator().manual_seed(seed)
+    t, noise = torch.randint(0, timesteps, (data.shape[0],), generator=g), torch.randn(data.shape, generator=g)
+    with torch.no_grad():
+        return training_losses(model.eval(), df.NoiseSchedule.linear(timesteps), data, t, noise).mean().item()
+
+
 def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
-    data = torch.rand(32, 1, 8, 8) * 2 - 1
-    config = TrainConfig(steps=4, batch_size=8, warmup=1, checkpoint_every=2, timesteps=50)
-    ema = train(_tiny_model(), data, config, tmp_path, progress=False)
+    data = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    config = TrainConfig(steps=40, batch_size=8, lr=2e-3, warmup=1, checkpoint_every=20, timesteps=50)
+    model = _tiny_model()
+    before = _loss(model, data, 50)
+    ema = train(model, data, config, tmp_path, progress=False)
+    assert _loss(model, data, 50) < 0.9 * before  # the trained (non-EMA) weights
     assert (tmp_path / CHECKPOINT).is_file() and (tmp_path / EMA_WEIGHTS).is_file()
     loaded = df.UNet.from_pretrained(tmp_path / EMA_WEIGHTS)
     for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()):

@@ -5,8 +5,10 @@ reproducibly: np.savez stamps the current time into the archive, so two runs dra
 samples would write different bytes; write_npz stamps a fixed date instead."""
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -14,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .._atomic import atomic_path
+from .._atomic import atomic_write, write_bytes
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip archive can hold
 
@@ -40,19 +42,22 @@ def grid_image(images: np.ndarray, nrow: int | None = None, padding: int = 2) ->
     return grid
 
 
-def write_png(image: np.ndarray, path: str | Path) -> Path:
-    """uint8 [H, W, 1 or 3] → a PNG file (grey or RGB)."""
+def write_png(image: np.ndarray, path: str | Path, overwrite: bool = True) -> Path:
+    """uint8 [H, W, 1 or 3] → a PNG file (grey or RGB). overwrite=False keeps an existing file
+    holding the same picture and refuses one holding another (_atomic.write_bytes)."""
     from PIL import Image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    encoded = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(encoded, format="PNG")
+    write_bytes(path, encoded.getvalue(), overwrite)
     return path
 
 
-def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2) -> Path:
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2,
+              overwrite: bool = True) -> Path:
     """Write samples as one PNG grid, `nrow` images a row (default: about square)."""
-    return write_png(grid_image(to_uint8(x), nrow, padding), path)
+    return write_png(grid_image(to_uint8(x), nrow, padding), path, overwrite)
 
 
 OUTPUT_KINDS = "a .png (one grid), a .npz (arr_0 uint8 [N, H, W, C]) or a folder ending in /"
@@ -60,6 +65,8 @@ OUTPUT_KINDS = "a .png (one grid), a .npz (arr_0 uint8 [N, H, W, C]) or a folder
 
 def output_kind(out: str | Path) -> str:
     """What `--out` asks for: "dir" (ends in / or is a folder), "npz" or "grid" (*.png)."""
+    if not str(out):
+        raise ValueError(f"output must be {OUTPUT_KINDS}, got an empty name")
     if str(out).endswith(("/", "\\")) or Path(out).is_dir():
         return "dir"
     if Path(out).suffix in (".npz", ".png"):
@@ -67,13 +74,17 @@ def output_kind(out: str | Path) -> str:
     raise ValueError(f"output must be {OUTPUT_KINDS}, got {str(out)!r}")
 
 
-def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz")) -> Path:
+def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz"), folders: bool = True) -> Path:
     """Raise now, with the reason, if `out` is not a kind of output we write (of `suffixes`, or
-    a folder) or its folder cannot be created and written; return it as a Path."""
+    a folder when `folders`) or its folder cannot be created and written; return it as a Path."""
+    if not str(out):
+        raise ValueError("an output name is needed, got an empty one")
     path = Path(out)
-    folder = output_kind(out) == "dir"
+    folder = str(out).endswith(("/", "\\")) or path.is_dir()
+    if folder and not folders:
+        raise IsADirectoryError(f"{str(out)!r} is a folder: expected a {' or '.join(suffixes)} file")
     if not folder and path.suffix not in suffixes:
-        raise ValueError(f"output must be {' or '.join(suffixes)}, got {str(out)!r}")
+        raise ValueError(f"output must be {OUTPUT_KINDS if folders else ' or '.join(suffixes)}, got {str(out)!r}")
     directory = path if folder else path.parent
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not existing.is_dir():
@@ -94,12 +105,28 @@ def write_samples(chunks: Iterable[tuple[int, np.ndarray]], out: str | Path, sha
         _write_npz_members(path, {"arr_0": (tuple(shape), (images for _, images in chunks))})
     elif kind == "dir":
         path.mkdir(parents=True, exist_ok=True)
+        for stale in sample_files(path, start=shape[0]):  # an earlier, larger output's
+            stale.unlink()
         for offset, images in chunks:
             for i, image in enumerate(images):
-                write_png(image, path / f"{offset + i:06d}.png")
+                write_png(image, sample_file(path, offset + i))
     else:
         write_png(grid_image(np.concatenate([images for _, images in chunks])), path)
     return path
+
+
+SAMPLE_FILE = re.compile(r"(\d{6,})\.png")
+
+
+def sample_file(folder: Path, index: int) -> Path:
+    """Where a folder output keeps sample `index`."""
+    return folder / f"{index:06d}.png"
+
+
+def sample_files(folder: Path, start: int = 0) -> list[Path]:
+    """The sample PNGs of a folder output whose index is `start` or more, in index order."""
+    found = [(int(m[1]), p) for p in folder.iterdir() if (m := SAMPLE_FILE.fullmatch(p.name))] if folder.is_dir() else []
+    return [p for i, p in sorted(found) if i >= start]
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -109,7 +136,7 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 
 def _write_npz_members(path: Path, members: dict[str, tuple[tuple[int, ...], Iterable[np.ndarray]]]) -> Path:
     """Each member: (shape, arrays of one dtype whose bytes, concatenated, fill that shape in C order)."""
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+    with atomic_write(path) as file, zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
         for name, (shape, parts) in members.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             info.external_attr = 0o600 << 16
@@ -129,7 +156,8 @@ def _write_npz_members(path: Path, members: dict[str, tuple[tuple[int, ...], Ite
     return path
 
 
-def save_trajectory(frames: torch.Tensor, path: str | Path) -> Path:
+def save_trajectory(frames: torch.Tensor, path: str | Path, overwrite: bool = True) -> Path:
     """[frames, N, C, H, W] → one PNG: a row per sample, x̂0 over time from left to right."""
     n_frames, n = frames.shape[:2]
-    return save_grid(frames.transpose(0, 1).reshape(n * n_frames, *frames.shape[2:]), path, nrow=n_frames)
+    return save_grid(frames.transpose(0, 1).reshape(n * n_frames, *frames.shape[2:]), path, nrow=n_frames,
+                     overwrite=overwrite)

@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
 from .. import NoiseSchedule, Sampler, UNet
-from ..contract import BACKENDS, METHODS
+from ..checkpoints import UnverifiedFileWarning
+from ..contract import BACKENDS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import digits_dataset, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
 from .images import check_output, save_trajectory
-from .shards import sample_to_file, state_dict_sha256
+from .shards import finished_manifest, sample_to_file, state_dict_sha256
 from .train import EMA_WEIGHTS, TrainConfig, train
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -39,30 +42,47 @@ def _load_model(name: str, quiet: bool = False) -> UNet:
 def _sample(args: argparse.Namespace) -> int:
     check_output(args.out)  # before minutes of sampling, not after
     if args.trajectory:
-        check_output(args.trajectory, suffixes=(".png",))
+        check_output(args.trajectory, suffixes=(".png",), folders=False)
+        if Path(args.trajectory).resolve() == Path(args.out).resolve():
+            raise ValueError(f"--trajectory and --out are both {args.out}: give the trajectory a file of its own")
+    if args.dtype != "float32" and torch.device(args.device).type == "cpu":
+        print(f"note: --dtype {args.dtype} on the CPU is emulated by PyTorch and runs many times slower than float32 "
+              f"(it is for GPUs)", file=sys.stderr)
     with world_from_env(args.device) as world:  # torch.distributed when torchrun started us
         model = _load_model(args.model, quiet=world.rank != 0)
         checksum = state_dict_sha256(model)  # of the weights as loaded, before any dtype cast
         sampler = Sampler(model.to(world.device), NoiseSchedule.linear(args.timesteps), method=args.method,
-                          steps=args.steps, eta=args.eta, backend=args.backend, dtype=DTYPES[args.dtype],
-                          clip_denoised=not args.no_clip, finite_check_every=args.check_finite)
-        start = time.perf_counter()
+                          steps=args.steps, eta=args.eta, spacing=args.spacing, backend=args.backend,
+                          dtype=DTYPES[args.dtype], clip_denoised=not args.no_clip,
+                          finite_check_every=args.check_finite)
+        start, manifest = time.perf_counter(), finished_manifest(args.out)
+        earlier = manifest.stat().st_ino if manifest.is_file() else None  # a finished job writes a new one
         path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
                               micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
-                              shard_size=args.shard_size,
-                              model_sha256=checksum, world=world, resume=args.resume, progress=not args.quiet)
+                              shard_size=args.shard_size, model_sha256=checksum, world=world, resume=args.resume,
+                              overwrite=args.overwrite, progress=not args.quiet)
         if world.rank != 0:
             return 0
-    print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}, "
-          f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
+    if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
+        print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}, "
+              f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
     if args.trajectory:
+        existed = Path(args.trajectory).exists()
         frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)))
-        print(f"wrote the x̂0 trajectory of {frames.shape[1]} samples to {save_trajectory(frames, args.trajectory)}")
+        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite)
+        done = "kept the identical" if existed and not args.overwrite else "wrote the"
+        print(f"{done} x̂0 trajectory of {frames.shape[1]} samples to {path}")
     return 0
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if any(v < 0 for v in values) or (text.strip() and not values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 such as 1,2,2, got {text!r}")
+    return values
 
 
 def _text(ints: tuple[int, ...]) -> str:
@@ -70,19 +90,19 @@ def _text(ints: tuple[int, ...]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every)  # every setting checked before any work
     torch.manual_seed(args.seed)
-    model = UNet(ch=args.ch, out_ch=args.channels, ch_mult=_ints(args.ch_mult), num_res_blocks=args.num_res_blocks,
-                 attn_resolutions=_ints(args.attn_resolutions), dropout=args.dropout, in_channels=args.channels,
+    model = UNet(ch=args.ch, out_ch=args.channels, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
+                 attn_resolutions=args.attn_resolutions, dropout=args.dropout, in_channels=args.channels,
                  resolution=args.resolution, num_groups=args.num_groups).to(args.device)
     data = (digits_dataset(args.resolution) if args.dataset == "digits"
             else image_folder_dataset(args.dataset, args.resolution, args.channels))
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                         ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every)
     start = time.perf_counter()
-    train(model, data, config, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"trained {args.steps} steps on {data.shape[0]} images in {time.perf_counter() - start:.0f} s; "
-          f"EMA weights: {args.out}/{EMA_WEIGHTS}")
+    train(model, data, config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"EMA weights of step {args.steps} ({data.shape[0]} images, {time.perf_counter() - start:.0f} s): "
+          f"{args.out}/{EMA_WEIGHTS}")
     return 0
 
 
@@ -91,12 +111,14 @@ PRESETS = {"cifar10": UNet.ddpm_cifar10, "digits": UNet.digits, "small": UNet.sm
 
 def _convert(args: argparse.Namespace) -> int:
     import json
+    check_output(args.out, suffixes=(".safetensors",), folders=False)  # before reading a large source
     config = None
     if args.config:
         config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(open(args.config).read())
     model = UNet.from_pretrained(args.source, config=config)
-    model.save_pretrained(args.out)
-    print(f"wrote {sum(p.numel() for p in model.parameters()):,} parameters of UNet({model.config}) to {args.out}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    done = "wrote" if model.save_pretrained(args.out, overwrite=args.overwrite) else "kept the identical"
+    print(f"{done} {sum(p.numel() for p in model.parameters()):,} parameters of UNet({model.config}) to {args.out}")
     return 0
 
 
@@ -108,6 +130,30 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        check_int_range("seed", int(text), SEED_RANGE)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^63), got {text!r}") from None
+    return int(text)
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N that this machine has, checked before any work."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has no usable CUDA GPU "
+                                         f"(torch.cuda.is_available() is False): use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} GPUs")
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,17 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples per shard, the unit of work a process draws and saves (default: one micro-batch)")
     sample.add_argument("--resume", action="store_true",
                         help="continue the unfinished job writing --out (refused if its settings differ)")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (and --trajectory) that another job wrote; without it they "
+                             "are refused, and the same job's finished output is kept as it is")
     sample.add_argument("--method", choices=METHODS, default="ddpm")
     sample.add_argument("--steps", type=_positive, default=None,
                         help="network evaluations (default: all T); fewer give DDIM's or a respaced DDPM's chain")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
+    sample.add_argument("--spacing", choices=SPACINGS, default="uniform",
+                        help="which timesteps --steps keeps: uniform (= diffusers' leading), trailing, linspace, "
+                             "quadratic (DESIGN §2.3)")
     sample.add_argument("--timesteps", type=_positive, default=1000, help="T of the linear schedule")
     sample.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--out", default="samples/grid.png",
                         help="grid.png (a PNG grid), samples.npz (arr_0 uint8 [N, H, W, C]) or DIR/ (one PNG each)")
     sample.add_argument("--trajectory", default=None, help="also write the predicted x̂0 over time to this PNG")
-    sample.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sample.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--backend", choices=BACKENDS, default="auto")
     sample.add_argument("--check-finite", type=int, nargs="?", const=1, default=None, metavar="K",
@@ -166,16 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-clip", type=float, default=optimisation.grad_clip)
     train.add_argument("--checkpoint-every", type=int, default=optimisation.checkpoint_every)
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    train.add_argument("--seed", type=int, default=optimisation.seed)
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in an --out that holds another run (without it, that is refused)")
+    train.add_argument("--seed", type=_seed, default=optimisation.seed)
     train.add_argument("--resolution", type=int, default=network["resolution"])
-    train.add_argument("--channels", type=int, default=network["in_channels"])
+    train.add_argument("--channels", type=int, choices=(1, 3), default=network["in_channels"])
     train.add_argument("--ch", type=int, default=network["ch"])
-    train.add_argument("--ch-mult", default=_text(network["ch_mult"]))
+    train.add_argument("--ch-mult", type=_ints, default=_text(network["ch_mult"]))
     train.add_argument("--num-res-blocks", type=int, default=network["num_res_blocks"])
-    train.add_argument("--attn-resolutions", default=_text(network["attn_resolutions"]))
+    train.add_argument("--attn-resolutions", type=_ints, default=_text(network["attn_resolutions"]))
     train.add_argument("--dropout", type=float, default=network["dropout"])
     train.add_argument("--num-groups", type=int, default=network["num_groups"])
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
@@ -185,17 +239,40 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out", help="the .safetensors file to write")
     convert.add_argument("--config", default=None,
                          help=f"for bare state dicts: a preset ({', '.join(PRESETS)}) or a JSON file of UNet arguments")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing, different OUT")
     convert.set_defaults(run=_convert)
     return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, UnverifiedFileWarning):
+        print(f"note: {message}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.run(args)
     except ReportedOnRankZero:
         return 2  # rank 0 printed it
+    except KeyboardInterrupt:
+        print("ddpm-fast: interrupted (what was finished is kept: --resume continues a sampling job or a training "
+              "run)", file=sys.stderr)
+        return 130
     except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
         print(f"ddpm-fast: error: {error}", file=sys.stderr)
         return 2
-
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(error)
+        if not isinstance(error, MemoryError) and "alloc" not in text and "out of memory" not in text:
+            raise
+        print(f"ddpm-fast: error: out of memory ({text.strip().splitlines()[-1] if text.strip() else 'MemoryError'}): "
+              f"use a smaller --batch-size (or --timesteps)", file=sys.stderr)
+        return 2

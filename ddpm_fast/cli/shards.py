@@ -12,18 +12,26 @@ is there exactly once. A killed job rerun with resume=True draws only the missin
     OUT.parts/manifest.json                       settings, completed index ranges, launches
     OUT.parts/samples-0000000064-0000000128.npz   one shard: images uint8 [n, H, W, C],
                                                   indices int64 [n], settings_sha256
-    OUT.manifest.json                             the manifest of the finished job (the
-                                                  work folder is removed)
+    OUT.manifest.json                             the manifest of the finished job, with the
+                                                  sha256 of OUT (the work folder is removed)
+    .OUT.lock                                     held (flock) by the job writing OUT
+
+The output's manifest is renamed into place after the output, so an output whose manifest does
+not record its sha256 is not a finished job: never silently replaced (--overwrite replaces it),
+and never taken for done. Rerunning a finished job with the same settings is a no-op.
 
 With the same micro-batch, thread count and deterministic algorithms, a sharded, interrupted or
 resumed job writes exactly the bytes of an uninterrupted single-process one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +40,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._atomic import write_json
+from .._atomic import exclusive, file_sha256, remove, stale_temporaries, tensors_sha256, write_json
 from ..contract import NOISE_STREAM_VERSION, check_samples
 from ..sampler import Sampler
 from .distributed import World
-from .images import output_kind, to_uint8, write_npz, write_samples
+from .images import output_kind, sample_file, sample_files, to_uint8, write_npz, write_samples
 
 FORMAT = "ddpm_fast.sampling-job/1"
 MANIFEST = "manifest.json"
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the state dict's names, dtypes, shapes and bytes: the same weights give the
-    same checksum whichever file format or path they came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    """sha256 over the state dict's names, dtypes, shapes and bytes (_atomic.tensors_sha256): the
+    same weights give the same checksum whichever file format or path they came from."""
+    return tensors_sha256(model.state_dict())
 
 
 def step_table_sha256(sampler: Sampler) -> str:
@@ -85,7 +88,7 @@ def finished_manifest(out: str | Path) -> Path:
 
 def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed: int = 0, micro_batch: int,
                    shard_size: int | None = None, model_sha256: str | None = None, world: World | None = None,
-                   resume: bool = False, progress: bool = False) -> Path:
+                   resume: bool = False, overwrite: bool = False, progress: bool = False) -> Path:
     """Draw global samples 0 .. num_samples − 1 with `sampler` into `out` (*.npz, *.png grid or a
     folder/, as images.write_samples), through shards of `shard_size` samples (default: one
     micro-batch) drawn `micro_batch` at a time, spread over the ranks of `world` (default: this
@@ -93,7 +96,10 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
 
     resume=True continues the unfinished job of the same output, refusing one that was started
     with other settings; without it, an unfinished job's folder is an error (never silently
-    thrown away). model_sha256 defaults to the checksum of sampler.model's state dict."""
+    thrown away; a folder holding no finished shard is removed). An existing output is replaced
+    only with overwrite=True — except that the finished output of the same job is kept as it is
+    (a no-op). One job at a time writes an output (Busy otherwise). model_sha256 defaults to the
+    checksum of sampler.model's state dict."""
     world = world or World(device=sampler.device)
     shard_size = micro_batch if shard_size is None else shard_size
     for name, value in (("micro_batch", micro_batch), ("shard_size", shard_size), ("num_samples", num_samples)):
@@ -113,24 +119,24 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
                     num_samples=num_samples, sample_shape=list(sampler.sample_shape), micro_batch=micro_batch,
                     shard_size=shard_size, noise_stream_version=NOISE_STREAM_VERSION,
                     step_table_sha256=step_table_sha256(sampler))
-    job = _Job(out, settings, world)
-    todo = world.on_rank0(lambda: job.prepare(resume))
-    if todo is None:
-        return Path(out)
-    sizes = [stop - start for start, stop in map(job.plan.bounds, todo)]
-    steps = sum(-(-n // micro_batch) for n in sizes[world.rank::world.size]) * len(sampler.table)  # this rank's
-    with tqdm(total=steps, disable=not progress or world.rank != 0, unit="step",
-              desc=f"{sampler.method} [{settings['backend']}], {sum(sizes)} of {num_samples} samples, "
-                   f"{world.size} process{'es' * (world.size > 1)}") as bar:
-        for first in range(0, len(todo), world.size):
-            round_ = todo[first:first + world.size]
-            k = round_[world.rank] if world.rank < len(round_) else None
-            if k is not None:
-                job.draw(sampler, k, bar)
-            finished = [k for k in world.all_gather(k) if k is not None]
-            if world.rank == 0:
-                job.record(finished)
-    return world.on_rank0(job.merge)
+    with _Job(out, settings, world) as job:
+        todo = world.on_rank0(lambda: job.prepare(resume, overwrite))
+        if todo is None:
+            return Path(out)
+        sizes = [stop - start for start, stop in map(job.plan.bounds, todo)]
+        steps = sum(-(-n // micro_batch) for n in sizes[world.rank::world.size]) * len(sampler.table)  # this rank's
+        with tqdm(total=steps, disable=not progress or world.rank != 0, unit="step",
+                  desc=f"{sampler.method} [{settings['backend']}], {sum(sizes)} of {num_samples} samples, "
+                       f"{world.size} process{'es' * (world.size > 1)}") as bar:
+            for first in range(0, len(todo), world.size):
+                round_ = todo[first:first + world.size]
+                k = round_[world.rank] if world.rank < len(round_) else None
+                if k is not None:
+                    job.draw(sampler, k, bar)
+                finished = [k for k in world.all_gather(k) if k is not None]
+                if world.rank == 0:
+                    job.record(finished)
+        return world.on_rank0(job.merge)
 
 
 class _Job:
@@ -143,13 +149,39 @@ class _Job:
         self.digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         self.done: set[int] = set()
         self.launches: list[dict] = []
+        self.kind = output_kind(out)
+        self.target = Path(str(out).rstrip("/\\"))  # the output's file or folder
+        self.locked = False
+        self._lock = contextlib.ExitStack()
+
+    def __enter__(self) -> "_Job":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        """Rank 0 releases the output's lock; a launch that fails leaves no work folder that
+        holds no finished shard (nothing to resume, and it would block the next run)."""
+        try:
+            if error is not None and self.locked and self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+                shutil.rmtree(self.folder)
+        finally:
+            self._lock.close()
 
     # -- rank 0 ------------------------------------------------------------------------------
 
-    def prepare(self, resume: bool) -> list[int] | None:
+    def prepare(self, resume: bool, overwrite: bool) -> list[int] | None:
         """Start or continue the job: the shards left to draw (None: finished before)."""
         launch = dict(world_size=self.world.size, threads=self.world.threads, device=self.world.device.type,
                       torch=torch.__version__, deterministic_algorithms=torch.are_deterministic_algorithms_enabled())
+        self._lock.enter_context(exclusive(self.target, "the output"))
+        self.locked = True
+        stale = stale_temporaries(self.target)  # left by writers killed before their rename
+        if self.kind == "dir" and self.target.is_dir():
+            stale += sorted(self.target.glob(".[0-9]*.png.*.tmp"))
+        for path in stale:
+            remove(path)
+        if self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+            print(f"note: removing {self.folder}: an earlier launch left it holding no finished shard", file=sys.stderr)
+            shutil.rmtree(self.folder)
         if self.folder.is_dir():
             if not resume:
                 raise ValueError(f"{self.folder} holds an unfinished job for {self.out}: pass --resume to continue it, "
@@ -166,16 +198,22 @@ class _Job:
             self.done = set(files)
             self.launches = earlier + [launch]
             self._write_manifest()
-        elif resume and self._finished_before():
-            print(f"note: {self.out} is complete ({finished_manifest(self.out)}): nothing to resume", file=sys.stderr)
-            return None
         else:
+            if self._finished_before(resume, overwrite):
+                print(f"note: {self.out} already holds these {self.plan.num_samples} samples "
+                      f"({finished_manifest(self.out)} records them): nothing to {'resume' if resume else 'do'}",
+                      file=sys.stderr)
+                return None
             # the folder appears with its manifest or not at all: a job killed here leaves nothing to resume
-            staging = self.folder.with_name(f".{self.folder.name}.{os.getpid()}.tmp")
-            staging.mkdir(parents=True)
-            self.launches = [launch]
-            self._write_manifest(staging)
-            os.replace(staging, self.folder)
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".tmp", dir=self.folder.parent))
+            try:
+                staging.chmod(0o777 & ~_umask())
+                self.launches = [launch]
+                self._write_manifest(staging)
+                staging.rename(self.folder)
+            finally:
+                remove(staging)  # gone already when the rename succeeded
         return [k for k in range(len(self.plan)) if k not in self.done]
 
     def record(self, finished: list[int]) -> None:
@@ -197,19 +235,55 @@ class _Job:
         shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
         chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, images=True)) for k, path in sorted(files.items()))
         path = write_samples(chunks, self.out, shape)
-        write_json(finished_manifest(self.out), self._manifest(complete=True))
+        write_json(finished_manifest(self.out), dict(self._manifest(complete=True), output_sha256=self._output_sha256()))
         for shard in files.values():
             shard.unlink()
         (self.folder / MANIFEST).unlink()
         self.folder.rmdir()
         return path
 
-    def _finished_before(self) -> bool:
-        path = finished_manifest(self.out)
-        if not (path.is_file() and Path(self.out).exists()):
+    def _finished_before(self, resume: bool, overwrite: bool) -> bool:
+        """Whether the output holds this very job, finished (its manifest records these settings
+        and the output's sha256); otherwise, without overwrite, refuse to replace what is there."""
+        path, out = finished_manifest(self.out), self.target
+        present = any(out.iterdir()) if self.kind == "dir" and out.is_dir() else out.exists() or out.is_symlink()
+        if not present:
             return False
-        self._read_manifest(path)  # refuses a job with other settings
-        return True
+        manifest = None
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete") \
+                or manifest.get("output_sha256") != self._output_sha256():
+            if overwrite:
+                return False
+            raise ValueError(f"{self.out} exists and is not the finished output of a job ({path} does not record its "
+                             f"sha256): pass --overwrite to replace it")
+        changes = self._changes(manifest)
+        if not changes:
+            return True
+        if resume or not overwrite:
+            raise ValueError(f"{'--resume refused: ' if resume else ''}{self.out} holds a finished job with other "
+                             f"settings (then → now): {changes}; pass --overwrite to replace it")
+        return False
+
+    def _output_sha256(self) -> str | None:
+        """sha256 of the output: of its file, or for a folder of its sample files' names and
+        sha256s in index order (None when one is missing)."""
+        out = self.target
+        if self.kind != "dir":
+            return file_sha256(out) if out.is_file() else None
+        digest = hashlib.sha256()
+        for index in range(self.plan.num_samples):
+            path = sample_file(out, index)
+            if not path.is_file():
+                return None
+            digest.update(f"{path.name}|{file_sha256(path)}\n".encode())
+        return None if sample_files(out, self.plan.num_samples) else digest.hexdigest()
+
+    def _changes(self, manifest: dict) -> str:
+        saved = manifest.get("settings", {})
+        differing = sorted(k for k in saved.keys() | self.settings.keys() if saved.get(k) != self.settings.get(k))
+        return "; ".join(f"{k} {saved.get(k)!r} → {self.settings.get(k)!r}" for k in differing)
 
     def _read_manifest(self, path: Path) -> dict:
         try:
@@ -218,11 +292,10 @@ class _Job:
             raise ValueError(f"--resume: cannot read the manifest {path}: {error}") from error
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"--resume: {path} is not a {FORMAT} manifest")
-        saved = manifest.get("settings", {})
-        differing = sorted(k for k in saved.keys() | self.settings.keys() if saved.get(k) != self.settings.get(k))
-        if differing:
-            changes = "; ".join(f"{k} {saved.get(k)!r} → {self.settings.get(k)!r}" for k in differing)
-            raise ValueError(f"--resume refused: {path} records a job with other settings (then → now): {changes}")
+        changes = self._changes(manifest)
+        if changes:
+            raise ValueError(f"--resume refused: {path} records a job with other settings (then → now): {changes}; "
+                             f"to start again with the new settings, delete {self.folder}")
         return manifest
 
     def _manifest(self, complete: bool = False) -> dict:
@@ -281,6 +354,12 @@ class _Job:
             raise ValueError(f"shard {path} must hold uint8 images {(stop - start, h, w, c)}, "
                              f"holds {pictures.dtype} {pictures.shape}")
         return pictures
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _ranges_text(ranges: list[tuple[int, int]]) -> str:

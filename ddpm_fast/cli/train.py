@@ -5,19 +5,26 @@ gradient-norm clipping and an exponential moving average of the weights (what ge
 Checkpoints are safetensors: the model, its EMA, Adam's moments and the random generators'
 states, so a resumed run on the CPU continues bit for bit where it stopped (on a GPU, dropout
 draws from the CUDA generator, which is not saved: the continuation is then statistically,
-not bitwise, the same).
+not bitwise, the same). Their metadata record the settings, the network and the sha256 of the
+training data, which a resume must match, and the sha256 of the tensors, verified on load.
+A folder holding a run is never overwritten unasked (overwrite=True), and running again a run
+that is finished, with the same settings, is a no-op.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .._atomic import save_safetensors
+from .._atomic import exclusive, save_safetensors, tensors_sha256
+from ..checkpoints import read_safetensors
+from ..contract import SEED_RANGE, UINT32_RANGE, check_int_range
 from ..reference.diffusion import training_losses
 from ..schedule import NoiseSchedule
 from ..unet import UNet
@@ -38,24 +45,69 @@ class TrainConfig:
     checkpoint_every: int = 1000
     timesteps: int = 1000
 
+    def __post_init__(self) -> None:
+        """Every setting in its range, or a ValueError naming it (before any work starts)."""
+        for name in ("steps", "batch_size", "checkpoint_every", "timesteps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int_range("timesteps", self.timesteps, UINT32_RANGE)
+        check_int_range("warmup", self.warmup, UINT32_RANGE)
+        check_int_range("seed", self.seed, SEED_RANGE)
+        for name, ok, rule in (("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
+                               ("grad_clip", lambda v: v > 0, "a number > 0 (the largest gradient norm; inf: none)"),
+                               ("ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+
 
 def train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: str | Path, resume: bool = False,
-          progress: bool = True) -> UNet:
+          progress: bool = True, overwrite: bool = False) -> UNet:
     """Train `model` on `data` ([N, C, H, W] in [−1, 1]) and return the EMA model. Writes
     out_dir/checkpoint.safetensors every config.checkpoint_every steps and at the end, and
-    out_dir/model.safetensors (the EMA weights, loadable with UNet.from_pretrained)."""
+    out_dir/model.safetensors (the EMA weights, loadable with UNet.from_pretrained).
+
+    resume=True continues out_dir's checkpoint (refused if its settings, network or data
+    differ, or it is past config.steps). Without it, a folder that already holds a run is
+    refused unless overwrite=True — except the same run, finished: then nothing is trained and
+    its EMA model is returned."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if data.dim() != 4 or data.shape[1:] != (model.in_channels, model.resolution, model.resolution):
         raise ValueError(f"data must be [N, {model.in_channels}, {model.resolution}, {model.resolution}], "
                          f"got {tuple(data.shape)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir, "the training folder"):
+        data_sha256 = tensors_sha256({"data": data})
+        checkpoint = out_dir / CHECKPOINT
+        saved = _read_checkpoint(checkpoint) if (resume or not overwrite) and checkpoint.exists() else None
+        if not resume and not overwrite:
+            if saved is not None and _differences(saved[1], model, config, data_sha256) == {} \
+                    and int(saved[1]["step"]) == config.steps:
+                resume = True  # the same run, finished: a no-op below
+            elif saved is not None or (out_dir / EMA_WEIGHTS).exists():
+                step = f" at step {saved[1]['step']}" if saved is not None else ""
+                raise ValueError(f"{out_dir} already holds a training run ({CHECKPOINT}{step}, {EMA_WEIGHTS}): pass "
+                                 f"--resume to continue it, --overwrite to start again, or choose another --out")
+        if resume and saved is None:
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+        return _train(model, data, config, out_dir, saved if resume else None, data_sha256, progress)
+
+
+def _train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: Path,
+           saved: tuple[dict[str, torch.Tensor], dict[str, str]] | None, data_sha256: str, progress: bool) -> UNet:
     device = next(model.parameters()).device
     data = data.to(device)
     schedule = NoiseSchedule.linear(config.timesteps)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    start = _load_checkpoint(out_dir / CHECKPOINT, model, ema, optimizer, generator, config) if resume else 0
+    start = 0
+    if saved is not None:
+        start = _restore(out_dir / CHECKPOINT, saved, model, ema, optimizer, generator, config, data_sha256)
+        if start == config.steps:
+            print(f"note: {out_dir / CHECKPOINT} is already at step {start} with these settings: nothing to train",
+                  file=sys.stderr)
     model.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress, desc="train")
     for step in bar:
@@ -75,12 +127,12 @@ def train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: str | P
                 e.lerp_(p, 1 - config.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(out_dir, step + 1, model, ema, optimizer, generator, config)
+            _save_checkpoint(out_dir, step + 1, model, ema, optimizer, generator, config, data_sha256)
     return ema
 
 
 def _save_checkpoint(out_dir: Path, step: int, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, config: TrainConfig) -> None:
+                     generator: torch.Generator, config: TrainConfig, data_sha256: str) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, p in enumerate(model.parameters()):
@@ -90,23 +142,54 @@ def _save_checkpoint(out_dir: Path, step: int, model: UNet, ema: UNet, optimizer
                 tensors[f"adam.{i}.{name}"] = torch.as_tensor(state[name]).reshape(-1) if name == "step" else state[name]
     tensors["generator_state"] = generator.get_state()
     tensors["torch_rng_state"] = torch.get_rng_state()  # dropout draws from the global generator
-    metadata = {"step": str(step), "train_config": json.dumps(asdict(config)), "unet_config": json.dumps(model.config)}
+    metadata = {"step": str(step), "train_config": json.dumps(asdict(config)), "unet_config": json.dumps(model.config),
+                "data_sha256": data_sha256}
     save_safetensors(tensors, out_dir / CHECKPOINT, metadata)  # atomic: a killed run never leaves half a checkpoint
     ema.save_pretrained(out_dir / EMA_WEIGHTS)
 
 
-def _load_checkpoint(path: Path, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, config: TrainConfig) -> int:
-    from safetensors import safe_open
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    saved = json.loads(metadata["train_config"])
-    differing = {k: (v, getattr(config, k)) for k, v in saved.items() if k != "steps" and getattr(config, k) != v}
-    if differing or json.loads(metadata["unet_config"]) != model.config:
-        raise ValueError(f"--resume: {path} was written with other settings (saved, now): {differing or 'the model'}")
+_METADATA = ("step", "train_config", "unet_config")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a training checkpoint, checksum verified; anything else is a ValueError."""
+    tensors, metadata = read_safetensors(path, ours=True)
+    missing = [key for key in _METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of ddpm-fast train: its metadata lack {missing} (a model file "
+                         f"such as {EMA_WEIGHTS} holds weights only)")
+    try:
+        metadata["step"], metadata["train_config"] = int(metadata["step"]), json.loads(metadata["train_config"])
+        metadata["unet_config"] = json.loads(metadata["unet_config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: unreadable checkpoint metadata: {error}") from error
+    return tensors, metadata
+
+
+def _differences(metadata: dict, model: UNet, config: TrainConfig, data_sha256: str) -> dict:
+    """What differs between a checkpoint's run and this one (steps aside): name → (saved, now)."""
+    now = asdict(config)
+    differing = {k: (v, now.get(k)) for k, v in metadata["train_config"].items() if k != "steps" and now.get(k) != v}
+    if metadata["unet_config"] != model.config:
+        differing["network"] = (metadata["unet_config"], model.config)
+    if metadata.get("data_sha256", data_sha256) != data_sha256:
+        differing["data"] = (f"sha256 {metadata['data_sha256'][:12]}…", f"sha256 {data_sha256[:12]}…")
+    return differing
+
+
+def _restore(path: Path, saved: tuple[dict[str, torch.Tensor], dict], model: UNet, ema: UNet,
+             optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig,
+             data_sha256: str) -> int:
+    tensors, metadata = saved
+    differing = _differences(metadata, model, config, data_sha256)
+    if differing:
+        raise ValueError(f"--resume: {path} was written with other settings (saved, now): {differing}")
+    if "data_sha256" not in metadata:
+        print(f"note: {path} does not record which data it was trained on (an older checkpoint): not checked",
+              file=sys.stderr)
+    if metadata["step"] > config.steps:
+        raise ValueError(f"--resume: {path} is at step {metadata['step']}, past --steps {config.steps}: pass --steps "
+                         f"{metadata['step']} or more")
     device = next(model.parameters()).device
     model.load_checked({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
     ema.load_checked({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, str(path))
@@ -118,4 +201,4 @@ def _load_checkpoint(path: Path, model: UNet, ema: UNet, optimizer: torch.optim.
     generator.set_state(tensors["generator_state"])
     if "torch_rng_state" in tensors:  # absent from checkpoints written before dropout's state was saved
         torch.set_rng_state(tensors["torch_rng_state"])
-    return int(metadata["step"])
+    return metadata["step"]

@@ -10,6 +10,8 @@ final GroupNorm+SiLU likewise; every Attention module runs AttnProcessor (fused 
 ddpm_fast attention); a DDPMScheduler becomes a FusedDDPMScheduler. Parameters, state-dict
 keys and module types (by isinstance) are unchanged, so checkpoints and hooks keep working.
 Blocks whose options the fused maths does not cover are left as they are and counted.
+A pipeline saved after accelerate() is a stock diffusers pipeline (DDPMScheduler in its
+model_index.json and scheduler config): it loads with diffusers alone; accelerate() it again.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -
             scheduler = FusedDDPMScheduler.from_config(target.scheduler.config)
             scheduler.impl, scheduler.return_pred_original_sample = impl, False
             target.scheduler = scheduler
+            if hasattr(target, "register_to_config"):  # saved as a stock pipeline: loads without ddpm_fast
+                target.register_to_config(scheduler=("diffusers", "DDPMScheduler"))
             counts["scheduler"] = 1
         return counts
     if not isinstance(target, nn.Module):

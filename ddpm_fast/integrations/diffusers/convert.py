@@ -35,15 +35,26 @@ _REQUIRED = {
 }
 
 
+def _list_of(config: Mapping[str, Any], key: str, kind: type) -> list:
+    value = config[key] if key in config else None
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, kind) and not isinstance(v, bool) and (kind is str or v > 0) for v in value):
+        what = "positive ints" if kind is int else "names"
+        raise ValueError(f"UNet2DModel option {key} must be a non-empty list of {what}, got {value!r:.80}")
+    return list(value)
+
+
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """Our UNet's constructor arguments for a diffusers UNet2DModel config."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"a UNet2DModel config must be a JSON object of options, got {config!r:.80}")
     for key, (wanted, default) in _REQUIRED.items():
         value = config.get(key, default)
         if value != wanted:
             raise ValueError(f"diffusers UNet2DModel option {key}={value!r} is not the DDPM architecture "
                              f"(ddpm_fast needs {key}={wanted!r})")
-    widths = list(config["block_out_channels"])
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    widths = _list_of(config, "block_out_channels", int)
+    down, up = _list_of(config, "down_block_types", str), _list_of(config, "up_block_types", str)
     if len(down) != len(widths) or len(up) != len(widths):
         raise ValueError(f"need one down and one up block per width: {len(widths)} widths, "
                          f"{len(down)} down blocks, {len(up)} up blocks")
@@ -60,8 +71,10 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     head_dim = config.get("attention_head_dim")
     if head_dim is not None and any(head_dim != widths[i] for i in attn_levels + [len(widths) - 1]):
         raise ValueError(f"attention_head_dim={head_dim} means several heads; the DDPM U-Net has one head per block")
-    resolution = config["sample_size"]
-    resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
+    resolution = config.get("sample_size")
+    resolution = _list_of(config, "sample_size", int)[0] if isinstance(resolution, (list, tuple)) else resolution
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
+        raise ValueError(f"UNet2DModel option sample_size must be a positive int, got {resolution!r:.80}")
     return dict(ch=widths[0], out_ch=config.get("out_channels", 3), ch_mult=[w // widths[0] for w in widths],
                 num_res_blocks=config.get("layers_per_block", 2),
                 attn_resolutions=[resolution // 2 ** i for i in attn_levels], dropout=config.get("dropout", 0.0),

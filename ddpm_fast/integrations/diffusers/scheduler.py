@@ -7,6 +7,13 @@ timesteps (diffusers keeps ᾱ in float32), and z follows ddpm_fast's noise cont
 instead of the generator's stream: keyed by (seed, sample_offset + batch index, timestep), with
 seed = generator.initial_seed() when step() is given a generator, else `self.seed`, else one
 drawn from torch's global generator when set_timesteps starts a run.
+
+float64 inputs are stepped in float64 (the reference update, DESIGN §2.3), every other dtype by
+the fused op with x in float32. rescale_betas_zero_snr=True (ᾱ_T = 0) is supported with v- and
+x0-prediction, whose coefficients stay finite; with ε-prediction x̂0 = (x − ε)/0 there, refused.
+
+Saved (save_pretrained, or a pipeline's), it is a plain DDPMScheduler config: the folder loads
+with diffusers alone, and accelerate() makes it fused again.
 """
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ...contract import SEED_RANGE
-from ...ops import diffusion_step_
+from ...ops import diffusion_step_, randn
+from ...reference.diffusion_step import diffusion_step as reference_step
 from ...schedule import NoiseSchedule, StepTable
 
 # diffusers' names → ours; fixed_small_log is fixed_small (σ = exp(½·log β̃) = √β̃)
@@ -53,9 +61,12 @@ class FusedDDPMScheduler(DDPMScheduler):
                 problems.append("thresholding=True")
             if config.clip_sample and config.clip_sample_range != 1.0:
                 problems.append(f"clip_sample_range={config.clip_sample_range} (the fused step clips to [-1, 1])")
+            if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
+                problems.append("rescale_betas_zero_snr=True with prediction_type='epsilon' (ᾱ_T = 0 makes "
+                                "x̂0 = (x − √(1−ᾱ_T)·ε)/√ᾱ_T infinite; use 'v_prediction' or 'sample')")
             if problems:
                 raise NotImplementedError("FusedDDPMScheduler does not support " + "; ".join(problems))
-            table = NoiseSchedule(self.betas.double()).step_table(
+            table = NoiseSchedule(self.betas.double(), bool(config.get("rescale_betas_zero_snr"))).step_table(
                 "ddpm", _VARIANCES[config.variance_type], bool(config.clip_sample), _PREDICTIONS[config.prediction_type],
                 steps=self.timesteps.tolist())
             self._host = table, {t: i for i, t in enumerate(table.timesteps.tolist())}
@@ -81,6 +92,10 @@ class FusedDDPMScheduler(DDPMScheduler):
         if seed is None:
             raise ValueError("FusedDDPMScheduler.step: no noise seed; pass a generator, set .seed or call set_timesteps")
         index = rows[t]
+        if sample.dim() != 4:  # the op reads any layout of a 4-D tensor, other ranks contiguous
+            sample, model_output = sample.contiguous(), model_output.contiguous()
+        if sample.dtype == torch.float64:
+            return self._step_float64(host, index, model_output, sample, seed, return_dict)
         x = sample.to(torch.float32, copy=True)  # the op updates in place; diffusers' step does not
         pred_original_sample = None
         if self.return_pred_original_sample:
@@ -91,7 +106,23 @@ class FusedDDPMScheduler(DDPMScheduler):
         step_index = torch.tensor([index], dtype=torch.int64).to(sample.device, non_blocking=True)
         diffusion_step_(x, model_output, table.coefs, table.noise_keys, step_index, seed=seed,
                         sample_offset=self.sample_offset, impl=self.impl, check=False)
-        prev_sample = x.to(sample.dtype)
-        if not return_dict:
-            return prev_sample, pred_original_sample
-        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return _output(x.to(sample.dtype), pred_original_sample, return_dict)
+
+    def _step_float64(self, host: StepTable, index: int, model_output: torch.Tensor, sample: torch.Tensor, seed: int,
+                      return_dict: bool):
+        """The update in float64 (the reference step, the same row and noise as the fused op)."""
+        z = randn(tuple(sample.shape), seed=seed, step=int(host.noise_keys[index]), sample_offset=self.sample_offset,
+                  device=sample.device)
+        prev_sample = reference_step(sample, model_output, host.coefs[index], z)
+        pred_original_sample = host.x0_hat(index, sample, model_output) if self.return_pred_original_sample else None
+        return _output(prev_sample, pred_original_sample, return_dict)
+
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """Saved as diffusers' DDPMScheduler (the same config): loadable without ddpm_fast."""
+        DDPMScheduler.from_config(self.config).save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
+def _output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool):
+    if not return_dict:
+        return prev_sample, pred_original_sample
+    return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

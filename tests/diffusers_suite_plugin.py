@@ -1,0 +1,29 @@
+"""Run diffusers' own DDPM tests with the drop-in swapped in (not collected by `make test`).
+
+    git archive v0.40.0 tests | tar -x -C /tmp/dsuite     # diffusers' repository, the tag matching the
+                                                          # installed 0.42.1's scheduler and U-Net files
+    cd /tmp/dsuite && PYTHONPATH=/work/main/tests python -m pytest -p diffusers_suite_plugin \
+        tests/schedulers/test_scheduler_ddpm.py tests/pipelines/ddpm/test_ddpm.py
+
+`diffusers.DDPMScheduler` becomes FusedDDPMScheduler, and every DDPMPipeline is accelerate()d
+as it is built; the tests import both names after this plugin has replaced them.
+"""
+import diffusers
+
+from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, accelerate
+
+_Pipeline = diffusers.DDPMPipeline
+
+
+class AcceleratedDDPMPipeline(_Pipeline):
+    def __init__(self, unet, scheduler):
+        super().__init__(unet=unet, scheduler=scheduler)
+        accelerate(self)
+
+
+AcceleratedDDPMPipeline.__name__ = "DDPMPipeline"
+
+
+def pytest_configure(config):
+    diffusers.DDPMScheduler = FusedDDPMScheduler
+    diffusers.DDPMPipeline = AcceleratedDDPMPipeline

@@ -1,0 +1,143 @@
+"""The diffusers drop-in's gaps: a saved accelerated pipeline reloads; float64 and
+non-contiguous inputs; zero terminal SNR; diffusers' DDIM spacings by their names."""
+import json
+
+import pytest
+import torch
+
+import ddpm_fast as df
+from helpers import relative_error
+from test_diffusers_accelerate import _contract_noise
+from test_diffusers_parity import SMALL_CONFIG, _in_float64, _random_unet2d
+
+diffusers = pytest.importorskip("diffusers")
+from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, accelerate  # noqa: E402
+
+scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
+
+
+def test_a_saved_accelerated_pipeline_reloads_and_samples_identically(tmp_path):
+    pipe = diffusers.DDPMPipeline(unet=_random_unet2d(SMALL_CONFIG, seed=2),
+                                  scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
+    accelerate(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(3), output_type="np")
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+    loaded = diffusers.DDPMPipeline.from_pretrained(tmp_path)  # diffusers alone: a stock pipeline
+    assert type(loaded.scheduler) is diffusers.DDPMScheduler
+    assert accelerate(loaded)["scheduler"] == 1 and isinstance(loaded.scheduler, FusedDDPMScheduler)
+    loaded.set_progress_bar_config(disable=True)
+    after = loaded(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(3), output_type="np")
+    assert (after.images == before.images).all()
+    assert isinstance(FusedDDPMScheduler.from_pretrained(tmp_path / "scheduler"), FusedDDPMScheduler)
+
+
+@pytest.mark.parametrize("shape,transpose", [((2, 3, 8, 8), False), ((4, 5, 6), True), ((6, 7), True)])
+def test_float64_and_non_contiguous_inputs_step_like_diffusers(monkeypatch, shape, transpose):
+    theirs = _in_float64(diffusers.DDPMScheduler(num_train_timesteps=1000))
+    ours = FusedDDPMScheduler.from_config(theirs.config)
+    ours.betas = theirs.betas  # the same float64 β on both sides
+    _contract_noise(monkeypatch, seed=5, timestep_of_call=[500])
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    if transpose:
+        x, out = x.transpose(0, -1), out.transpose(0, -1)
+        assert not x.is_contiguous()
+    expected = theirs.step(out, 500, x, generator=torch.Generator().manual_seed(5))
+    got = ours.step(out, 500, x, generator=torch.Generator().manual_seed(5))
+    assert got.prev_sample.dtype == torch.float64 and got.prev_sample.shape == x.shape
+    # the noise is the contract's float32 draw on both sides; the rest is float64 arithmetic
+    assert relative_error(got.prev_sample, expected.prev_sample) < 1e-12
+    assert relative_error(got.pred_original_sample, expected.pred_original_sample) < 1e-12
+    low = ours.step(out.float(), 500, x.float(), generator=torch.Generator().manual_seed(5)).prev_sample
+    assert low.dtype == torch.float32 and relative_error(low, expected.prev_sample) < 1e-5
+
+
+def _zero_snr_in_float64(scheduler):
+    scheduler.betas = scheduling_ddpm.rescale_zero_terminal_snr(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    return scheduler
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("steps", [None, 10])
+def test_zero_terminal_snr_steps_like_diffusers(monkeypatch, prediction, variance, steps):
+    config = dict(num_train_timesteps=1000, rescale_betas_zero_snr=True, prediction_type=prediction,
+                  variance_type=variance, timestep_spacing="trailing")
+    theirs = _zero_snr_in_float64(diffusers.DDPMScheduler(**config))
+    assert theirs.alphas_cumprod[-1] == 0
+    ours = FusedDDPMScheduler.from_config(theirs.config)
+    ours.betas = theirs.betas
+    for scheduler in (theirs, ours):
+        if steps is not None:
+            scheduler.set_timesteps(steps)
+    current = [None]
+    _contract_noise(monkeypatch, seed=11, timestep_of_call=current)
+    timesteps = ours.timesteps.tolist()
+    assert timesteps[0] == 999  # the step from ᾱ_T = 0
+    for index in sorted({0, 1, len(timesteps) // 2, len(timesteps) - 1}):
+        current[0] = t = timesteps[index]
+        g = torch.Generator().manual_seed(index)
+        x, out = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, 5, generator=g,
+                                                                                         dtype=torch.float64)
+        expected = theirs.step(out, t, x, generator=torch.Generator().manual_seed(11))
+        got64 = ours.step(out, t, x, generator=torch.Generator().manual_seed(11))
+        got32 = ours.step(out.float(), t, x.float(), generator=torch.Generator().manual_seed(11))
+        if variance == "fixed_small" and t == timesteps[-1] and t > 0:
+            # diffusers clamps the variance to 1e-20 where it is 0 (ᾱ_prev = 1): σ = 1e-10 instead of 0
+            got64.prev_sample += 1e-10 * df.randn(x.shape, seed=11, step=t, impl="reference").double()
+        assert relative_error(got64.prev_sample, expected.prev_sample) < 1e-12, t
+        assert relative_error(got32.prev_sample, expected.prev_sample) < 1e-5, t
+        assert relative_error(got32.pred_original_sample, expected.pred_original_sample) < 1e-5, t
+
+
+def test_zero_terminal_snr_with_epsilon_is_refused_naming_the_option():
+    ours = FusedDDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True)
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(NotImplementedError, match="rescale_betas_zero_snr=True with prediction_type='epsilon'"):
+        ours.step(x, 999, x)
+
+
+def test_zero_terminal_snr_schedules_are_accepted_and_others_refused():
+    betas = torch.linspace(0.1, 0.2, 5, dtype=torch.float64)
+    zero_snr = torch.cat([betas, torch.ones(1, dtype=torch.float64)])  # β_T = 1: ᾱ_T = 0
+    with pytest.raises(ValueError, match="β_T = 1 needs zero_terminal_snr=True"):
+        df.NoiseSchedule(zero_snr)
+    for bad in (torch.cat([torch.ones(1, dtype=torch.float64), betas]), torch.cat([betas, torch.tensor([1.5])])):
+        with pytest.raises(ValueError, match=r"every beta must lie in \(0, 1\), the last in \(0, 1\]"):
+            df.NoiseSchedule(bad, zero_terminal_snr=True)
+    schedule = df.NoiseSchedule(zero_snr, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match=r"ᾱ = 0 at timestep 5 \(zero terminal SNR\): epsilon prediction"):
+        schedule.step_table("ddpm", prediction_type="epsilon")
+    assert torch.isfinite(schedule.step_table("ddpm", prediction_type="v").coefs).all()
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("T,steps", [(1000, 50), (1000, 7), (1000, 333), (999, 50), (37, 10), (10, 1), (10, 10)])
+def test_diffusers_ddim_spacings_by_their_names(spacing, T, steps):
+    theirs = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    theirs.set_timesteps(steps)
+    assert df.NoiseSchedule.linear(T).timesteps(steps, spacing) == theirs.timesteps.tolist()
+
+
+def test_a_trailing_ddim_run_is_diffusers_step_for_step():
+    # DDIM η = 0 is deterministic after x_T: both runs start from our x_T and must end together
+    theirs = _in_float64(diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing",
+                                                 clip_sample=False, set_alpha_to_one=True))
+    theirs.set_timesteps(20)
+
+    def model(x, t):
+        return 0.1 * x + 0.01 * t.to(x.dtype).view(-1, 1, 1, 1) / 1000
+    sampler = df.Sampler(model, df.NoiseSchedule.linear(1000), method="ddim", steps=20, spacing="trailing",
+                         clip_denoised=False, backend="reference", dtype=torch.float64, sample_shape=(1, 4, 4))
+    ours = sampler.sample(2, seed=3)
+    x = df.randn((2, 1, 4, 4), seed=3, step=1000, impl="reference").double()  # the reference sampler's x_T
+    for t in theirs.timesteps:
+        x = theirs.step(model(x, t.expand(2)), t, x, eta=0.0).prev_sample
+    assert sampler.timesteps == theirs.timesteps.tolist()
+    assert relative_error(ours, x) < 1e-12
