@@ -141,3 +141,27 @@ def test_a_trailing_ddim_run_is_diffusers_step_for_step():
         x = theirs.step(model(x, t.expand(2)), t, x, eta=0.0).prev_sample
     assert sampler.timesteps == theirs.timesteps.tolist()
     assert relative_error(ours, x) < 1e-12
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [None, 50])
+def test_full_loops_equal_stock_diffusers_fed_our_noise(monkeypatch, prediction, steps):
+    # diffusers' own full-loop tests (test_full_loop_no_noise / _with_v_prediction) compare sums
+    # of its generator's noise; the same loops, stock DDPMScheduler fed the noise contract's z,
+    # must end where FusedDDPMScheduler ends (DESIGN §6: 1e-4 against diffusers' float32 tables)
+    config = dict(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction)
+    theirs, ours = diffusers.DDPMScheduler(**config), FusedDDPMScheduler(**config)
+    for scheduler in (theirs, ours):
+        scheduler.set_timesteps(steps or 1000)
+    current = [None]
+    _contract_noise(monkeypatch, seed=5, timestep_of_call=current)
+    x0 = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).reshape(4, 3, 8, 8) / (4 * 3 * 8 * 8) * 2 - 1
+    samples = []
+    for scheduler in (theirs, ours):
+        x = x0.clone()
+        for t in scheduler.timesteps.tolist():
+            current[0] = t
+            out = x * t / (t + 1)  # diffusers' dummy model
+            x = scheduler.step(out, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+        samples.append(x)
+    assert relative_error(samples[1], samples[0]) < 1e-4

@@ -17,6 +17,8 @@ with diffusers alone, and accelerate() makes it fused again.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
@@ -117,9 +119,12 @@ class FusedDDPMScheduler(DDPMScheduler):
         pred_original_sample = host.x0_hat(index, sample, model_output) if self.return_pred_original_sample else None
         return _output(prev_sample, pred_original_sample, return_dict)
 
-    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
-        """Saved as diffusers' DDPMScheduler (the same config): loadable without ddpm_fast."""
-        DDPMScheduler.from_config(self.config).save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+    def to_json_string(self) -> str:
+        """The config as diffusers' DDPMScheduler writes it, under that class's name: a saved
+        scheduler (save_pretrained, or a pipeline's) loads without ddpm_fast."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = DDPMScheduler.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def _output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool):
