@@ -222,7 +222,7 @@ def cifar10_launches(batch: int, group_norms) -> list[tuple[str, str, int]]:
             launches.append(("group_norm_silu", config["name"], batch * groups))
     config = attention.select(256, torch.float32, "tf32x3", (9, 0))
     launches.append(("attention", config["name"], triton.cdiv(256, config["constexprs"]["BLOCK_M"]) * batch))
-    config = diffusion_step.select(3 * 32 * 32 // 4, torch.float32, (9, 0))
+    config = diffusion_step.select(3 * 32 * 32 // 4, torch.float32, False, (9, 0))
     launches.append(("diffusion_step", config["name"], triton.cdiv(768, config["constexprs"]["BLOCK"]) * batch))
     return list(dict.fromkeys(launches))
 

@@ -1,7 +1,9 @@
 // The fused sampling update (DESIGN §2), shared by csrc/cpu/diffusion_step.cpp and
 // csrc/cuda/diffusion_step.cu: argument checks, the strided layout of x and the network
 // output, and the per-element arithmetic.
-//   x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);  x ← C·x̂0 + D·x + E·out + σ·z
+//   x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);  x ← C·x̂0 + D·x + E·out + H·x̂0' + σ·z
+// with x̂0' the previous row's x̂0, read from the optional history buffer, which then takes x̂0
+// (multistep solvers, DESIGN §2.4); without one the H term is absent.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -10,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "common/philox.h"
 #include "noise.h"
@@ -39,21 +42,38 @@ inline Layout4d layout_of(const at::Tensor& t) {
 }
 
 struct StepCoefs {
-  float A, B, C, D, E, sigma, clip;
+  float A, B, C, D, E, sigma, clip, H;
 };
 
-DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float z) {
+// A row of the [S, kStepColumns] table, in contract.STEP_COLUMNS order.
+DDPM_FAST_HD StepCoefs step_row(const float* row) {
+  return {row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]};
+}
+
+DDPM_FAST_HD float estimate_x0(const StepCoefs& k, float x, float out) {
   float x0_hat = k.A * x + k.B * out;
   if (k.clip != 0.0f) {  // comparisons, not fminf/fmaxf: a NaN stays NaN for the finite check
     x0_hat = x0_hat < -1.0f ? -1.0f : x0_hat;
     x0_hat = x0_hat > 1.0f ? 1.0f : x0_hat;
   }
-  return k.C * x0_hat + k.D * x + k.E * out + k.sigma * z;
+  return x0_hat;
+}
+
+// One element's update; with a history pointer its element (x̂0') is read, then replaced by x̂0.
+DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float z, float* history) {
+  const float x0_hat = estimate_x0(k, x, out);
+  float x_prev = k.C * x0_hat + k.D * x + k.E * out + k.sigma * z;
+  if (history != nullptr) {
+    x_prev += k.H * *history;
+    *history = x0_hat;
+  }
+  return x_prev;
 }
 
 inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
                                   const at::Tensor& noise_keys, const at::Tensor& step_index,
-                                  int64_t seed, int64_t sample_offset) {
+                                  int64_t seed, int64_t sample_offset,
+                                  const std::optional<at::Tensor>& history) {
   constexpr const char* op = "ddpm_fast::diffusion_step_";
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf ||
@@ -80,6 +100,15 @@ inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, co
   // element of out other than its own (ATen's checks, as for its own in-place ops)
   at::assert_no_internal_overlap(x);
   at::assert_no_partial_overlap(x, out);
+  if (history.has_value()) {  // addressed with x's offsets, written in place like x
+    const at::Tensor& h = *history;
+    TORCH_CHECK(h.scalar_type() == at::kFloat && h.sizes() == x.sizes() && h.strides() == x.strides(), op,
+                ": history must be float32 with x's shape ", x.sizes(), " and strides ", x.strides(), ", got ",
+                h.scalar_type(), " ", h.sizes(), " strides ", h.strides());
+    TORCH_CHECK(h.device() == x.device(), op, ": history is on ", h.device(), " but x is on ", x.device());
+    at::assert_no_overlap(h, x);
+    at::assert_no_overlap(h, out);
+  }
   check_seed(op, seed);
   const int64_t batch = x.size(0);
   TORCH_CHECK(sample_offset >= 0 && sample_offset + batch <= kUint32Range, op,

@@ -140,9 +140,11 @@ class Busy(ValueError):
 def exclusive(path: str | Path, what: str) -> Iterator[None]:
     """Hold the lock of output `path` — an flock on the hidden file `.NAME.lock` beside it,
     released by the kernel when the process dies, so no lock is ever stale — or raise Busy at
-    once. The lock file is removed on the way out."""
+    once. The lock file is removed on the way out. A missing parent folder is created (the
+    output's writer would create it anyway)."""
     path = Path(os.path.abspath(path))  # "." has a name once absolute
     lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:

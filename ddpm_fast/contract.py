@@ -23,19 +23,24 @@ SEED_RANGE = 1 << 63  # seeds travel as int64 through torch.library schemas
 MAX_ELEMENTS_PER_SAMPLE = 4 * UINT32_RANGE  # four normals per Philox call, quads counted in a uint32
 
 # -- step table (DESIGN §2) ---------------------------------------------------------------------
-# One sampling update, whatever the method, with `out` the network output:
+# One sampling update, whatever the method, with `out` the network output and x̂0' the previous
+# row's x̂0 (the history buffer of multistep solvers, DESIGN §2.4):
 #   x̂0 = A·x + B·out   (clipped to [−1, 1] when clip = 1)
-#   x_prev = C·x̂0 + D·x + E·out + σ·z
-STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip")
+#   x_prev = C·x̂0 + D·x + E·out + H·x̂0' + σ·z
+STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip", "H")
 NUM_STEP_COLUMNS = len(STEP_COLUMNS)
 
 # -- names ------------------------------------------------------------------------------------
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde")
+MULTISTEP_METHODS = ("dpm-solver++", "dpm-solver++-sde")  # those that read and write the history
 VARIANCES = ("fixed_large", "fixed_small")
 PREDICTION_TYPES = ("epsilon", "x0", "v")
 # DDIM's kept timesteps: "uniform" (= diffusers' "leading"), diffusers' "trailing" and "linspace",
 # and DDIM's "quadratic" (DESIGN §2.3)
 SPACINGS = ("uniform", "leading", "trailing", "linspace", "quadratic")
+# DPM-Solver's timesteps as diffusers' DPMSolverMultistepScheduler defines them (not DDIM's
+# spacings of the same names), and "lambda": uniform in log-SNR λ (DESIGN §2.4)
+DPM_SPACINGS = ("linspace", "leading", "trailing", "lambda")
 # Backends of the ops, the U-Net and the Sampler: "auto" picks the fastest built one per device.
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # float32 dot precisions of the attention kernel (DESIGN §5.3): three TF32 tensor-core products

@@ -1,9 +1,10 @@
-"""Sampler: draws x_0 ~ p_θ by ancestral sampling (Algorithm 2) or DDIM.
+"""Sampler: draws x_0 ~ p_θ by ancestral sampling (Algorithm 2), DDIM or DPM-Solver++(2M).
 
 Each network evaluation is followed by one fused update (ops.diffusion_step_) whose
 coefficient row, timestep and noise key come from a StepTable held on the device at a step
 index held in device memory, so the loop never waits for the host; on CUDA the whole step
 (model forward + update + index increment) is captured once in a CUDA graph and replayed.
+DPM-Solver++ rows also read and write a history buffer (the previous x̂0) inside the same update.
 Noise follows DESIGN §3: x_T is randn(step=T), the update at timestep i adds randn(step=i),
 per global sample index — sample j is the same whatever batch, device or backend draws it.
 """
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .contract import BACKENDS, METHODS, check_choice, check_samples
+from .contract import BACKENDS, METHODS, MULTISTEP_METHODS, check_choice, check_samples
 from .ops._dispatch import resolve
 from .ops.diffusion_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
 from .ops.noise import RANDN_IMPLEMENTATIONS
@@ -39,6 +40,10 @@ class Sampler:
     float32 (float64 for a float64 model, which only backend="reference" samples: the fused
     kernels keep x in float32, and refuse a float64 model with an error that says so).
 
+    method: "ddpm" (all T steps, or `steps` respaced), "ddim" (`steps`, `eta`, `spacing`), or
+    DPM-Solver++(2M) "dpm-solver++" / its SDE variant "dpm-solver++-sde" (`steps`, default 20;
+    `spacing` as diffusers' DPMSolverMultistepScheduler defines it, default "linspace", or
+    "lambda"; `use_karras_sigmas`), whose rows also read and write a history buffer (DESIGN §2.4).
     backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
     cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
     check_finite: after the last step, sample() reads once whether x is finite and raises
@@ -51,7 +56,7 @@ class Sampler:
     def __init__(self, model: Callable, schedule: NoiseSchedule, method: str = "ddpm",
                  variance: str = "fixed_large", clip_denoised: bool = True, backend: str = "auto",
                  dtype: torch.dtype | None = None, steps: int | None = None, eta: float = 0.0,
-                 spacing: str = "uniform", prediction_type: str = "epsilon",
+                 spacing: str | None = None, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
                  sample_shape: tuple[int, int, int] | None = None, cuda_graph: bool = True,
                  finite_check_every: int | None = None, check_finite: bool = True):
         if not isinstance(schedule, NoiseSchedule):
@@ -68,7 +73,11 @@ class Sampler:
                              f"x in float32 (pass backend='reference', or dtype=torch.float32 to convert the model)")
         if finite_check_every is not None and (not isinstance(finite_check_every, int) or finite_check_every < 1):
             raise ValueError(f"finite_check_every must be a positive int or None, got {finite_check_every!r}")
-        self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing)
+        if not isinstance(use_karras_sigmas, bool):
+            raise TypeError(f"use_karras_sigmas must be a bool, got {use_karras_sigmas!r}")
+        self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing,
+                                         karras=use_karras_sigmas)
+        spacing = spacing if spacing is not None else "linspace" if method in MULTISTEP_METHODS else "uniform"
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
         self.dtype, self.cuda_graph, self.finite_check_every = model_dtype, cuda_graph, finite_check_every
         self.check_finite = bool(check_finite)
@@ -76,6 +85,7 @@ class Sampler:
         # what decides the samples besides the model, seed and batch (a sampling job's manifest)
         self.config = dict(method=method, steps=len(self.table), eta=float(eta), clip_denoised=bool(clip_denoised),
                            variance=variance, prediction_type=prediction_type, spacing=spacing,
+                           karras=use_karras_sigmas,
                            timesteps=schedule.num_timesteps, dtype=str(model_dtype).removeprefix("torch."),
                            backend=backend)
         self._tables: dict[torch.device, StepTable] = {}
@@ -160,13 +170,14 @@ class Sampler:
         x = self._initial_noise(n, seed, sample_offset, backend).to(torch.float64 if self.dtype == torch.float64
                                                                     else torch.float32)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
+        history = torch.zeros_like(x) if self.table.multistep else None
         rows = zip(self.table.coefs, self.table.timesteps.tolist(), self.table.noise_keys.tolist())
         for index, (row, t, key) in enumerate(rows):
             out = self._model_output(x.to(self.dtype), torch.full((n,), t, dtype=torch.int64, device=x.device))
             if on_step is not None:
                 on_step(index, x, out)
-            x = reference_step(x, out, row, RANDN_IMPLEMENTATIONS["reference"](tuple(x.shape), seed, key, sample_offset,
-                                                                               x.device))
+            z = RANDN_IMPLEMENTATIONS["reference"](tuple(x.shape), seed, key, sample_offset, x.device)
+            x = reference_step(x, out, row, z, history)
             self._note_non_finite(x, first_bad, torch.tensor([index], device=x.device))
             bar.update(1)
             self._check_finite(index + 1, first_bad)
@@ -208,17 +219,18 @@ class Sampler:
         update = STEP_IMPLEMENTATIONS[backend]  # unchecked: sample() and stepper() checked the arguments
         step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
+        history = torch.zeros_like(x) if table.multistep else None  # the previous x̂0 (DESIGN §2.4)
 
         def step() -> None:
             t = table.timesteps[step_index].expand(n)  # gathered on the device: no host round trip
             out = self._model_output(x.to(self.dtype), t)
-            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset)
+            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset, history)
             self._note_non_finite(x, first_bad, step_index)
             step_index.add_(1)
 
         replay = step
         if x.device.type == "cuda" and self.cuda_graph:
-            replay = _capture(step, [x, step_index, first_bad])
+            replay = _capture(step, [x, step_index, first_bad] + ([history] if history is not None else []))
         return x, replay, first_bad
 
     def _device_table(self, device: torch.device) -> StepTable:

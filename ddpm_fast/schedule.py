@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .contract import METHODS, PREDICTION_TYPES, SPACINGS, STEP_COLUMNS, UINT32_RANGE, VARIANCES, check_choice
+from . import dpm_solver
+from .contract import (METHODS, MULTISTEP_METHODS, PREDICTION_TYPES, SPACINGS, STEP_COLUMNS, UINT32_RANGE, VARIANCES,
+                       check_choice)
 
 
 class NoiseSchedule:
@@ -106,11 +108,27 @@ class NoiseSchedule:
 
     def step_table(self, method: str = "ddpm", variance: str = "fixed_large", clip_denoised: bool = True,
                    prediction_type: str = "epsilon", steps: int | Sequence[int] | None = None, eta: float = 0.0,
-                   spacing: str = "uniform") -> "StepTable":
-        """The float64 coefficient rows (contract.STEP_COLUMNS) of a DDPM or DDIM run, in sampling order."""
+                   spacing: str | None = None, *, order: int = 2, stochastic: bool = False, karras: bool = False,
+                   final_sigma: str = "zero", lower_order_final: bool = True) -> "StepTable":
+        """The float64 coefficient rows (contract.STEP_COLUMNS) of a run, in sampling order.
+
+        DDPM and DDIM: `steps` kept timesteps (all T by default) by `spacing` (default "uniform",
+        see timesteps()). DPM-Solver++ ("dpm-solver++", or "dpm-solver++-sde" = stochastic=True):
+        `steps` (default 20) model evaluations at diffusers' DPMSolverMultistepScheduler timesteps
+        (spacing default "linspace", contract.DPM_SPACINGS; karras=True for Karras sigmas), of
+        solver order `order` (1 or 2), final σ "zero" or "sigma_min", and diffusers'
+        lower_order_final (DESIGN §2.4)."""
         for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
                                      ("prediction_type", prediction_type, PREDICTION_TYPES)):
             check_choice(name, value, choices)
+        if method in MULTISTEP_METHODS:
+            return self._dpm_solver_table(method == "dpm-solver++-sde" or stochastic, clip_denoised, prediction_type,
+                                          20 if steps is None else steps, "linspace" if spacing is None else spacing,
+                                          order, karras, final_sigma, lower_order_final, eta)
+        if stochastic or karras or order != 2 or final_sigma != "zero" or not lower_order_final:
+            raise ValueError(f"order, stochastic, karras, final_sigma and lower_order_final belong to the "
+                             f"DPM-Solver methods {MULTISTEP_METHODS}, not method={method!r}")
+        spacing = "uniform" if spacing is None else spacing
         if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if method == "ddpm" and eta != 0.0:
@@ -153,16 +171,35 @@ class NoiseSchedule:
                     C, D, E = math.sqrt(ab_s), c_eps * Fx, c_eps * Fo
             if t == 0:
                 sigma = 0.0  # no noise on the last step, whatever the variance choice
-            rows.append((A, B, C, D, E, sigma, float(clip_denoised)))
-        coefs = torch.tensor(rows, dtype=torch.float64)
-        if not torch.isfinite(coefs).all():
-            raise ValueError("the schedule gives non-finite step coefficients")
-        timesteps = torch.tensor(kept, dtype=torch.int64)
-        return StepTable(coefs, timesteps, timesteps.clone())
+            rows.append((A, B, C, D, E, sigma, float(clip_denoised), 0.0))
+        return _table(rows, kept, kept)
+
+    def _dpm_solver_table(self, stochastic: bool, clip_denoised: bool, prediction_type: str, steps, spacing: str,
+                          order: int, karras: bool, final_sigma: str, lower_order_final: bool,
+                          eta: float) -> "StepTable":
+        if eta != 0.0:
+            raise ValueError(f"DPM-Solver++ takes no eta (its SDE variant is method='dpm-solver++-sde'), got eta={eta}")
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            raise ValueError(f"DPM-Solver++ takes a number of steps (its timesteps follow `spacing`), got {steps!r}")
+        rows, kept = dpm_solver.rows(self.alphas_cumprod, steps, spacing, karras, order, stochastic, prediction_type,
+                                     clip_denoised, final_sigma, lower_order_final)
+        # z of the SDE variant is keyed by the row's timestep, as for DDPM (DESIGN §3): a run that
+        # repeats a timestep (Karras σ rounded to the same t) would reuse its noise
+        if stochastic and len(set(kept)) != len(kept):
+            raise ValueError(f"the SDE variant needs distinct timesteps (its noise is keyed by them); {steps} Karras "
+                             f"or λ-uniform steps round two σ to the same timestep: use fewer steps")
+        return _table(rows, kept, kept)
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, beta_1={self.betas[0].item():.3g}, "
                 f"beta_T={self.betas[-1].item():.3g})")
+
+
+def _table(rows: list[tuple[float, ...]], timesteps: list[int], noise_keys: list[int]) -> "StepTable":
+    coefs = torch.tensor(rows, dtype=torch.float64)
+    if not torch.isfinite(coefs).all():
+        raise ValueError("the schedule gives non-finite step coefficients")
+    return StepTable(coefs, torch.tensor(timesteps, dtype=torch.int64), torch.tensor(noise_keys, dtype=torch.int64))
 
 
 def _check_T(T: int) -> None:
@@ -171,7 +208,7 @@ def _check_T(T: int) -> None:
         raise ValueError(f"T must be an int in [1, 2^32), got {T!r}")
 
 
-_A, _B, _CLIP = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip"))
+_A, _B, _CLIP, _H = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip", "H"))
 
 
 def x0_hat(row: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -196,6 +233,11 @@ class StepTable:
 
     def __len__(self) -> int:
         return self.timesteps.numel()
+
+    @property
+    def multistep(self) -> bool:
+        """Whether a row reads the previous x̂0 (H ≠ 0): a run then needs a history buffer."""
+        return bool((self.coefs[:, _H] != 0).any())
 
     def x0_hat(self, index: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x̂0 at row `index` from x and the network output `out` (computed in x's dtype)."""

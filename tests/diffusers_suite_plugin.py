@@ -1,16 +1,19 @@
-"""Run diffusers' own DDPM tests with the drop-in swapped in (not collected by `make test`).
+"""Run diffusers' own DDPM and DPM-Solver tests with the drop-ins swapped in (not collected by
+`make test`).
 
     git archive v0.40.0 tests | tar -x -C /tmp/dsuite     # diffusers' repository, the tag matching the
                                                           # installed 0.42.1's scheduler and U-Net files
     cd /tmp/dsuite && PYTHONPATH=/work/main/tests python -m pytest -p diffusers_suite_plugin \
-        tests/schedulers/test_scheduler_ddpm.py tests/pipelines/ddpm/test_ddpm.py
+        tests/schedulers/test_scheduler_ddpm.py tests/pipelines/ddpm/test_ddpm.py \
+        tests/schedulers/test_scheduler_dpm_multi.py
 
-`diffusers.DDPMScheduler` becomes FusedDDPMScheduler, and every DDPMPipeline is accelerate()d
-as it is built; the tests import both names after this plugin has replaced them.
+`diffusers.DDPMScheduler` becomes FusedDDPMScheduler, `diffusers.DPMSolverMultistepScheduler`
+FusedDPMSolverMultistepScheduler, and every DDPMPipeline is accelerate()d as it is built; the
+tests import these names after this plugin has replaced them.
 """
 import diffusers
 
-from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, accelerate
+from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, FusedDPMSolverMultistepScheduler, accelerate
 
 _Pipeline = diffusers.DDPMPipeline
 
@@ -26,4 +29,5 @@ AcceleratedDDPMPipeline.__name__ = "DDPMPipeline"
 
 def pytest_configure(config):
     diffusers.DDPMScheduler = FusedDDPMScheduler
+    diffusers.DPMSolverMultistepScheduler = FusedDPMSolverMultistepScheduler
     diffusers.DDPMPipeline = AcceleratedDDPMPipeline

@@ -109,11 +109,57 @@ def test_fused_step_matches_the_paper(schedule, fused, method, variance, eta, cl
         assert relative_error(got, expected) <= 1e-6, (index, int(table.timesteps[index]))
 
 
+DPM_CONFIGS = [("dpm-solver++", False), ("dpm-solver++-sde", False), ("dpm-solver++", True)]  # (method, karras)
+
+
+@pytest.mark.parametrize("method,karras", DPM_CONFIGS)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "x0", "v"])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_fused_multistep_step_matches_the_reference(schedule, fused, method, karras, clip, prediction_type, out_dtype):
+    # DPM-Solver++ rows read the previous x̂0 from the history buffer and leave this row's there
+    impl, device = fused
+    table = schedule.step_table(method, clip_denoised=clip, prediction_type=prediction_type, steps=12, karras=karras)
+    on_device = table.to(device)
+    x, out = _inputs(7, out_dtype=out_dtype)
+    history = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).clamp(-1, 1)
+    seed, offset = 12, 3
+    for index in (0, 1, 6, len(table) - 1):
+        z = ref_noise.randn(tuple(x.shape), seed, int(table.noise_keys[index]), offset).double()
+        expected_history = history.double()
+        expected = reference_step(x.double(), out.double(), table.coefs[index], z, expected_history)
+        got, got_history = x.to(device), history.to(device)
+        diffusion_step_(got, out.to(device), on_device.coefs, on_device.noise_keys,
+                        torch.tensor([index], device=device), seed=seed, sample_offset=offset, history=got_history,
+                        impl=impl)
+        assert relative_error(got, expected) <= 1e-6, index
+        assert relative_error(got_history, expected_history) <= 1e-6, index
+
+
+def test_multistep_row_without_history_is_refused(schedule):
+    table = schedule.step_table("dpm-solver++", steps=10)
+    x, out = _inputs(9)
+    with pytest.raises(ValueError, match="history buffer"):
+        diffusion_step_(x, out, table.coefs.float(), table.noise_keys, torch.tensor([3]), seed=0)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton", "reference"])
+def test_bad_history(schedule, impl):
+    table = schedule.step_table("dpm-solver++", steps=10)
+    coefs, keys, index = table.coefs.float(), table.noise_keys, torch.tensor([3])
+    x, out = _inputs(10)
+    for history, match in ((torch.zeros(3, 3, 5, 6), "x's shape"), (torch.zeros(3, 3, 5, 7).double(), "float32"),
+                           (torch.zeros(3, 3, 7, 5).transpose(2, 3), "strides"), (x, "shares memory"),
+                           (out, "shares memory")):
+        with pytest.raises(ValueError, match=match):
+            diffusion_step_(x, out, coefs, keys, index, seed=0, history=history, impl=impl)
+
+
 @pytest.mark.parametrize("case,values", GOLDEN)
 def test_golden_draws_through_the_step(fused, case, values):
     # A row that keeps only σ·z (σ = 1) writes the noise itself: the committed draws, ≤ 4 ulps.
     impl, device = fused
-    coefs = torch.tensor([[0, 0, 0, 0, 0, 1.0, 0]], device=device)
+    coefs = torch.tensor([[0, 0, 0, 0, 0, 1.0, 0, 0]], device=device)
     keys = torch.tensor([case["step"]], device=device)
     x = torch.zeros(case["shape"], device=device)
     diffusion_step_(x, torch.zeros_like(x), coefs, keys, torch.zeros(1, dtype=torch.int64, device=device),
@@ -123,7 +169,7 @@ def test_golden_draws_through_the_step(fused, case, values):
 
 def _noise_through(impl, device, shape, seed, key, offset=0, memory_format=torch.contiguous_format):
     x = torch.zeros(shape, device=device).to(memory_format=memory_format)
-    diffusion_step_(x, torch.zeros_like(x), torch.tensor([[0, 0, 0, 0, 0, 1.0, 0]], device=device),
+    diffusion_step_(x, torch.zeros_like(x), torch.tensor([[0, 0, 0, 0, 0, 1.0, 0, 0]], device=device),
                     torch.tensor([key], device=device), torch.zeros(1, dtype=torch.int64, device=device),
                     seed=seed, sample_offset=offset, impl=impl)
     return x
@@ -162,16 +208,36 @@ def test_layouts_do_not_change_the_update(fused, schedule):
     assert torch.equal(view, base) and (strided[..., 1::2] == 0).all()
 
 
-def test_a_sample_is_updated_the_same_in_any_batch(fused, schedule):
+def test_history_follows_x_layout(fused, schedule):
+    # history has x's strides; channels_last x and history give the NCHW result element for element
     impl, device = fused
-    table = schedule.step_table("ddim", steps=10, eta=1.0).to(device)
+    table = schedule.step_table("dpm-solver++-sde", steps=8).to(device)
+    x, out = (v.to(device) for v in _inputs(11, shape=(2, 4, 6, 5)))
+    history = torch.randn(x.shape, generator=torch.Generator().manual_seed(12)).to(device)
+    index = torch.tensor([4], device=device)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx, hh = x.to(memory_format=fmt).clone(memory_format=fmt), history.to(memory_format=fmt).clone(memory_format=fmt)
+        diffusion_step_(xx, out, table.coefs, table.noise_keys, index, seed=1, history=hh, impl=impl)
+        results.append((xx, hh))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpm-solver++-sde"])
+def test_a_sample_is_updated_the_same_in_any_batch(fused, schedule, method):
+    impl, device = fused
+    table = schedule.step_table(method, steps=10, eta=1.0 if method == "ddim" else 0.0).to(device)
     x, out = (v.to(device) for v in _inputs(4, shape=(8, 3, 4, 4)))
+    history = torch.randn(x.shape, generator=torch.Generator().manual_seed(13)).to(device) if table.multistep else None
     index = torch.tensor([3], device=device)
-    whole = x.clone()
-    diffusion_step_(whole, out, table.coefs, table.noise_keys, index, seed=5, impl=impl)
-    part = x[4:7].clone()
-    diffusion_step_(part, out[4:7], table.coefs, table.noise_keys, index, seed=5, sample_offset=4, impl=impl)
+    whole, whole_history = x.clone(), history.clone() if history is not None else None
+    diffusion_step_(whole, out, table.coefs, table.noise_keys, index, seed=5, history=whole_history, impl=impl)
+    part, part_history = x[4:7].clone(), history[4:7].clone() if history is not None else None
+    diffusion_step_(part, out[4:7], table.coefs, table.noise_keys, index, seed=5, sample_offset=4,
+                    history=part_history, impl=impl)
     assert torch.equal(part, whole[4:7])
+    if history is not None:
+        assert torch.equal(part_history, whole_history[4:7])
 
 
 def test_noise_statistics_over_a_million_draws():
@@ -192,11 +258,14 @@ def test_noise_statistics_over_a_million_draws():
         assert abs(corr) < 5 / a.numel() ** 0.5
 
 
-def test_opcheck(fused, schedule):
+@pytest.mark.parametrize("method", ["ddpm", "dpm-solver++"])
+def test_opcheck(fused, schedule, method):
     impl, device = fused
-    table = schedule.step_table("ddpm").to(device)
+    table = schedule.step_table(method).to(device)
     x, out = (v.to(device) for v in _inputs(5, out_dtype=torch.bfloat16))
-    args = (x, out, table.coefs, table.noise_keys, torch.tensor([10], device=device), 3, 0)
+    history = torch.zeros_like(x) if method == "dpm-solver++" else None
+    args = (x, out, table.coefs, table.noise_keys, torch.tensor([10 if method == "ddpm" else 5], device=device), 3, 0,
+            history)
     op = torch.ops.ddpm_fast.diffusion_step_triton_ if impl == "triton" else torch.ops.ddpm_fast.diffusion_step_
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if device.type == "cuda" or impl != "triton":
@@ -204,16 +273,19 @@ def test_opcheck(fused, schedule):
     torch.library.opcheck(op.default, args, test_utils=tests)
 
 
-def test_compiles_without_graph_breaks(fused, schedule):
+@pytest.mark.parametrize("method", ["ddpm", "dpm-solver++-sde"])
+def test_compiles_without_graph_breaks(fused, schedule, method):
     impl, device = fused
-    table = schedule.step_table("ddpm").to(device)
+    table = schedule.step_table(method).to(device)
     x, out = (v.to(device) for v in _inputs(6))
-    index = torch.tensor([200], device=device)
+    index = torch.tensor([200 if method == "ddpm" else 7], device=device)
+    multistep = method != "ddpm"
 
     def f(x, out):
         x = x * 1.0
-        diffusion_step_(x, out, table.coefs, table.noise_keys, index, seed=4, impl=impl, check=False)
-        return x + 0.0
+        history = torch.ones_like(x) if multistep else None
+        diffusion_step_(x, out, table.coefs, table.noise_keys, index, seed=4, history=history, impl=impl, check=False)
+        return x + 0.0 if history is None else x + history
 
     # inductor on GPUs; aot_eager on the CPU keeps the test quick and still traces through the
     # fake kernel and the functionalisation of the in-place op
@@ -246,7 +318,7 @@ def test_bad_inputs(schedule, impl):
     bad[3, 2] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         call(coefs=bad)
-    with pytest.raises(ValueError, match=r"\[S, 7\]"):
+    with pytest.raises(ValueError, match=r"\[S, 8\]"):
         call(coefs=table.coefs[:, :6].contiguous())
     with pytest.raises(ValueError, match="seed"):
         call(seed=-3)

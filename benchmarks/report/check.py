@@ -23,7 +23,8 @@ from pathlib import Path
 
 STAGES = ("env", "build", "tests", "ops", "e2e")
 CAPS_S = {"env": 30, "build": 120, "tests": 180, "ops": 90, "e2e": 90}
-BENCHMARKS = {"e2e": ["test_sampling.py"]}  # the one end-to-end figure: sampling runs, no one-step timing
+# the end-to-end figures: sampling runs (DDPM/DDIM and DPM-Solver++), no one-step timing
+BENCHMARKS = {"e2e": ["test_sampling.py", "test_dpm_solver.py"]}
 BUILD_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "16"}
 TEST_TIMEOUT_S = 90  # one test's limit where pytest-timeout is installed (the GPU image has it)
 ARCHIVE_EVERY_S = 10

@@ -7,7 +7,7 @@ from pathlib import Path
 from benchmarks.report import analysis as A
 from benchmarks.report.render import ratio
 
-PANELS = (("ops", ("op",)), ("end to end", ("e2e-step", "e2e-sample")))
+PANELS = (("ops", ("op",)), ("end to end", ("e2e-step", "e2e-sample", "e2e-dpm-solver")))
 
 
 def write(report_dir: Path, records: list[dict]) -> Path | None:

@@ -151,7 +151,8 @@ def _ops(records: list[dict], measured: dict) -> list[str]:
 def _e2e(records: list[dict], measured: dict) -> list[str]:
     lines = []
     for kind, title in (("e2e-step", "one denoising step (U-Net forward + update)"),
-                        ("e2e-sample", "sampling runs from x_T")):
+                        ("e2e-sample", "sampling runs from x_T"),
+                        ("e2e-dpm-solver", "DPM-Solver++(2M) sampling runs from x_T (DESIGN §2.4)")):
         if A.groups(records, (kind,)):
             lines += [f"## End to end: {title}", ""] + _results(records, (kind,), measured, extra=True)
             lines += ["Ours against every baseline of the same CUDA-graph use:", ""] + _ratios(records, (kind,))
@@ -164,16 +165,19 @@ def _projection(records: list[dict]) -> list[str]:
         if r.get("kind") == "e2e-sample" and r.get("model") == "cifar10":
             p = A.projection(r)
             rows.append([r["name"], r["config"], f"batch {r['batch']} × {r['steps']} steps", ms(p["per_step_s"]),
-                         truncated(p["images_per_s"], 5), truncated(p["fid_s"] / 3600, 2) + " h"])
+                         truncated(p["images_per_s"], 5), truncated(p["fid_s"] / 3600, 2) + " h",
+                         truncated(p["fid_dpm_solver_s"] / 60, 2) + " min"])
     if not rows:
         return []
     note = (f"DDPM CIFAR-10 U-Net, {A.T_FULL} steps per image, extrapolated linearly from each timed run "
             f"(time per step × {A.T_FULL}; the run's fixed costs are counted {A.T_FULL}/steps times, so this is "
             f"conservative). The headline figure is batch 256 from ≥ 50 timed steps; the column `measured` "
-            f"says what was actually timed here.")
+            f"says what was actually timed here. The last column: the same per-step time at DPM-Solver++(2M)'s "
+            f"{A.DPM_SOLVER_STEPS} network evaluations per image (DESIGN §2.4; its quality against DDPM-1000's "
+            f"is measured by benchmarks/quality_vs_steps.py).")
     return (["## Projection: images/s at 1000 steps and 50,000 samples", "", note, ""]
             + _table(["variant", "config", "measured", "per step", f"images/s at {A.T_FULL} steps",
-                      f"{A.FID_SAMPLES} samples"], rows) + [""])
+                      f"{A.FID_SAMPLES} samples", f"{A.FID_SAMPLES} samples at {A.DPM_SOLVER_STEPS} steps"], rows) + [""])
 
 
 def _breakdown(records: list[dict]) -> list[str]:

@@ -16,18 +16,25 @@ bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
 }
 
 template <typename out_t>
-void step_kernel(float* x, const out_t* out, const Layout4d& lx, const Layout4d& lo, const NoiseShape& shape,
-                 const StepCoefs& k, uint64_t seed, uint32_t key, uint32_t sample_offset) {
+void step_kernel(float* x, const out_t* out, float* history, const Layout4d& lx, const Layout4d& lo,
+                 const NoiseShape& shape, const StepCoefs& k, uint64_t seed, uint32_t key, uint32_t sample_offset) {
   const bool contiguous = is_nchw_contiguous(lx, shape.per_sample) && is_nchw_contiguous(lo, shape.per_sample);
   for_each_noise_chunk(shape, seed, key, sample_offset, [&](int64_t b, int64_t e0, const float* z, int64_t n) {
     if (contiguous) {
-      float* xs = x + b * shape.per_sample + e0;
-      const out_t* os = out + b * shape.per_sample + e0;
-      for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), z[j]);
+      const int64_t first = b * shape.per_sample + e0;
+      float* xs = x + first;
+      const out_t* os = out + first;
+      if (history == nullptr) {  // kept apart so the common loop vectorises without the history test
+        for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), z[j], nullptr);
+      } else {
+        float* hs = history + first;
+        for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), z[j], hs + j);
+      }
     } else {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t ox = lx.offset(b, e0 + j);
-        x[ox] = step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e0 + j)]), z[j]);
+        x[ox] = step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e0 + j)]), z[j],
+                            history == nullptr ? nullptr : history + ox);
       }
     }
   });
@@ -35,21 +42,21 @@ void step_kernel(float* x, const out_t* out, const Layout4d& lx, const Layout4d&
 
 void diffusion_step_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
                         const at::Tensor& noise_keys, const at::Tensor& step_index, int64_t seed,
-                        int64_t sample_offset) {
-  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset);
+                        int64_t sample_offset, const std::optional<at::Tensor>& history) {
+  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset, history);
   TORCH_CHECK(x.device().is_cpu(), "ddpm_fast::diffusion_step_ (CPU kernel): x on ", x.device());
   const int64_t index = step_index.data_ptr<int64_t>()[0];
   TORCH_CHECK(index >= 0 && index < coefs.size(0), "ddpm_fast::diffusion_step_: step index ", index,
               " is outside the table of ", coefs.size(0), " rows");
-  const float* row = coefs.data_ptr<float>() + index * kStepColumns;
-  const StepCoefs k{row[0], row[1], row[2], row[3], row[4], row[5], row[6]};
+  const StepCoefs k = step_row(coefs.data_ptr<float>() + index * kStepColumns);
   const int64_t key = noise_keys.data_ptr<int64_t>()[index];
   TORCH_CHECK(key >= 0 && key < kUint32Range, "ddpm_fast::diffusion_step_: noise key ", key,
               " is outside [0, 2^32)");
   if (shape.batch == 0) return;
+  float* history_ptr = history.has_value() ? history->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffusion_step_cpu", [&] {
-    step_kernel<scalar_t>(x.data_ptr<float>(), out.data_ptr<scalar_t>(), layout_of(x), layout_of(out), shape, k,
-                          static_cast<uint64_t>(seed), static_cast<uint32_t>(key),
+    step_kernel<scalar_t>(x.data_ptr<float>(), out.data_ptr<scalar_t>(), history_ptr, layout_of(x), layout_of(out),
+                          shape, k, static_cast<uint64_t>(seed), static_cast<uint32_t>(key),
                           static_cast<uint32_t>(sample_offset));
   });
 }

@@ -20,7 +20,8 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename out_t>
-__global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out, Layout4d lx, Layout4d lo,
+__global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out, float* __restrict__ history,
+                            Layout4d lx, Layout4d lo,
                             NoiseShape shape, const float* __restrict__ coefs, const int64_t* __restrict__ keys,
                             const int64_t* __restrict__ step_index, int64_t rows, uint64_t seed,
                             uint32_t sample_offset) {
@@ -29,8 +30,7 @@ __global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out
   StepCoefs k{};
   uint32_t key = 0;
   if (valid) {
-    const float* row = coefs + index * kStepColumns;
-    k = StepCoefs{row[0], row[1], row[2], row[3], row[4], row[5], row[6]};
+    k = step_row(coefs + index * kStepColumns);
     key = static_cast<uint32_t>(keys[index]);
   }
   const int64_t calls = shape.batch * shape.quads;
@@ -43,7 +43,8 @@ __global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out
       const int64_t e = 4 * q + j;
       if (e < shape.per_sample) {
         const int64_t ox = lx.offset(b, e);
-        x[ox] = valid ? step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e)]), z.v[j])
+        x[ox] = valid ? step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e)]), z.v[j],
+                                    history == nullptr ? nullptr : history + ox)
                       : std::numeric_limits<float>::quiet_NaN();
       }
     }
@@ -52,15 +53,16 @@ __global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out
 
 void diffusion_step_cuda(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
                          const at::Tensor& noise_keys, const at::Tensor& step_index, int64_t seed,
-                         int64_t sample_offset) {
-  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset);
+                         int64_t sample_offset, const std::optional<at::Tensor>& history) {
+  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset, history);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t calls = shape.batch * shape.quads;
   if (calls == 0) return;
   const auto blocks = static_cast<unsigned int>(std::min<int64_t>((calls + kThreads - 1) / kThreads, 65535 * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffusion_step_cuda", [&] {
     step_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<float>(), out.data_ptr<scalar_t>(), layout_of(x), layout_of(out), shape,
+        x.data_ptr<float>(), out.data_ptr<scalar_t>(), history.has_value() ? history->data_ptr<float>() : nullptr,
+        layout_of(x), layout_of(out), shape,
         coefs.data_ptr<float>(), noise_keys.data_ptr<int64_t>(), step_index.data_ptr<int64_t>(), coefs.size(0),
         static_cast<uint64_t>(seed), static_cast<uint32_t>(sample_offset));
   });

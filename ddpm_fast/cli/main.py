@@ -16,7 +16,7 @@ import torch
 
 from .. import NoiseSchedule, Sampler, UNet
 from ..checkpoints import UnverifiedFileWarning
-from ..contract import BACKENDS, METHODS, SEED_RANGE, SPACINGS, check_int_range
+from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import digits_dataset, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
@@ -52,7 +52,8 @@ def _sample(args: argparse.Namespace) -> int:
         model = _load_model(args.model, quiet=world.rank != 0)
         checksum = state_dict_sha256(model)  # of the weights as loaded, before any dtype cast
         sampler = Sampler(model.to(world.device), NoiseSchedule.linear(args.timesteps), method=args.method,
-                          steps=args.steps, eta=args.eta, spacing=args.spacing, backend=args.backend,
+                          steps=args.steps, eta=args.eta, spacing=args.spacing, use_karras_sigmas=args.karras,
+                          backend=args.backend,
                           dtype=DTYPES[args.dtype], clip_denoised=not args.no_clip,
                           finite_check_every=args.check_finite)
         start, manifest = time.perf_counter(), finished_manifest(args.out)
@@ -186,11 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "are refused, and the same job's finished output is kept as it is")
     sample.add_argument("--method", choices=METHODS, default="ddpm")
     sample.add_argument("--steps", type=_positive, default=None,
-                        help="network evaluations (default: all T); fewer give DDIM's or a respaced DDPM's chain")
+                        help="network evaluations (default: all T for ddpm/ddim, 20 for dpm-solver++); fewer give "
+                             "DDIM's or a respaced DDPM's chain")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
-    sample.add_argument("--spacing", choices=SPACINGS, default="uniform",
-                        help="which timesteps --steps keeps: uniform (= diffusers' leading), trailing, linspace, "
-                             "quadratic (DESIGN §2.3)")
+    sample.add_argument("--spacing", choices=tuple(dict.fromkeys(SPACINGS + DPM_SPACINGS)), default=None,
+                        help="which timesteps --steps keeps. ddpm/ddim: uniform (the default, = diffusers' leading), "
+                             "leading, trailing, linspace, quadratic (DESIGN §2.3); dpm-solver++: linspace (the "
+                             "default), leading, trailing as diffusers' DPMSolverMultistepScheduler defines them, or "
+                             "lambda (uniform log-SNR) (DESIGN §2.4)")
+    sample.add_argument("--karras", action="store_true",
+                        help="dpm-solver++: Karras et al.'s σ ramp (diffusers' use_karras_sigmas)")
     sample.add_argument("--timesteps", type=_positive, default=1000, help="T of the linear schedule")
     sample.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
     sample.add_argument("--seed", type=_seed, default=0)

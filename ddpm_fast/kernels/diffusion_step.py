@@ -18,45 +18,53 @@ from . import TYPES as _TYPES, capability as _capability
 
 
 @triton.jit
-def _update(X, Out, b, e, z, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-            A, B, Cx0, D, E, sigma, clip, valid):
+def _update(X, Out, History, b, e, z, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+            A, B, Cx0, D, E, sigma, clip, Hx0, valid, HAS_HISTORY: tl.constexpr):
     mask = e < per_sample
     c = e // (H * W)
     h = (e // W) % H
     w = e % W
-    x_ptr = X + b * sxb + c * sxc + h * sxh + w * sxw
-    x = tl.load(x_ptr, mask=mask, other=0.0)
+    offset = b * sxb + c * sxc + h * sxh + w * sxw
+    x = tl.load(X + offset, mask=mask, other=0.0)
     out = tl.load(Out + b * sob + c * soc + h * soh + w * sow, mask=mask, other=0.0).to(tl.float32)
     x0_hat = A * x + B * out
     # comparisons rather than min/max, so a NaN stays NaN for the sampler's finite check
     clipped = tl.where(x0_hat < -1.0, -1.0, tl.where(x0_hat > 1.0, 1.0, x0_hat))
     x0_hat = tl.where(clip != 0.0, clipped, x0_hat)
     x_prev = Cx0 * x0_hat + D * x + E * out + sigma * z
-    tl.store(x_ptr, tl.where(valid, x_prev, float("nan")), mask=mask)
+    if HAS_HISTORY:  # the previous row's x̂0 (history has x's strides), then this row's in its place
+        x_prev += Hx0 * tl.load(History + offset, mask=mask, other=0.0)
+        tl.store(History + offset, x0_hat, mask=mask & valid)
+    tl.store(X + offset, tl.where(valid, x_prev, float("nan")), mask=mask)
 
 
 @triton.jit
-def diffusion_step_kernel(X, Out, Coefs, Keys, StepIndex, rows, seed, sample_offset, per_sample, blocks,
+def diffusion_step_kernel(X, Out, History, Coefs, Keys, StepIndex, rows, seed, sample_offset, per_sample, blocks,
                           C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, BLOCK: tl.constexpr,
-                          COLUMNS: tl.constexpr):
+                          COLUMNS: tl.constexpr, HAS_HISTORY: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // blocks).to(tl.int64)
     q = (pid % blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     index = tl.load(StepIndex)
     valid = (index >= 0) & (index < rows)
-    row = Coefs + tl.where(valid, index, 0) * COLUMNS  # (A, B, C, D, E, sigma, clip)
+    row = Coefs + tl.where(valid, index, 0) * COLUMNS  # (A, B, C, D, E, sigma, clip, H)
     A, B, Cx0 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
     D, E, sigma, clip = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
+    Hx0 = tl.load(row + 7)
     key = tl.load(Keys + tl.where(valid, index, 0)).to(tl.uint32)
     zero = tl.zeros([BLOCK], dtype=tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, q.to(tl.uint32), zero + (sample_offset + b).to(tl.uint32), zero + key, zero)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
     e = q * 4
-    _update(X, Out, b, e, n0, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
-    _update(X, Out, b, e + 1, n1, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
-    _update(X, Out, b, e + 2, n2, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
-    _update(X, Out, b, e + 3, n3, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow, A, B, Cx0, D, E, sigma, clip, valid)
+    _update(X, Out, History, b, e, n0, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+            A, B, Cx0, D, E, sigma, clip, Hx0, valid, HAS_HISTORY)
+    _update(X, Out, History, b, e + 1, n1, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+            A, B, Cx0, D, E, sigma, clip, Hx0, valid, HAS_HISTORY)
+    _update(X, Out, History, b, e + 2, n2, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+            A, B, Cx0, D, E, sigma, clip, Hx0, valid, HAS_HISTORY)
+    _update(X, Out, History, b, e + 3, n3, per_sample, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+            A, B, Cx0, D, E, sigma, clip, Hx0, valid, HAS_HISTORY)
 
 
 def _dims(t: torch.Tensor) -> tuple[int, ...]:
@@ -75,32 +83,36 @@ _INTS = ("rows", "seed", "sample_offset", "per_sample", "blocks", "C", "H", "W",
 @functools.lru_cache
 def launch_configs(capability: tuple[int, int]) -> list[dict]:
     """Every config the launcher can choose (the same on every GPU: no shared memory, no dots)."""
-    return [dict(kernel=diffusion_step_kernel, name=f"diffusion_step_{name}_block{block}", num_warps=4, num_stages=1,
-                 signature={"X": "*fp32", "Out": "*" + name, "Coefs": "*fp32", "Keys": "*i64", "StepIndex": "*i64",
-                            **dict.fromkeys(_INTS, "i64"), "BLOCK": "constexpr", "COLUMNS": "constexpr"},
-                 constexprs=dict(BLOCK=block, COLUMNS=NUM_STEP_COLUMNS))
-            for name in _TYPES.values() for block in BLOCKS]
+    return [dict(kernel=diffusion_step_kernel, name=f"diffusion_step_{name}_block{block}{'_history' * history}",
+                 num_warps=4, num_stages=1,
+                 signature={"X": "*fp32", "Out": "*" + name, "History": "*fp32", "Coefs": "*fp32", "Keys": "*i64",
+                            "StepIndex": "*i64", **dict.fromkeys(_INTS, "i64"), "BLOCK": "constexpr",
+                            "COLUMNS": "constexpr", "HAS_HISTORY": "constexpr"},
+                 constexprs=dict(BLOCK=block, COLUMNS=NUM_STEP_COLUMNS, HAS_HISTORY=history))
+            for name in _TYPES.values() for block in BLOCKS for history in (False, True)]
 
 
-def select(quads: int, out_dtype: torch.dtype, capability: tuple[int, int]) -> dict:
+def select(quads: int, out_dtype: torch.dtype, history: bool, capability: tuple[int, int]) -> dict:
     """The config of launch_configs(capability) for `quads` quads per sample (pure)."""
-    name = f"diffusion_step_{_TYPES[out_dtype]}_block{min(BLOCKS[-1], triton.next_power_of_2(quads))}"
+    name = (f"diffusion_step_{_TYPES[out_dtype]}_block{min(BLOCKS[-1], triton.next_power_of_2(quads))}"
+            f"{'_history' * history}")
     return next(config for config in launch_configs(capability) if config["name"] == name)
 
 
 def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
-                   step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
-    """Launch the update of x in place: one program per BLOCK quads of one sample."""
+                   step_index: torch.Tensor, seed: int, sample_offset: int, history: torch.Tensor | None) -> None:
+    """Launch the update of x (and of history, when given) in place: one program per BLOCK quads
+    of one sample."""
     batch = x.shape[0]
     per_sample = x[0].numel() if batch else 0
     quads = (per_sample + 3) // 4
     if batch == 0 or quads == 0:
         return
-    config = select(quads, model_output.dtype, _capability(x))
+    config = select(quads, model_output.dtype, history is not None, _capability(x))
     blocks = triton.cdiv(quads, config["constexprs"]["BLOCK"])
     C, H, W, *x_strides = _dims(x)
     out_strides = _dims(model_output)[3:]
     diffusion_step_kernel[(batch * blocks,)](
-        x, model_output, coefs, noise_keys, step_index, coefs.shape[0], seed, sample_offset, per_sample, blocks,
-        C, H, W, *x_strides, *out_strides, **config["constexprs"], num_warps=config["num_warps"],
-        num_stages=config["num_stages"])
+        x, model_output, x if history is None else history, coefs, noise_keys, step_index, coefs.shape[0], seed,
+        sample_offset, per_sample, blocks, C, H, W, *x_strides, *out_strides, **config["constexprs"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])

@@ -12,35 +12,43 @@ from ..reference import noise as reference_noise
 from ..reference.diffusion_step import diffusion_step as reference_step
 from ._dispatch import resolve
 
+_H = STEP_COLUMNS.index("H")
+
 if _extension.AVAILABLE:
     @torch.library.register_fake("ddpm_fast::diffusion_step_")
-    def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+    def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset,
+                             history=None) -> None:
         return None
 
 
 def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
-                    step_index: torch.Tensor, *, seed: int, sample_offset: int = 0, impl: str = "auto",
-                    check: bool = True) -> torch.Tensor:
-    """x ← C·x̂0 + D·x + E·out + σ·z with x̂0 = A·x + B·out (clipped if the row says so), for the
-    row of `coefs` ([S, 7] float32, a StepTable's) at `step_index` (one-element int64 tensor on
-    x's device) and z = randn(x.shape, seed, noise_keys[step_index], sample_offset).
+                    step_index: torch.Tensor, *, seed: int, sample_offset: int = 0,
+                    history: torch.Tensor | None = None, impl: str = "auto", check: bool = True) -> torch.Tensor:
+    """x ← C·x̂0 + D·x + E·out + H·x̂0' + σ·z with x̂0 = A·x + B·out (clipped if the row says so),
+    for the row of `coefs` ([S, 8] float32, a StepTable's) at `step_index` (one-element int64
+    tensor on x's device) and z = randn(x.shape, seed, noise_keys[step_index], sample_offset).
 
     x: float32 [B, ...], any strides when 4-D; model_output: x's shape, float32/float16/bfloat16.
-    check=True also validates the step index and the row's finiteness, which reads device
-    memory (a sync on CUDA); the sampler passes check=False inside its loop. Returns x."""
-    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+    history: the multistep solvers' buffer (float32, x's shape and strides): x̂0' is read from it,
+    then it holds this row's x̂0. Without it the H term is absent (a row with H ≠ 0 is refused when
+    check=True). check=True also validates the step index and the row's finiteness, which reads
+    device memory (a sync on CUDA); the sampler passes check=False inside its loop. Returns x."""
+    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
     if check:
         index = int(step_index.reshape(()).item())
         if not 0 <= index < coefs.shape[0]:
             raise IndexError(f"step index {index} is outside the table of {coefs.shape[0]} rows")
         if not bool(torch.isfinite(coefs[index]).all()):
             raise ValueError(f"coefficient row {index} is not finite: {coefs[index].tolist()}")
+        if history is None and float(coefs[index, _H]) != 0.0:
+            raise ValueError(f"coefficient row {index} has H = {float(coefs[index, _H])} ≠ 0 (a multistep row): "
+                             f"pass the history buffer that holds the previous row's x̂0")
     backend = resolve("diffusion_step", impl, x.device, IMPLEMENTATIONS)
-    IMPLEMENTATIONS[backend](x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+    IMPLEMENTATIONS[backend](x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
     return x
 
 
-def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history) -> None:
     if x.dtype != torch.float32:
         raise TypeError(f"diffusion_step_: x must be float32 (the sampler keeps x in float32), got {x.dtype}")
     if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -63,9 +71,20 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) 
                     ("step_index", step_index)):
         if t.device != x.device:
             raise ValueError(f"diffusion_step_: {name} is on {t.device} but x is on {x.device}")
+    if history is not None:
+        if history.dtype != torch.float32 or history.shape != x.shape or history.stride() != x.stride():
+            raise ValueError(f"diffusion_step_: history must be float32 with x's shape {tuple(x.shape)} and strides "
+                             f"{x.stride()} (torch.empty_like(x)), got {history.dtype} {tuple(history.shape)} "
+                             f"strides {history.stride()}")
+        if history.device != x.device:
+            raise ValueError(f"diffusion_step_: history is on {history.device} but x is on {x.device}")
     check_samples(seed, sample_offset, x.shape[0])
     if not torch.compiler.is_compiling():  # traced tensors have no addresses; the compiled op checks the real ones
         _check_overlap(x, model_output)
+        if history is not None:
+            for name, other in (("x", x), ("model_output", model_output)):
+                if _overlaps(history, other):
+                    raise ValueError(f"diffusion_step_: history shares memory with {name}; it needs its own buffer")
 
 
 def _check_overlap(x: torch.Tensor, model_output: torch.Tensor) -> None:
@@ -74,12 +93,16 @@ def _check_overlap(x: torch.Tensor, model_output: torch.Tensor) -> None:
     if torch._debug_has_internal_overlap(x) == 1:  # 1: at::MemOverlap::Yes
         raise ValueError(f"diffusion_step_: x must not have elements sharing memory (it is updated in place), got "
                          f"strides {x.stride()} for shape {tuple(x.shape)}: pass x.contiguous()")
-    (x0, x1), (o0, o1) = _byte_span(x), _byte_span(model_output)
     same_elements = x.data_ptr() == model_output.data_ptr() and x.stride() == model_output.stride() and \
         x.dtype == model_output.dtype
-    if x0 < o1 and o0 < x1 and not same_elements:
+    if _overlaps(x, model_output) and not same_elements:
         raise ValueError("diffusion_step_: model_output overlaps x in memory other than element for element; "
                          "pass a copy of it")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
@@ -93,26 +116,27 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 # A custom_op rather than a triton_op: its explicit fake kernel also holds under Triton's
 # interpreter (which would run a triton_op's kernel on fake tensors), and the kernel is opaque
 # to torch.compile either way since it mutates x.
-@torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x"})
+@torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x", "history"})
 def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
-                           noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int) -> None:
+                           noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int,
+                           history: torch.Tensor | None = None) -> None:
     from ..kernels import diffusion_step as kernels
-    kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+    kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
 
 
 @diffusion_step_triton_.register_fake
-def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None) -> None:
     return None
 
 
-def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
-    torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset)
+def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None) -> None:
+    torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
 
 
-def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset) -> None:
+def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None) -> None:
     index = int(step_index.reshape(()).item())
     z = reference_noise.draw(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
-    x.copy_(reference_step(x, model_output, coefs[index], z))
+    x.copy_(reference_step(x, model_output, coefs[index], z, history))
 
 
 # The update without argument checks, by backend in "auto" order: what the sampler's loop calls

@@ -7,12 +7,20 @@ import torch
 from ..contract import STEP_COLUMNS
 from ..schedule import x0_hat
 
-_C, _D, _E, _SIGMA = (STEP_COLUMNS.index(name) for name in ("C", "D", "E", "sigma"))
+_C, _D, _E, _SIGMA, _H = (STEP_COLUMNS.index(name) for name in ("C", "D", "E", "sigma", "H"))
 
 
-def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """x_prev for one coefficient row (A, B, C, D, E, σ, clip), computed in x's dtype:
-    x̂0 = A·x + B·out (clipped if clip), x_prev = C·x̂0 + D·x + E·out + σ·z."""
+def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, row: torch.Tensor, z: torch.Tensor,
+                   history: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev for one coefficient row (A, B, C, D, E, σ, clip, H), computed in x's dtype:
+    x̂0 = A·x + B·out (clipped if clip), x_prev = C·x̂0 + D·x + E·out + H·x̂0' + σ·z, with x̂0'
+    the previous row's x̂0 held in `history`, which then receives this row's x̂0 (as the fused op
+    does; the H term is absent without a history)."""
     row = row.to(device=x.device, dtype=x.dtype)
     out = model_output.to(x.dtype)
-    return row[_C] * x0_hat(row, x, out) + row[_D] * x + row[_E] * out + row[_SIGMA] * z.to(x.dtype)
+    x0 = x0_hat(row, x, out)
+    x_prev = row[_C] * x0 + row[_D] * x + row[_E] * out + row[_SIGMA] * z.to(x.dtype)
+    if history is not None:
+        x_prev = x_prev + row[_H] * history.to(x.dtype)
+        history.copy_(x0)
+    return x_prev

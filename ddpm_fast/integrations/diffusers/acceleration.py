@@ -7,7 +7,8 @@
 What changes: every ResnetBlock2D whose maths is the DDPM ResBlock's (SiLU, "default" time
 embedding) runs GroupNorm(+ time-embedding add)+SiLU as one fused op, twice per block; the
 final GroupNorm+SiLU likewise; every Attention module runs AttnProcessor (fused GroupNorm,
-ddpm_fast attention); a DDPMScheduler becomes a FusedDDPMScheduler. Parameters, state-dict
+ddpm_fast attention); a DDPMScheduler becomes a FusedDDPMScheduler, a DPMSolverMultistepScheduler
+a FusedDPMSolverMultistepScheduler (when its options are ones the fused step covers). Parameters, state-dict
 keys and module types (by isinstance) are unchanged, so checkpoints and hooks keep working.
 Blocks whose options the fused maths does not cover are left as they are and counted.
 A pipeline saved after accelerate() is a stock diffusers pipeline (DDPMScheduler in its
@@ -69,23 +70,32 @@ def _fusable(block) -> bool:
 
 
 def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -> dict[str, int]:
-    """Switch a diffusers UNet2DModel (or a pipeline's unet and DDPMScheduler) to ddpm_fast's
+    """Switch a diffusers UNet2DModel (or a pipeline's unet and scheduler) to ddpm_fast's
     fused ops, in place. Returns counts: resnets fused / left, final norm, attention, scheduler."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
     from diffusers.models.resnet import ResnetBlock2D
 
+    from .dpm_solver import FusedDPMSolverMultistepScheduler
     from .scheduler import FusedDDPMScheduler
 
     target = model_or_pipeline
     if hasattr(target, "unet") and hasattr(target, "scheduler"):  # a pipeline
         counts = accelerate(target.unet, impl, precision)
         counts["scheduler"] = 0
-        if isinstance(target.scheduler, DDPMScheduler) and not isinstance(target.scheduler, FusedDDPMScheduler):
-            scheduler = FusedDDPMScheduler.from_config(target.scheduler.config)
-            scheduler.impl, scheduler.return_pred_original_sample = impl, False
+        stock = type(target.scheduler)
+        for plain, fused in ((DDPMScheduler, FusedDDPMScheduler),
+                             (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler)):
+            if stock is not plain:  # only exactly the stock class: a fused one, or another subclass, stays
+                continue
+            scheduler = fused.from_config(target.scheduler.config)
+            if scheduler.problems():  # options the fused step does not cover: the stock scheduler stays
+                continue
+            scheduler.impl = impl
+            if fused is FusedDDPMScheduler:
+                scheduler.return_pred_original_sample = False
             target.scheduler = scheduler
             if hasattr(target, "register_to_config"):  # saved as a stock pipeline: loads without ddpm_fast
-                target.register_to_config(scheduler=("diffusers", "DDPMScheduler"))
+                target.register_to_config(scheduler=("diffusers", plain.__name__))
             counts["scheduler"] = 1
         return counts
     if not isinstance(target, nn.Module):

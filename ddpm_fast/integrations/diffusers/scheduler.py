@@ -33,46 +33,106 @@ _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "f
 _PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
 
 
-class FusedDDPMScheduler(DDPMScheduler):
+class FusedStep:
+    """What both fused schedulers share: the noise seed of a run, the table on each device, and a
+    saved config under the stock class's name. Mixed in before the diffusers class."""
     # Plain attributes rather than constructor arguments: diffusers builds schedulers from
     # configs through the parent's registered __init__ signature.
     seed: int | None = None  # fixed noise seed for every run; None: one per set_timesteps
     sample_offset: int = 0  # global index of the batch's first sample in the noise contract
     impl: str = "auto"  # ddpm_fast.ops.diffusion_step_'s backend
+    _run_seed: int | None = None
+    _on_device: dict[tuple[int, torch.device], StepTable] | None = None  # reset with the host tables
+
+    def _new_run(self) -> None:
+        self._on_device = {}
+        self._run_seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2^63): a valid seed
+
+    def _noise_seed(self, generator: torch.Generator | None) -> int:
+        if isinstance(generator, list):
+            raise NotImplementedError(f"{type(self).__name__}.step: one generator per sample is not supported; the "
+                                      f"noise contract already gives every sample its own stream (pass one generator)")
+        seed = generator.initial_seed() % SEED_RANGE if generator is not None else (
+            self.seed if self.seed is not None else self._run_seed)
+        if seed is None:
+            raise ValueError(f"{type(self).__name__}.step: no noise seed; pass a generator, set .seed or call "
+                             f"set_timesteps")
+        return seed
+
+    def _device_table(self, host: StepTable, device: torch.device) -> StepTable:
+        if self._on_device is None:  # stepping without set_timesteps: diffusers' full-chain default
+            self._on_device = {}
+        key = (id(host), device)  # the run's tables live until the next set_timesteps clears this
+        if key not in self._on_device:
+            self._on_device[key] = host.to(device)
+        return self._on_device[key]
+
+    def _apply(self, host: StepTable, index: int, model_output: torch.Tensor, sample: torch.Tensor, seed: int,
+               history: torch.Tensor | None = None) -> torch.Tensor:
+        """x_prev for row `index` of the run's table: the fused op with x in float32 (a copy: diffusers'
+        step does not update in place), or the reference update for float64 samples (DESIGN §2.3),
+        with the same row and noise."""
+        if sample.dtype == torch.float64:
+            z = randn(tuple(sample.shape), seed=seed, step=int(host.noise_keys[index]),
+                      sample_offset=self.sample_offset, device=sample.device)
+            return reference_step(sample, model_output, host.coefs[index], z, history)
+        x = sample.to(torch.float32, copy=True)
+        table = self._device_table(host, sample.device)
+        step_index = torch.tensor([index], dtype=torch.int64).to(sample.device, non_blocking=True)
+        diffusion_step_(x, model_output, table.coefs, table.noise_keys, step_index, seed=seed,
+                        sample_offset=self.sample_offset, history=history, impl=self.impl, check=False)
+        return x.to(sample.dtype)
+
+    def to_json_string(self) -> str:
+        """The config as the stock diffusers scheduler writes it, under that class's name: a saved
+        scheduler (save_pretrained, or a pipeline's) loads without ddpm_fast."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = self._stock.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def refuse(scheduler, problems: list[str]) -> None:
+    if problems:
+        raise NotImplementedError(f"{type(scheduler).__name__} does not support " + "; ".join(problems))
+
+
+class FusedDDPMScheduler(FusedStep, DDPMScheduler):
+    _stock = DDPMScheduler
     # DDPMPipeline reads only prev_sample; accelerate(pipeline) turns this off to save a pass
     return_pred_original_sample: bool = True
-    _run_seed: int | None = None
     _host: tuple[StepTable, dict[int, int]] | None = None
-    _on_device: dict[torch.device, StepTable] | None = None  # set with _host
 
     def set_timesteps(self, *args, **kwargs) -> None:
         super().set_timesteps(*args, **kwargs)
         self._host = None
-        self._run_seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2^63): a valid seed
+        self._new_run()
+
+    def problems(self) -> list[str]:
+        """The options of this config the fused step does not cover (empty: all covered)."""
+        config, problems = self.config, []
+        if config.variance_type not in _VARIANCES:
+            problems.append(f"variance_type={config.variance_type!r} (supported: {sorted(_VARIANCES)})")
+        if config.prediction_type not in _PREDICTIONS:
+            problems.append(f"prediction_type={config.prediction_type!r} (supported: {sorted(_PREDICTIONS)})")
+        if config.thresholding:
+            problems.append("thresholding=True")
+        if config.clip_sample and config.clip_sample_range != 1.0:
+            problems.append(f"clip_sample_range={config.clip_sample_range} (the fused step clips to [-1, 1])")
+        if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
+            problems.append("rescale_betas_zero_snr=True with prediction_type='epsilon' (ᾱ_T = 0 makes "
+                            "x̂0 = (x − √(1−ᾱ_T)·ε)/√ᾱ_T infinite; use 'v_prediction' or 'sample')")
+        return problems
 
     def _rows(self) -> tuple[StepTable, dict[int, int]]:
         """The float64 table for this scheduler's β and timesteps (so custom schedules and
         spacings carry over), and timestep → row."""
         if self._host is None:
-            config, problems = self.config, []
-            if config.variance_type not in _VARIANCES:
-                problems.append(f"variance_type={config.variance_type!r} (supported: {sorted(_VARIANCES)})")
-            if config.prediction_type not in _PREDICTIONS:
-                problems.append(f"prediction_type={config.prediction_type!r} (supported: {sorted(_PREDICTIONS)})")
-            if config.thresholding:
-                problems.append("thresholding=True")
-            if config.clip_sample and config.clip_sample_range != 1.0:
-                problems.append(f"clip_sample_range={config.clip_sample_range} (the fused step clips to [-1, 1])")
-            if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
-                problems.append("rescale_betas_zero_snr=True with prediction_type='epsilon' (ᾱ_T = 0 makes "
-                                "x̂0 = (x − √(1−ᾱ_T)·ε)/√ᾱ_T infinite; use 'v_prediction' or 'sample')")
-            if problems:
-                raise NotImplementedError("FusedDDPMScheduler does not support " + "; ".join(problems))
+            config = self.config
+            refuse(self, self.problems())
             table = NoiseSchedule(self.betas.double(), bool(config.get("rescale_betas_zero_snr"))).step_table(
                 "ddpm", _VARIANCES[config.variance_type], bool(config.clip_sample), _PREDICTIONS[config.prediction_type],
                 steps=self.timesteps.tolist())
             self._host = table, {t: i for i, t in enumerate(table.timesteps.tolist())}
-            self._on_device = {}
         return self._host
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
@@ -81,50 +141,20 @@ class FusedDDPMScheduler(DDPMScheduler):
         if model_output.shape != sample.shape:
             raise ValueError(f"FusedDDPMScheduler.step: model_output must have the sample's shape {tuple(sample.shape)} "
                              f"(learned variances are not supported), got {tuple(model_output.shape)}")
-        if isinstance(generator, list):
-            raise NotImplementedError("FusedDDPMScheduler.step: one generator per sample is not supported; the noise "
-                                      "contract already gives every sample its own stream (pass one generator)")
         host, rows = self._rows()
+        seed = self._noise_seed(generator)
         t = int(timestep)
         if t not in rows:
             raise ValueError(f"FusedDDPMScheduler.step: timestep {t} is not one of this run's {len(rows)} timesteps "
                              f"({max(rows)} down to {min(rows)})")
-        seed = generator.initial_seed() % SEED_RANGE if generator is not None else (
-            self.seed if self.seed is not None else self._run_seed)
-        if seed is None:
-            raise ValueError("FusedDDPMScheduler.step: no noise seed; pass a generator, set .seed or call set_timesteps")
         index = rows[t]
         if sample.dim() != 4:  # the op reads any layout of a 4-D tensor, other ranks contiguous
             sample, model_output = sample.contiguous(), model_output.contiguous()
-        if sample.dtype == torch.float64:
-            return self._step_float64(host, index, model_output, sample, seed, return_dict)
-        x = sample.to(torch.float32, copy=True)  # the op updates in place; diffusers' step does not
         pred_original_sample = None
         if self.return_pred_original_sample:
-            pred_original_sample = host.x0_hat(index, x, model_output).to(sample.dtype)
-        if sample.device not in self._on_device:
-            self._on_device[sample.device] = host.to(sample.device)
-        table = self._on_device[sample.device]
-        step_index = torch.tensor([index], dtype=torch.int64).to(sample.device, non_blocking=True)
-        diffusion_step_(x, model_output, table.coefs, table.noise_keys, step_index, seed=seed,
-                        sample_offset=self.sample_offset, impl=self.impl, check=False)
-        return _output(x.to(sample.dtype), pred_original_sample, return_dict)
-
-    def _step_float64(self, host: StepTable, index: int, model_output: torch.Tensor, sample: torch.Tensor, seed: int,
-                      return_dict: bool):
-        """The update in float64 (the reference step, the same row and noise as the fused op)."""
-        z = randn(tuple(sample.shape), seed=seed, step=int(host.noise_keys[index]), sample_offset=self.sample_offset,
-                  device=sample.device)
-        prev_sample = reference_step(sample, model_output, host.coefs[index], z)
-        pred_original_sample = host.x0_hat(index, sample, model_output) if self.return_pred_original_sample else None
-        return _output(prev_sample, pred_original_sample, return_dict)
-
-    def to_json_string(self) -> str:
-        """The config as diffusers' DDPMScheduler writes it, under that class's name: a saved
-        scheduler (save_pretrained, or a pipeline's) loads without ddpm_fast."""
-        config = json.loads(super().to_json_string())
-        config["_class_name"] = DDPMScheduler.__name__
-        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+            pred_original_sample = host.x0_hat(index, sample if sample.dtype == torch.float64 else sample.float(),
+                                               model_output).to(sample.dtype)
+        return _output(self._apply(host, index, model_output, sample, seed), pred_original_sample, return_dict)
 
 
 def _output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool):
