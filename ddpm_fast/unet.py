@@ -281,7 +281,8 @@ class UNet(nn.Module):
             raise ValueError("t must be finite")
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"t must hold integer timesteps (0-based), got {t.dtype}")
-        if t.device.type == "cpu" and t.numel() and int(t.min()) < 0:  # on a GPU this would cost a sync per call
+        # on a GPU this would cost a sync per call; a compiled forward checks before the graph (compiled.py)
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling() and int(t.min()) < 0:
             raise ValueError(f"t must hold timesteps >= 0, got {int(t.min())}")
         return t
 
@@ -311,6 +312,13 @@ class UNet(nn.Module):
             if i_level != 0:
                 h = up.upsample(h)
         return self.conv_out(_normalize(h, self.norm_out, self.backend))
+
+    def compiled(self, mode: str | None = None, freezing: bool | None = None) -> "CompiledUNet":
+        """This network's forward through torch.compile, our ops opaque in the graph, as a module
+        called like this one (ddpm_fast/compiled.py). mode: torch.compile's; freezing (None: on
+        for CPU inference) pre-packs the weights and recompiles when they change."""
+        from .compiled import CompiledUNet
+        return CompiledUNet(self, mode, freezing)
 
     # -- checkpoints (ddpm_fast/checkpoints.py) ----------------------------------------------
 
