@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from . import checkpoints, ops
 from .contract import BACKENDS, check_choice
 from .reference.attention import attention as reference_attention
 from .reference.group_norm_silu import group_norm_silu as reference_group_norm_silu
+
+if TYPE_CHECKING:
+    from .compiled import CompiledUNet
 
 
 def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
