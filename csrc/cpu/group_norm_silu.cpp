@@ -151,7 +151,7 @@ C10_ALWAYS_INLINE double nchw_total(const Block& b, int64_t c0, int64_t channels
       if (held + terms > kChunk) gather();
       int64_t p = p0;
       for (; p + kLanes <= p1; p += kLanes) {
-        Lanes<V> v;
+        Lanes<V> v = {};  // every lane is set below; the initialiser only quiets -Wmaybe-uninitialized
         for (int64_t j = 0; j < kLanes; ++j) v[j] = f(c, c * hw + p + j);
         lanes += v;
       }
