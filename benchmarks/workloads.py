@@ -5,17 +5,23 @@ step and sampling benchmarks and the time breakdown (so max-autotune compiles on
 Variants — like for like: each runs in the config's dtype and memory layout (CONFIGS), and
 `cuda_graph` says whether it replays CUDA graphs (the report pairs ours with a baseline of
 the same graph use):
-  eager                       reference U-Net (backend="reference") + reference update
+  eager                       U-Net on PyTorch's own ops (backend="torch": F.group_norm, F.silu,
+                              scaled_dot_product_attention) + reference update
                               (reference/diffusion_step.py, noise from torch.randn), a Python loop
   torch.compile               the same step function through torch.compile, default mode (no
                               CUDA graphs): make gpu-check's variants only (settings.py)
   torch.compile max-autotune  the same through torch.compile(mode="max-autotune")
                               (CUDA graphs on GPUs: mode max-autotune captures them)
   diffusers                   UNet2DModel (same architecture) + DDPMScheduler, as its pipeline loops
-  reference sampler           Sampler(backend="reference"): the reference with the noise contract's
-                              Philox written in PyTorch (sampling runs only)
+  reference sampler           Sampler(backend="reference") on the same U-Net (backend="torch"): the
+                              reference update with the noise contract's Philox written in
+                              PyTorch (sampling runs only)
   ours                        UNet (fused ops) + Sampler (fused update, in-kernel noise)
+  ours + compile              the same with the U-Net's forward through UNet.compiled() (torch.compile,
+                              our ops opaque; frozen, pre-packed weights on the CPU)
   ours + CUDA graph           the same with each step captured in a CUDA graph (GPUs only)
+The float64-checkable reference U-Net (backend="reference", multi-pass GroupNorm written out)
+is for correctness tests only: slower than PyTorch's own ops, it would flatter ours.
 Weights are random except the bundled digits model's; timing does not depend on them.
 A run of 1000 steps is the full DDPM chain; fewer is DDIM with η = 1 (noise every step, so
 the same per-step work) for ours and the reference, and DDPMScheduler.set_timesteps(steps)
@@ -32,14 +38,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import settings
 from ddpm_fast import NoiseSchedule, Sampler, UNet
+from ddpm_fast.compiled import CompiledUNet
 from ddpm_fast.integrations.diffusers import unet_config_to_diffusers
 from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 
 DEVICE = settings.DEVICE
 STEP_ROW = 500  # the DDPM row the one-step benchmark repeats: clip on, σ > 0
-VARIANTS = ("eager", "torch.compile max-autotune", "diffusers", "reference sampler", "ours", "ours + CUDA graph")
+VARIANTS = ("eager", "torch.compile max-autotune", "diffusers", "reference sampler", "ours", "ours + compile",
+            "ours + CUDA graph")
 COMPILE_MODES = {"eager": None, "torch.compile": "default", "torch.compile max-autotune": "max-autotune"}
 LAST = "torch.compile max-autotune"  # its compile takes longest: run after every other variant
+BASELINE_BACKEND = "torch"  # the U-Net of every baseline but diffusers: PyTorch's own ops
 STEPLESS = ("reference sampler",)  # variants timed as sampling runs only
 DIFFUSERS_MISSING = ("diffusers is not installed: `pip install diffusers` (offline GPU machine: "
                      "`make wheels` where pip works, then carry .whl/ along; `make report` installs it)")
@@ -81,14 +90,16 @@ def build(model: str, config: str, variant: str, batch: int) -> Workload:
     shape = (batch, net.in_channels, net.resolution, net.resolution)
     place = dict(device=DEVICE, dtype=dtype, memory_format=layout)
     if variant in COMPILE_MODES:
-        net.backend = "reference"
+        net.backend = BASELINE_BACKEND
         return _reference_loop(net.to(**place).eval(), dtype, shape, COMPILE_MODES[variant])
     if variant == "diffusers":
         return _diffusers(net.config, place, shape)
-    net.backend = "reference" if variant == "reference sampler" else "auto"
+    net.backend = BASELINE_BACKEND if variant == "reference sampler" else "auto"
     net = net.to(**place).eval()
     if variant == "reference sampler":
         return Workload(None, _sampling(net, dtype, batch, "reference", False), False)
+    if variant == "ours + compile":
+        net = net.compiled()
     return _ours(net, dtype, batch, graph=variant == "ours + CUDA graph")
 
 
@@ -110,9 +121,11 @@ def _device_table(steps: int):
     return _table(steps).to(DEVICE)
 
 
-def _sampler(net: UNet, dtype: torch.dtype, steps: int, backend: str, graph: bool) -> Sampler:
+def _sampler(net: torch.nn.Module, dtype: torch.dtype, steps: int, backend: str, graph: bool) -> Sampler:
     method = dict(method="ddpm") if steps == 1000 else dict(method="ddim", steps=steps, eta=1.0)
-    return Sampler(net, NoiseSchedule.linear(1000), backend=backend, dtype=dtype, cuda_graph=graph, **method)
+    unet = net.model if isinstance(net, CompiledUNet) else net
+    return Sampler(net, NoiseSchedule.linear(1000), backend=backend, dtype=dtype, cuda_graph=graph,
+                   sample_shape=(unet.in_channels, unet.resolution, unet.resolution), **method)
 
 
 def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, mode: str | None) -> Workload:
@@ -177,7 +190,7 @@ def _diffusers(config: dict, place: dict, shape: tuple) -> Workload:
     return Workload(one_step, sample, False)
 
 
-def _ours(net: UNet, dtype: torch.dtype, batch: int, graph: bool) -> Workload:
+def _ours(net: torch.nn.Module, dtype: torch.dtype, batch: int, graph: bool) -> Workload:
     sampler = _sampler(net, dtype, 1000, "auto", graph)
     with torch.inference_mode():
         _, step = sampler.stepper(batch)  # the full DDPM table: far more rows than warm-up + rounds
@@ -188,7 +201,7 @@ def _ours(net: UNet, dtype: torch.dtype, batch: int, graph: bool) -> Workload:
     return Workload(one_step, _sampling(net, dtype, batch, "auto", graph), graph)
 
 
-def _sampling(net: UNet, dtype: torch.dtype, batch: int, backend: str, graph: bool) -> Callable[[int], torch.Tensor]:
+def _sampling(net: torch.nn.Module, dtype: torch.dtype, batch: int, backend: str, graph: bool) -> Callable[[int], torch.Tensor]:
     samplers = {}  # one per run length, so building its table stays out of the timing
 
     def sample(steps):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from . import checkpoints, ops
 from .contract import BACKENDS, check_choice
 from .reference.attention import attention as reference_attention
 from .reference.group_norm_silu import group_norm_silu as reference_group_norm_silu
+
+if TYPE_CHECKING:
+    from .compiled import CompiledUNet
 
 
 def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
@@ -33,12 +37,23 @@ def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch
     return F.pad(emb, (0, 1)) if embedding_dim % 2 else emb
 
 
+# UNet.backend: the ops' backends (contract.BACKENDS), plus "torch" — PyTorch's own ops as anyone
+# would write them (F.group_norm, F.silu, scaled_dot_product_attention): the fair eager baseline,
+# where "reference" is the float64-checkable maths written out (multi-pass, slower than PyTorch's).
+UNET_BACKENDS = BACKENDS + ("torch",)
+
+
 def _normalize(x: torch.Tensor, norm: nn.GroupNorm, backend: str, add: torch.Tensor | None = None,
                act: bool = True) -> torch.Tensor:
     """The original's nonlinearity(normalize(x + add)): the fused group_norm_silu op (impl=backend,
-    "auto" being the op's own choice), or the unfused reference maths for backend "reference"."""
+    "auto" being the op's own choice), the unfused reference maths for backend "reference", or
+    PyTorch's F.group_norm and F.silu for backend "torch"."""
     if backend == "reference":
         return reference_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
+    if backend == "torch":
+        h = F.group_norm(x if add is None else x + add[:, :, None, None], norm.num_groups, norm.weight, norm.bias,
+                         norm.eps)
+        return F.silu(h) if act else h
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act, impl=backend)
 
 
@@ -95,26 +110,31 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = _normalize(x, self.norm, self.backend, act=False)
-        if self.backend == "reference" or x.dtype == torch.float64:  # the op has no float64 kernel
+        if self.backend in ("reference", "torch") or x.dtype == torch.float64:  # the op has no float64 kernel
             B, C, H, W = x.shape
             # single head over the H·W positions: [B, 1, N, C]
             q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
-            return x + self.proj_out(reference_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
+            attend = F.scaled_dot_product_attention if self.backend == "torch" else reference_attention
+            return x + self.proj_out(attend(q, k, v).transpose(2, 3).reshape(B, C, H, W))
         return self._fused(x, h)
 
     def _fused(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        # q, k, v from one GEMM over the tokens, read by the kernel through strides; the output
-        # projection adds the residual inside the GEMM (baddbmm, beta = 1). The result keeps
-        # the token-major layout the GEMM wrote: a channels_last view of [B, C, H, W].
+        # q, k, v from one batched GEMM over the tokens (h read through strides in either layout),
+        # read by the kernel through strides; the output projection adds the residual inside the
+        # GEMM (baddbmm, beta = 1) and writes x's own layout, token-major (channels_last) or
+        # channel-major (NCHW), so that the next convolution needs no layout conversion.
         B, C, H, W = x.shape
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * C, C)
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = F.linear(h.flatten(2).transpose(1, 2), weight, bias)  # [B, N, 3C]
+        qkv = torch.baddbmm(bias, h.flatten(2).transpose(1, 2), weight.t().expand(B, C, 3 * C))  # [B, N, 3C]
         q, k, v = qkv.view(B, H * W, 3, 1, C).permute(2, 0, 3, 1, 4)  # each [B, 1, N, C], strided views
-        o = ops.attention(q, k, v, impl="triton" if self.backend == "triton" else "auto")
-        residual = x.flatten(2).transpose(1, 2)  # [B, N, C] view of x
-        out = torch.baddbmm(residual, o.reshape(B, H * W, C), self.proj_out.weight.view(C, C).t().expand(B, C, C))
-        return out.add_(self.proj_out.bias).transpose(1, 2).view(B, C, H, W)
+        o = ops.attention(q, k, v, impl="triton" if self.backend == "triton" else "auto").reshape(B, H * W, C)
+        proj = self.proj_out.weight.view(C, C)
+        if x.is_contiguous(memory_format=torch.channels_last):  # [B, N, C] = x + o·Pᵀ
+            out = torch.baddbmm(x.flatten(2).transpose(1, 2), o, proj.t().expand(B, C, C))
+            return out.add_(self.proj_out.bias).transpose(1, 2).view(B, C, H, W)
+        out = torch.baddbmm(x.flatten(2), proj.expand(B, C, C), o.transpose(1, 2))  # [B, C, N] = x + P·oᵀ
+        return out.add_(self.proj_out.bias[:, None]).view(B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -147,7 +167,9 @@ class UNet(nn.Module):
     """ε_θ(x_t, t): x [B, in_channels, H, W], t [B] 0-based integer timesteps → [B, out_ch, H, W].
 
     backend picks the implementation of the fusable pieces (GroupNorm+SiLU, attention):
-    "reference" runs the plain PyTorch maths; "auto" the fastest op for the tensors' device."""
+    "reference" runs the plain maths written out (the float64 reference); "torch" PyTorch's own
+    ops (F.group_norm, F.silu, scaled_dot_product_attention); "auto" the fastest op of ours for
+    the tensors' device, or one of them named ("cpu", "cuda", "triton")."""
 
     def __init__(self, ch: int = 128, out_ch: int = 3, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
@@ -225,7 +247,7 @@ class UNet(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        check_choice("backend", value, BACKENDS)
+        check_choice("backend", value, UNET_BACKENDS)
         self._backend = value
         for module in self.modules():
             if isinstance(module, (ResnetBlock, AttnBlock)):
@@ -263,7 +285,8 @@ class UNet(nn.Module):
             raise ValueError("t must be finite")
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"t must hold integer timesteps (0-based), got {t.dtype}")
-        if t.device.type == "cpu" and t.numel() and int(t.min()) < 0:  # on a GPU this would cost a sync per call
+        # on a GPU this would cost a sync per call; a compiled forward checks before the graph (compiled.py)
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling() and int(t.min()) < 0:
             raise ValueError(f"t must hold timesteps >= 0, got {int(t.min())}")
         return t
 
@@ -293,6 +316,13 @@ class UNet(nn.Module):
             if i_level != 0:
                 h = up.upsample(h)
         return self.conv_out(_normalize(h, self.norm_out, self.backend))
+
+    def compiled(self, mode: str | None = None, freezing: bool | None = None) -> "CompiledUNet":
+        """This network's forward through torch.compile, our ops opaque in the graph, as a module
+        called like this one (ddpm_fast/compiled.py). mode: torch.compile's; freezing (None: on
+        for CPU inference) pre-packs the weights and recompiles when they change."""
+        from .compiled import CompiledUNet
+        return CompiledUNet(self, mode, freezing)
 
     # -- checkpoints (ddpm_fast/checkpoints.py) ----------------------------------------------
 

@@ -128,6 +128,25 @@ def test_triton_channel_chunks(triton_device, monkeypatch, layout):
         assert relative_error(got, want) < 1e-5, name
 
 
+# The CPU kernel's blocks (csrc/cpu/group_norm_silu.cpp): several small NCHW groups per block
+# (4×4, 8×8, odd 3×5 and 9×9 with lane remainders), NHWC runs of 64 channels (several per
+# sample, a batch of 1 included) or the whole sample when C is narrower, in every dtype.
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,groups", [((1, 256, 4, 4), 32), ((3, 256, 8, 8), 32), ((2, 96, 3, 5), 32),
+                                          ((1, 192, 9, 9), 8), ((1, 48, 4, 4), 8)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"g{v}")
+def test_cpu_op_block_partitions(shape, groups, layout, dtype):
+    _check_forward("cpu", torch.device("cpu"), shape, groups, dtype, layout, True, True)
+    if dtype == torch.float32:
+        leaves, grads, grad_out = _gradients("cpu", torch.device("cpu"), dtype, layout, True, True, shape, groups)
+        ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+        ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], groups, ref_leaves[3]), ref_leaves,
+                                        grad_out.double().cpu())
+        for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
+            assert relative_error(got, want) < 1e-5, name
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cpu_op_group_too_large_for_the_chip(layout):
     # LSUN-256: 128 channels at 256×256, 32 groups, i.e. 4 channels × 65,536 positions per group

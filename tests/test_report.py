@@ -151,3 +151,12 @@ def test_render_shows_every_section_and_the_verdict(tmp_path):
     for heading in ("## Measured peaks", "## Ops", "## End to end: sampling runs", "## Projection", "## CPU goals"):
         assert heading in text
     assert text.rstrip().endswith("FAIL\n- boom")
+
+
+def test_sdpa_on_the_cpu_is_never_counted_as_ours():
+    # ops.attention on CPU tensors is torch's SDPA: a baseline row, in no ratio table or plot bar
+    group = dict(kind="op", group="attention B=8 N=256 d=256 float32")
+    records = [dict(group, name=name, median_s=s) for name, s in
+               (("eager", 3.0), ("sdpa", 2.0), ("ours (sdpa on cpu)", 1.9))]
+    assert not analysis.is_ours("ours (sdpa on cpu)") and analysis.is_ours("ours + compile")
+    assert analysis.comparisons(records, ("op",)) == []

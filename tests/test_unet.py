@@ -198,3 +198,49 @@ def test_backend_reaches_every_block():
 def test_bad_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNet(**{**SMALL, **kwargs})
+
+
+def _layout_conversions(model, x, t):
+    """aten::copy_ calls of one forward that convert a layout: rooted at a convolution (whose input
+    and weights disagree on the layout) or at an explicit contiguous, clone or copy_ — leaving
+    out the copies that are maths (addmm/baddbmm writing their bias or residual into the output,
+    the pad, dtype conversions, upsample_nearest2d's own)."""
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        model(x, t)
+    found = []
+    for event in prof.events():
+        if event.name != "aten::copy_":
+            continue
+        root = event
+        while root.cpu_parent is not None and root.cpu_parent.name.startswith("aten::"):
+            root = root.cpu_parent
+        if root.name in ("aten::conv2d", "aten::contiguous", "aten::clone", "aten::copy_"):
+            found.append(root.name)
+    return found
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_forward_keeps_one_layout_on_the_cpu(backend, memory_format):
+    # NCHW or channels_last from the first convolution to the last, the attention blocks included
+    model = UNet(**SMALL, backend=backend).eval().to(memory_format=memory_format)
+    x = torch.randn(2, 2, 8, 8).contiguous(memory_format=memory_format)
+    assert _layout_conversions(model, x, torch.tensor([3, 7])) == []
+    with torch.inference_mode():
+        assert model(x, torch.tensor([3, 7])).is_contiguous(memory_format=memory_format)
+
+
+def test_torch_backend_equals_the_reference():
+    torch.manual_seed(0)
+    model = UNet(**SMALL).eval()
+    for m in model.modules():  # non-trivial norms and residual branches
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.3), torch.nn.init.normal_(m.bias, 0.0, 0.3)
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, 0.0, 0.2)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        got = model(x, t)
+        model.backend = "reference"
+        expected = model.double()(x.double(), t)
+    assert relative_error(got, expected) < 1e-5

@@ -1,20 +1,23 @@
 // CPU kernels of the fused GroupNorm + SiLU (csrc/group_norm_silu.h), forward and backward:
-// at::parallel_for (OpenMP) over blocks — one (n, group) in NCHW, one sample's groups together in
-// NHWC, so that the inner loops are long unit-stride runs either way (a channel's positions, a
-// position's channels) that the compiler vectorises: `omp simd` reductions for the sums, SiLU
-// through a polynomial e^x instead of a libm call. A DDPM U-Net block (≤ 32 KiB in NCHW, ≤ 512 KiB
+// at::parallel_for (OpenMP) over blocks — one (n, group) in NCHW, a run of groups of one sample in
+// NHWC (≥ kBlockChannels channels, so even a batch of 1 has several blocks) — so that the inner
+// loops are long unit-stride runs either way (a channel's positions, a position's channels) that
+// the compiler vectorises: sums in float lanes, SiLU through a polynomial e^x instead of a libm
+// call, and no heap allocation per block (the U-Net's 4×4 blocks hold 128 elements, where
+// per-block overheads, not memory, set the time). A DDPM U-Net block (≤ 32 KiB in NCHW, ≤ 256 KiB
 // in NHWC) stays in cache between its passes, so x comes from memory once; larger ones
 // (LSUN-256: 4 channels × 65,536 positions a group) are simply read again.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#include <vector>
+#include <utility>
 
 #include "../group_norm_silu.h"
 
@@ -32,6 +35,10 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // elements per float partial sum before it joins a double total
 constexpr int64_t kGrain = 32768;  // elements per task: smaller calls run on one thread
+constexpr int64_t kLanes = 16;  // float partial sums of an NCHW group: one AVX-512 register, two AVX2 ones
+constexpr int64_t kBlockChannels = 64;  // an NHWC block's channels at least
+constexpr int64_t kBlockElements = 2048;  // an NCHW block's elements at least (whole groups; one may hold more)
+constexpr int64_t kStackChannels = 64;  // per-channel scratch kept on the stack up to this many channels
 
 // σ(z) = 1/(1 + e^−z) for float without a libm call or a branch, so the loops around it
 // vectorise (a float comparison may trap, which stops GCC's if-conversion; a clamp it can
@@ -76,9 +83,13 @@ void with_bool(bool b, const F& f) {
   }
 }
 
-// One task's share of a sample: one group in NCHW (a channel's positions make long unit-stride
-// rows), every group in NHWC (a position's C channels are contiguous, so the inner loops run
-// over all C of them rather than C/G).
+// One task's share of a sample: a run of whole groups, fixed by the shape (never by the thread
+// count). NCHW: groups together up to kBlockElements (a channel's positions make long
+// unit-stride rows; a 4×4 group of 128 elements alone would pay the block's fixed costs for
+// little work). NHWC: at least kBlockChannels channels (a position's channels are contiguous,
+// so the inner loops run over all of them rather than C/G), or the whole sample when C is
+// smaller. A sample thus gives several blocks in either layout: a batch of 1 keeps every
+// thread busy.
 struct Block {
   int64_t n, g0, groups;  // sample, first group, groups in the block
   int64_t c0, channels;   // first channel, channels in the block
@@ -86,8 +97,18 @@ struct Block {
   int64_t offset;         // of element (n, c0, 0, 0)
 };
 
+// Scratch of one value per channel of a block, on the stack for blocks of ≤ kStackChannels.
+template <typename V>
+using PerChannel = c10::SmallVector<V, kStackChannels>;
+
 int64_t groups_per_block(const GroupNormShape& s) {
-  return s.nchw ? 1 : s.groups;
+  const int64_t cg = s.group_channels();
+  const auto enough = [&](int64_t groups) {
+    return s.nchw ? groups * cg * s.hw >= kBlockElements : groups * cg >= kBlockChannels;
+  };
+  int64_t groups = 1;  // the fewest that divide G and are enough
+  while (groups < s.groups && (!enough(groups) || s.groups % groups != 0)) ++groups;
+  return groups;
 }
 
 Block block_of(const GroupNormShape& s, int64_t i) {
@@ -96,14 +117,80 @@ Block block_of(const GroupNormShape& s, int64_t i) {
   return {n, g0, groups, g0 * cg, groups * cg, s.hw, s.channels, s.group_offset(n, g0)};
 }
 
-// sums[c] = Σ_p f(c, offset of (c, p)) over the channels c and positions p of a block:
+// kLanes values of V in one vector register (two AVX2 ones), a GCC/Clang vector type: the
+// compiler keeps it in registers, where an array of partial sums went through the stack.
+template <typename V>
+struct LanesOf {
+  typedef V type __attribute__((vector_size(kLanes * sizeof(V))));
+};
+template <typename V>
+using Lanes = typename LanesOf<V>::type;
+
+// Σ_c Σ_p f(c, c·hw + p) over channels c0 … c0 + channels − 1 of an NCHW block: kLanes partial
+// sums that run across channels (so a 4×4 channel costs no horizontal sum of its own), each
+// gathered into a double total before it holds more than kChunk terms.
+template <typename F>
+C10_ALWAYS_INLINE double nchw_total(const Block& b, int64_t c0, int64_t channels, const F& f) {
+  using V = decltype(f(int64_t{0}, int64_t{0}));
+  const int64_t hw = b.hw, span = std::min(hw, kChunk * kLanes);  // a lane takes ≤ kChunk terms a span
+  const int64_t terms = (span + kLanes - 1) / kLanes;
+  Lanes<V> lanes = {};
+  double total = 0;
+  int64_t held = 0;  // terms per lane since the last gathering
+  const auto gather = [&] {  // a tree: 4 dependent additions, not 16
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    }
+    total += lanes[0];
+    lanes = Lanes<V>{};
+    held = 0;
+  };
+  for (int64_t c = c0; c < c0 + channels; ++c) {
+    for (int64_t p0 = 0; p0 < hw; p0 += span) {
+      const int64_t p1 = std::min(hw, p0 + span);
+      if (held + terms > kChunk) gather();
+      int64_t p = p0;
+      for (; p + kLanes <= p1; p += kLanes) {
+        Lanes<V> v = {};  // every lane is set below; the initialiser only quiets -Wmaybe-uninitialized
+        for (int64_t j = 0; j < kLanes; ++j) v[j] = f(c, c * hw + p + j);
+        lanes += v;
+      }
+      for (int64_t j = 0; p + j < p1; ++j) lanes[j] += f(c, c * hw + p + j);
+      held += terms;
+    }
+  }
+  gather();
+  return total;
+}
+
+// sums[c] = Σ_p f(c, offset of (c, p)) over the channels c and positions p of an NHWC block:
 // float partial sums over at most kChunk elements, gathered in double.
+template <typename F>
+C10_ALWAYS_INLINE void nhwc_channel_sums(const Block& b, const F& f, double* sums) {
+  using V = decltype(f(int64_t{0}, int64_t{0}));
+  const int64_t cb = b.channels, hw = b.hw;
+  PerChannel<V> part(cb);
+  std::fill(sums, sums + cb, 0.0);
+  const int64_t rows = std::max<int64_t>(1, kChunk / cb);
+  for (int64_t p0 = 0; p0 < hw; p0 += rows) {
+    std::fill(part.begin(), part.end(), V(0));
+    V* __restrict__ acc = part.data();
+    for (int64_t p = p0; p < std::min(hw, p0 + rows); ++p) {
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) acc[c] += f(c, p * b.row + c);
+    }
+    for (int64_t c = 0; c < cb; ++c) sums[c] += part[c];
+  }
+}
+
+// sums[c] = Σ_p f(c, offset of (c, p)) over the channels c and positions p of a block: float
+// partial sums over at most kChunk elements, gathered in double (the backward's per-channel sums).
 template <bool kNCHW, typename F>
 C10_ALWAYS_INLINE void channel_sums(const Block& b, const F& f, double* sums) {
   using V = decltype(f(int64_t{0}, int64_t{0}));
-  const int64_t cb = b.channels, hw = b.hw;
   if constexpr (kNCHW) {
-    for (int64_t c = 0; c < cb; ++c) {
+    const int64_t hw = b.hw;
+    for (int64_t c = 0; c < b.channels; ++c) {
       double total = 0;
       for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
         const int64_t p1 = std::min(hw, p0 + kChunk);
@@ -115,18 +202,7 @@ C10_ALWAYS_INLINE void channel_sums(const Block& b, const F& f, double* sums) {
       sums[c] = total;
     }
   } else {
-    std::vector<V> part(cb);
-    std::fill(sums, sums + cb, 0.0);
-    const int64_t rows = std::max<int64_t>(1, kChunk / cb);
-    for (int64_t p0 = 0; p0 < hw; p0 += rows) {
-      std::fill(part.begin(), part.end(), V(0));
-      V* __restrict__ acc = part.data();
-      for (int64_t p = p0; p < std::min(hw, p0 + rows); ++p) {
-#pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) acc[c] += f(c, p * b.row + c);
-      }
-      for (int64_t c = 0; c < cb; ++c) sums[c] += part[c];
-    }
+    nhwc_channel_sums(b, f, sums);
   }
 }
 
@@ -148,9 +224,9 @@ C10_ALWAYS_INLINE void for_each_element(const Block& b, const F& f) {
 
 // Per channel of the block, the mean over its group of sums[c]/hw: Σ_{c' in c's group} sums[c'] / (C/G·hw).
 template <typename A>
-std::vector<A> group_means(const Block& b, const std::vector<double>& sums) {
+PerChannel<A> group_means(const Block& b, const PerChannel<double>& sums) {
   const int64_t cg = b.channels / b.groups;
-  std::vector<A> means(b.channels);
+  PerChannel<A> means(b.channels);
   for (int64_t j = 0; j < b.groups; ++j) {
     double t = 0;
     for (int64_t c = j * cg; c < (j + 1) * cg; ++c) t += sums[c];
@@ -173,18 +249,54 @@ struct GroupNormArgs {
 // The block's per-channel add[n, c0 + c] (0 without an add), weight and bias in the statistics' type.
 template <typename A>
 struct ChannelParams {
-  std::vector<A> add, weight, bias;
+  PerChannel<A> add, weight, bias;
 };
 
 template <typename T, typename A>
 ChannelParams<A> channel_params(const GroupNormArgs<T, A>& a, const GroupNormShape& s, const Block& b) {
-  ChannelParams<A> p{std::vector<A>(b.channels, A(0)), std::vector<A>(b.channels), std::vector<A>(b.channels)};
+  ChannelParams<A> p{PerChannel<A>(b.channels, A(0)), PerChannel<A>(b.channels), PerChannel<A>(b.channels)};
   for (int64_t c = 0; c < b.channels; ++c) {
     if (a.add != nullptr) p.add[c] = static_cast<A>(a.add[b.n * s.channels + b.c0 + c]);
     p.weight[c] = static_cast<A>(a.weight[b.c0 + c]);
     p.bias[c] = static_cast<A>(a.bias[b.c0 + c]);
   }
   return p;
+}
+
+// Per channel of the block, its group's mean and variance of x + add: from each group's totals
+// in NCHW, from per-channel sums in NHWC. Two passes, not E[x²] − mean².
+template <bool kNCHW, typename A, typename F>
+C10_ALWAYS_INLINE void group_moments(const Block& b, const F& value, PerChannel<A>& mean, PerChannel<A>& var) {
+  const int64_t cg = b.channels / b.groups;
+  if constexpr (kNCHW) {
+    // group by group within each pass, so that the groups' short dependency chains (a total,
+    // a division) overlap in the core rather than run one after another
+    const int64_t groups = b.groups;
+    const double count = static_cast<double>(cg * b.hw);
+    PerChannel<A> m(groups), v(groups);
+    for (int64_t j = 0; j < groups; ++j) m[j] = static_cast<A>(nchw_total(b, j * cg, cg, value) / count);
+    for (int64_t j = 0; j < groups; ++j) {
+      const A mj = m[j];
+      v[j] = static_cast<A>(nchw_total(b, j * cg, cg, [&](int64_t c, int64_t o) {
+        const A d = value(c, o) - mj;
+        return d * d;
+      }) / count);
+    }
+    for (int64_t j = 0; j < groups; ++j) {
+      std::fill(mean.begin() + j * cg, mean.begin() + (j + 1) * cg, m[j]);
+      std::fill(var.begin() + j * cg, var.begin() + (j + 1) * cg, v[j]);
+    }
+  } else {
+    PerChannel<double> sums(b.channels);
+    nhwc_channel_sums(b, value, sums.data());
+    mean = group_means<A>(b, sums);
+    const A* m = mean.data();
+    nhwc_channel_sums(b, [&](int64_t c, int64_t o) {
+      const A d = value(c, o) - m[c];
+      return d * d;
+    }, sums.data());
+    var = group_means<A>(b, sums);
+  }
 }
 
 template <typename T, bool kNCHW, bool kAct>
@@ -195,31 +307,23 @@ DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, const Block&
   T* __restrict__ yb = y + b.offset;
   const ChannelParams<A> params = channel_params(a, s, b);
   const A *ad = params.add.data(), *w = params.weight.data(), *bi = params.bias.data();
-  std::vector<double> sums(b.channels);
   // (x + add) − mean, never x + (add − mean): a value equal to the mean gives exactly 0
   const auto value = [&](int64_t c, int64_t o) { return static_cast<A>(xb[o]) + ad[c]; };
-  channel_sums<kNCHW>(b, value, sums.data());
-  const std::vector<A> mean = group_means<A>(b, sums);
-  const A* m = mean.data();
-  channel_sums<kNCHW>(b, [&](int64_t c, int64_t o) {  // two passes: not E[x²] − mean²
-    const A d = value(c, o) - m[c];
-    return d * d;
-  }, sums.data());
-  std::vector<A> rstd = group_means<A>(b, sums), scale(b.channels);  // y = act((x + add − mean)·scale + bias)
-  for (int64_t c = 0; c < b.channels; ++c) {
-    rstd[c] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(rstd[c]) + eps));
-    scale[c] = rstd[c] * w[c];
+  PerChannel<A> mean(b.channels), var(b.channels);
+  group_moments<kNCHW>(b, value, mean, var);
+  const int64_t cg = s.group_channels();
+  PerChannel<A> scale(b.channels);  // y = act((x + add − mean)·scale + bias)
+  for (int64_t j = 0; j < b.groups; ++j) {  // one square root a group
+    const A rstd = static_cast<A>(1.0 / std::sqrt(static_cast<double>(var[j * cg]) + eps));
+    for (int64_t c = j * cg; c < (j + 1) * cg; ++c) scale[c] = rstd * w[c];
+    a.mean[b.n * s.groups + b.g0 + j] = mean[j * cg];
+    a.rstd[b.n * s.groups + b.g0 + j] = rstd;
   }
-  const A* sc = scale.data();
+  const A *m = mean.data(), *sc = scale.data();
   for_each_element<kNCHW>(b, [&](int64_t c, int64_t o) {
     const A z = (value(c, o) - m[c]) * sc[c] + bi[c];
     yb[o] = static_cast<T>(kAct ? z * sigmoid(z) : z);
   });
-  const int64_t cg = s.group_channels();
-  for (int64_t j = 0; j < b.groups; ++j) {
-    a.mean[b.n * s.groups + b.g0 + j] = mean[j * cg];
-    a.rstd[b.n * s.groups + b.g0 + j] = rstd[j * cg];
-  }
 }
 
 // The per-(n, c) outputs of the backward: Σ dz, Σ dz·x̂ and grad_add = Σ grad_x.
@@ -241,7 +345,7 @@ DDPM_FAST_VECTOR_CLONES void backward_block(const GroupNormShape& s, const Block
   const ChannelParams<A> params = channel_params(a, s, b);
   const A *ad = params.add.data(), *w = params.weight.data(), *bi = params.bias.data();
   const int64_t cg = s.group_channels();
-  std::vector<A> mean(b.channels), rstd(b.channels);
+  PerChannel<A> mean(b.channels), rstd(b.channels);
   for (int64_t c = 0; c < b.channels; ++c) {
     mean[c] = a.mean[b.n * s.groups + b.g0 + c / cg];
     rstd[c] = a.rstd[b.n * s.groups + b.g0 + c / cg];
@@ -254,15 +358,15 @@ DDPM_FAST_VECTOR_CLONES void backward_block(const GroupNormShape& s, const Block
     const A z = xhat(c, o) * w[c] + bi[c], sig = sigmoid(z);
     return g_out * sig * (A(1) + z * (A(1) - sig));
   };
-  std::vector<double> sum_dz(b.channels), sum_dz_xhat(b.channels), sum_dx(b.channels);
+  PerChannel<double> sum_dz(b.channels), sum_dz_xhat(b.channels), sum_dx(b.channels);
   channel_sums<kNCHW>(b, dz, sum_dz.data());
   channel_sums<kNCHW>(b, [&](int64_t c, int64_t o) { return dz(c, o) * xhat(c, o); }, sum_dz_xhat.data());
-  std::vector<double> w_dz(b.channels), w_dz_xhat(b.channels);  // summed over a group: Σ dx̂ and Σ dx̂·x̂
+  PerChannel<double> w_dz(b.channels), w_dz_xhat(b.channels);  // summed over a group: Σ dx̂ and Σ dx̂·x̂
   for (int64_t c = 0; c < b.channels; ++c) {
     w_dz[c] = w[c] * sum_dz[c];
     w_dz_xhat[c] = w[c] * sum_dz_xhat[c];
   }
-  const std::vector<A> mean_dxhat = group_means<A>(b, w_dz), mean_dxhat_xhat = group_means<A>(b, w_dz_xhat);
+  const PerChannel<A> mean_dxhat = group_means<A>(b, w_dz), mean_dxhat_xhat = group_means<A>(b, w_dz_xhat);
   const A *m1 = mean_dxhat.data(), *m2 = mean_dxhat_xhat.data();
   // grad_x = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), written while its channel sums (grad_add) are taken
   channel_sums<kNCHW>(b, [&](int64_t c, int64_t o) {
