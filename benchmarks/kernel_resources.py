@@ -313,7 +313,9 @@ NOTES = [
     "Payne–Hanek reduction that CUDA's sinf/cosf (and Triton's libdevice) take for |θ| ≥ 105,615, "
     "the only code with local loads and stores in the SASS. Box–Muller's θ = 2π·u < 2π never takes "
     "it, so no local memory is touched; the stack is a frame, not a spill. Accepted: replacing "
-    "cos/sin with sincospi would change the noise stream's float32 values (DESIGN §3).",
+    "cos/sin with sincospi would change the noise stream's float32 values (DESIGN §3). With the "
+    "multistep history buffer, 256 quads a program held 40 B on sm_120 (8 B more than that frame), "
+    "so the history variant ships 1–128 quads a program only.",
     "GroupNorm has no dots and little shared memory, so its configs are the same on every target.",
     "Open: the 12 GroupNorm rows with a violation hold 8–16 B of stack a thread at 80–168 registers "
     "(not register pressure; STL/LDL around CALL.REL in the SASS, not yet explained or fixed). "

@@ -22,6 +22,7 @@ from .ops.diffusion_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
 from .ops.noise import RANDN_IMPLEMENTATIONS
 from .reference.diffusion_step import diffusion_step as reference_step
 from .schedule import NoiseSchedule, StepTable
+from .compiled import CompiledUNet
 from .unet import UNet
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -46,6 +47,9 @@ class Sampler:
     "lambda"; `use_karras_sigmas`), whose rows also read and write a history buffer (DESIGN §2.4).
     backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
     cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
+    compile: run a ddpm_fast UNet through UNet.compiled() (torch.compile, our ops opaque; the
+    first step compiles, shown on the progress bar). Off by default on every device: on the CPU
+    it measured no faster than the fused eager forward (DESIGN §7), on GPUs it is unmeasured.
     check_finite: after the last step, sample() reads once whether x is finite and raises
     FloatingPointError if not (a NaN or infinite model gives no silently black images).
     finite_check_every: if set to K, a device-side flag records the first step whose x is not
@@ -58,7 +62,7 @@ class Sampler:
                  dtype: torch.dtype | None = None, steps: int | None = None, eta: float = 0.0,
                  spacing: str | None = None, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
                  sample_shape: tuple[int, int, int] | None = None, cuda_graph: bool = True,
-                 finite_check_every: int | None = None, check_finite: bool = True):
+                 finite_check_every: int | None = None, check_finite: bool = True, compile: bool = False):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         check_choice("method", method, METHODS)
@@ -95,6 +99,15 @@ class Sampler:
             raise ValueError(f"sample_shape must be three positive ints (C, H, W), got {sample_shape!r}")
         if dtype is not None and isinstance(model, torch.nn.Module):
             model.to(dtype)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {compile!r}")
+        if compile and not isinstance(model, (UNet, CompiledUNet)):
+            raise ValueError(f"compile=True compiles a ddpm_fast UNet's forward (UNet.compiled()); got a "
+                             f"{type(model).__name__}: pass it through torch.compile yourself")
+        if compile and isinstance(model, UNet):
+            self.model = model.compiled()
+        self.compiled = isinstance(self.model, CompiledUNet)
+        self._warm = not self.compiled  # a compiled forward compiles on its first call (shown on the bar)
 
     @property
     def device(self) -> torch.device:
@@ -123,9 +136,10 @@ class Sampler:
         check_samples(seed, sample_offset, num_samples)
         backend = self.resolved_backend
         starts = range(0, num_samples, batch_size)
+        path = f"{backend}{' + compile' * self.compiled}"
         bar = (contextlib.nullcontext(progress) if hasattr(progress, "update") else
                tqdm(total=len(starts) * len(self.table), disable=not progress, unit="step",
-                    desc=f"{self.method} [{backend}], {num_samples} samples"))
+                    desc=f"{self.method} [{path}], {num_samples} samples"))
         with self._eval_mode(), bar as bar:
             run = self._sample_reference if backend == "reference" else self._sample_fused
             x = torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend)
@@ -186,7 +200,12 @@ class Sampler:
     def _sample_fused(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
         x, replay, first_bad = self._fused_steps(n, seed, sample_offset, backend)
         for done in range(1, len(self.table) + 1):
+            if not self._warm and hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str("compiling the U-Net (once per process)…")
             replay()
+            if not self._warm and hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str("")
+            self._warm = True
             bar.update(1)
             self._check_finite(done, first_bad)
         return x
@@ -295,6 +314,7 @@ def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[]
 
 
 def _infer_sample_shape(model) -> tuple[int, int, int]:
+    model = model.model if isinstance(model, CompiledUNet) else model
     if isinstance(model, UNet):
         return (model.in_channels, model.resolution, model.resolution)
     config = getattr(model, "config", None)

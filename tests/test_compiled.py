@@ -30,3 +30,16 @@ def test_compiled_forward_follows_new_weights():
         expected = other(x, t)
         assert relative_error(compiled(x, t), expected) < 1e-5
     assert inductor_config.freezing is False  # set for that compile only
+
+
+def test_sampler_compile_runs_the_compiled_forward():
+    import pytest
+    from ddpm_fast import NoiseSchedule, Sampler
+    model = _random_model(2)
+    schedule = NoiseSchedule.linear(100)
+    eager = Sampler(model, schedule, method="ddim", steps=3).sample(2, seed=1)
+    sampler = Sampler(model, schedule, method="ddim", steps=3, compile=True)
+    assert sampler.compiled and sampler.sample_shape == (2, 8, 8)
+    assert relative_error(sampler.sample(2, seed=1), eager) < 1e-5
+    with pytest.raises(ValueError, match="compile=True compiles a ddpm_fast UNet"):
+        Sampler(lambda x, t: x, schedule, sample_shape=(1, 2, 2), compile=True)
