@@ -23,7 +23,7 @@ from ..contract import BACKENDS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
-from .images import check_output, save_trajectory
+from .images import GRID_WIDTH, check_output, save_trajectory
 from .shards import finished_manifest, sample_to_file, state_dict_sha256
 from .train import EMA_WEIGHTS, TrainConfig, train
 
@@ -63,7 +63,7 @@ def _sample(args: argparse.Namespace) -> int:
         path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
                               micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
                               shard_size=args.shard_size, model_sha256=checksum, world=world, resume=args.resume,
-                              overwrite=args.overwrite, progress=not args.quiet)
+                              overwrite=args.overwrite, progress=not args.quiet, grid_width=args.grid_width)
         if world.rank != 0:
             return 0
     if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
@@ -72,7 +72,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.trajectory:
         existed = Path(args.trajectory).exists()
         frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)))
-        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite)
+        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite, width=args.grid_width)
         done = "kept the identical" if existed and not args.overwrite else "wrote the"
         print(f"{done} x̂0 trajectory of {frames.shape[1]} samples to {path}")
     return 0
@@ -162,14 +162,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, wanted: str):
+    """An argparse type: an integer >= low, or one line saying what was `wanted`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1, "a positive integer"), _int_at_least(0, "an integer >= 0")
 
 
 def _seed(text: str) -> int:
@@ -267,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples/grid.png",
                         help="grid.png (a PNG grid), samples.npz (arr_0 uint8 [N, H, W, C]) or DIR/ (one PNG each)")
     sample.add_argument("--trajectory", default=None, help="also write the predicted x̂0 over time to this PNG")
+    sample.add_argument("--grid-width", type=_non_negative, default=GRID_WIDTH, metavar="PX",
+                        help=f"enlarge PNG grids and the trajectory (nearest neighbour, by a whole factor) to at "
+                             f"least PX pixels wide (default {GRID_WIDTH}; 0: the native size)")
     sample.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--backend", choices=BACKENDS, default="auto")
