@@ -1,6 +1,7 @@
 """The bundled class-conditional digits models, measured (DESIGN §2.4):
 
     python -m benchmarks.digits_conditional [--model digits-cond] [--num 500] [--steps 100] [--guidance 0]
+                                            [--grid docs/digits_cond_grid.png]
     python -m benchmarks.digits_conditional --classifier digits-classifier
 
 digits-cond: sample i is asked for label i mod 10 (DDIM, η = 0, the fused CPU step, the noise
@@ -22,6 +23,7 @@ import torch
 import ddpm_fast as df
 from ddpm_fast.classifier import NoisyClassifier
 from ddpm_fast.cli.data import digits_dataset, digits_labels
+from ddpm_fast.cli.images import save_grid
 from ddpm_fast.reference.diffusion import q_sample
 
 from benchmarks.digits_quality import as_digits, classifier, gate, passes, real_digits
@@ -60,6 +62,9 @@ def conditional_quality(args: argparse.Namespace) -> None:
           + f"; all: {float((read == y.numpy()).mean()):.3f}")
     print(f"gate: confident {result['confident']:.3f}, class shares {result['class_shares']}, copies "
           f"{result['copies']:.3f} -> {'PASS' if passes(result) else 'FAIL'}")
+    if args.grid:  # one class per row: samples sorted by the label asked for (stable, so by index within)
+        order = torch.argsort(y, stable=True)
+        print(f"wrote {save_grid(samples[order], args.grid, nrow=args.num // model.num_classes)}")
 
 
 def classifier_accuracy(args: argparse.Namespace) -> None:
@@ -83,6 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w >= 0")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default=None, help="also write the samples to this PNG, one class per row")
     args = parser.parse_args()
     torch.manual_seed(0)
     classifier_accuracy(args) if args.classifier else conditional_quality(args)

@@ -58,7 +58,8 @@ def _bundled(name: str | Path, alternatives: str) -> Path:
     if bundled.is_file():
         return bundled
     names = sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))
-    raise FileNotFoundError(f"{str(name)!r} is neither a bundled model (bundled: {names or 'none yet'}), {alternatives}")
+    raise FileNotFoundError(f"{str(name)!r} is neither a bundled model (bundled: {names or 'none yet'}), "
+                            f"{alternatives}")
 
 
 def read_torch_weights(path: Path):
