@@ -2,8 +2,8 @@
 its metadata), weights-only PyTorch state dicts, diffusers UNet2DModel folders and instances,
 and atomic saving. Nothing here unpickles code.
 
-The model class is an argument (`cls`: UNet or a subclass), so this module does not import the
-model module, which imports it (DESIGN §4: no import cycles).
+The model class is an argument (`cls`: UNet, NoisyClassifier or a subclass), so this module does
+not import the model modules, which import it (DESIGN §4: no import cycles).
 """
 from __future__ import annotations
 
@@ -42,13 +42,24 @@ def load_pretrained(cls, name_or_path: str | Path, config: dict | None = None):
         return _load_safetensors(cls, path)
     if path.suffix in (".pt", ".pth", ".ckpt") and path.is_file():
         return _load_torch(cls, path, config)
-    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
+    return _load_safetensors(cls, _bundled(name_or_path, "a .safetensors file, nor a diffusers UNet2DModel folder"))
+
+
+def load_safetensors(cls, name_or_path: str | Path):
+    """cls loaded from a bundled model's name or our .safetensors file (nothing else)."""
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _load_safetensors(cls, path)
+    return _load_safetensors(cls, _bundled(name_or_path, "nor a .safetensors file"))
+
+
+def _bundled(name: str | Path, alternatives: str) -> Path:
+    bundled = BUNDLED_DIR / f"{name}.safetensors"
     if bundled.is_file():
-        return _load_safetensors(cls, bundled)
+        return bundled
     names = sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))
-    raise FileNotFoundError(
-        f"{str(name_or_path)!r} is neither a bundled model (bundled: {names or 'none yet'}), "
-        "a .safetensors file, nor a diffusers UNet2DModel folder")
+    raise FileNotFoundError(f"{str(name)!r} is neither a bundled model (bundled: {names or 'none yet'}), "
+                            f"{alternatives}")
 
 
 def read_torch_weights(path: Path):

@@ -166,6 +166,9 @@ SMALL = dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions
 class UNet(nn.Module):
     """ε_θ(x_t, t): x [B, in_channels, H, W], t [B] 0-based integer timesteps → [B, out_ch, H, W].
 
+    num_classes=K makes it class-conditional, ε_θ(x_t, t, y) (DESIGN §2.5): y [B] int64 labels in
+    [0, K], where K is the "no label" token ∅ that classifier-free guidance trains and samples with.
+
     backend picks the implementation of the fusable pieces (GroupNorm+SiLU, attention):
     "reference" runs the plain maths written out (the float64 reference); "torch" PyTorch's own
     ops (F.group_norm, F.silu, scaled_dot_product_attention); "auto" the fastest op of ours for
@@ -173,7 +176,8 @@ class UNet(nn.Module):
 
     def __init__(self, ch: int = 128, out_ch: int = 3, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 in_channels: int = 3, resolution: int = 32, num_groups: int = 32, backend: str = "auto"):
+                 in_channels: int = 3, resolution: int = 32, num_groups: int = 32, backend: str = "auto",
+                 num_classes: int | None = None):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         for name, value in (("ch", ch), ("out_ch", out_ch), ("num_res_blocks", num_res_blocks),
@@ -188,9 +192,15 @@ class UNet(nn.Module):
             raise ValueError(f"resolution {resolution} must be divisible by 2^(len(ch_mult) - 1) = {2 ** (len(ch_mult) - 1)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None (unconditional), got {num_classes!r}")
         self.config = dict(ch=ch, out_ch=out_ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), dropout=dropout, in_channels=in_channels,
                            resolution=resolution, num_groups=num_groups)
+        if num_classes is not None:  # only then: unconditional configs stay as they were saved before
+            self.config["num_classes"] = num_classes
+        self.num_classes = num_classes
         self.ch, self.in_channels, self.resolution = ch, in_channels, resolution
         self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
         temb_ch = 4 * ch
@@ -198,6 +208,8 @@ class UNet(nn.Module):
 
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([_dense(ch, temb_ch), _dense(temb_ch, temb_ch)])
+        # one learned vector per class and one more, row K, for ∅ (guided-diffusion's label_emb)
+        self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes is not None else None
         self.conv_in = _conv(in_channels, ch, 3, padding=1)
 
         in_ch_mult, curr_res, block_in = (1,) + ch_mult, resolution, ch
@@ -290,10 +302,31 @@ class UNet(nn.Module):
             raise ValueError(f"t must hold timesteps >= 0, got {int(t.min())}")
         return t
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = self._check_inputs(x, t)
+    def _check_labels(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("y given to an unconditional UNet (num_classes=None): expected no labels, got "
+                                 f"a tensor of shape {tuple(torch.as_tensor(y).shape)}")
+            return None
+        if y is None:
+            raise ValueError(f"this UNet is class-conditional (num_classes={self.num_classes}): expected labels y "
+                             f"[B] in [0, {self.num_classes}] ({self.num_classes} = no label), got none")
+        y = torch.as_tensor(y, device=x.device)
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"y must hold integer class labels, got {y.dtype}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape [B] = [{x.shape[0]}], got {tuple(y.shape)}")
+        if y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) <= self.num_classes:
+            raise ValueError(f"y must hold labels in [0, {self.num_classes}] ({self.num_classes} = no label), got "
+                             f"[{int(y.min())}, {int(y.max())}]")  # on a GPU this would cost a sync per call
+        return y.long()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t, y = self._check_inputs(x, t), self._check_labels(x, y)
         temb = get_timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+        if y is not None:  # the class enters every ResBlock with the time: emb(t) + emb(y)
+            temb = temb + self.label_emb(y)
 
         hs = [self.conv_in(x)]
         for i_level, down in enumerate(self.down):
@@ -355,7 +388,7 @@ class UNet(nn.Module):
         misshaped = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
                            for k, v in state_dict.items() if k in own and v.shape != own[k].shape)
         if missing or unexpected or misshaped:
-            raise ValueError(f"{source} does not match UNet({self.config}): missing keys {missing}, "
+            raise ValueError(f"{source} does not match {type(self).__name__}({self.config}): missing keys {missing}, "
                              f"unexpected keys {unexpected}, mismatched shapes {misshaped}")
 
     def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":

@@ -1,8 +1,11 @@
 """The bundled digits model (ddpm_fast/weights/digits.safetensors): present, small, the fused
 CPU path samples it as the reference does, and it passes the digits quality gate (DESIGN §6)
 (benchmarks/digits_quality.py) on 500 DDIM-100 samples, a gate that real digits pass and an
-untrained network fails."""
+untrained network fails. The class-conditional digits-cond draws the digit asked for, and the
+noisy classifier digits-classifier reads noised digits (DESIGN §2.5)."""
 import importlib.util
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,9 @@ import pytest
 import torch
 
 import ddpm_fast as df
+from ddpm_fast import _atomic
+from ddpm_fast.classifier import NoisyClassifier
+from ddpm_fast.cli.shards import state_dict_sha256
 from helpers import relative_error
 
 WEIGHTS = Path(df.__file__).parent / "weights" / "digits.safetensors"
@@ -17,6 +23,12 @@ _spec = importlib.util.spec_from_file_location(
     "digits_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "digits_quality.py")
 quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
+
+# measured on the shipped weights (README "The bundled class-conditional models"), with a margin
+BUNDLED_SHA256 = {"digits-cond": "836e8cef08cf8b1504a8dfcd504983e28fbc2c71c8d5d3435d60134b9de6c592",
+                  "digits-classifier": "48d23ad1f689fdbf0514f7e3279176d24cf95a59105391b1cb419f1978bb436d"}
+COND_SHARE, COND_LABEL_SHARE = 0.90, 0.75  # read as the label asked for, all and worst label (0.985, 0.95)
+CLASSIFIER_ACCURACY = {0: 0.97, 250: 0.88}  # t → least accuracy on the digits noised to x_t (0.987, 0.915)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +83,48 @@ def test_fused_cpu_sampler_equals_the_reference_on_the_bundled_model():
     fused = df.Sampler(model, schedule, method="ddim", steps=20, backend="cpu").sample(8, seed=3)
     reference = df.Sampler(model, schedule, method="ddim", steps=20, backend="reference").sample(8, seed=3)
     assert relative_error(fused, reference) <= 1e-5
+
+
+# -- the bundled class-conditional models: digits-cond and digits-classifier (DESIGN §2.5) ----
+
+@pytest.mark.parametrize("name, make", [("digits-cond", lambda: df.UNet.digits(num_classes=10)),
+                                        ("digits-classifier", lambda: NoisyClassifier.digits())])
+def test_bundled_conditional_models_are_present_checksummed_and_the_presets(name, make):
+    from safetensors import safe_open
+    path = WEIGHTS.parent / f"{name}.safetensors"
+    assert path.stat().st_size < 8_000_000
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata[_atomic.CHECKSUM_KEY] and json.loads(metadata["ddpm_fast_config"]) == make().config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # verified, not merely loaded
+        model = (NoisyClassifier if name == "digits-classifier" else df.UNet).from_pretrained(name)
+    assert state_dict_sha256(model) == metadata[_atomic.CHECKSUM_KEY] == BUNDLED_SHA256[name]
+
+
+def test_digits_cond_draws_the_digit_asked_for(measured):
+    # 200 samples, label i mod 10, DDIM 50 steps, w = 0 (the conditional model alone), fused CPU step
+    clf, _ = measured
+    model = df.UNet.from_pretrained("digits-cond").eval()
+    y = torch.arange(200) % 10
+    sampler = df.Sampler(lambda x, t: model(x, t, y), df.NoiseSchedule.linear(1000), method="ddim", steps=50,
+                         backend="cpu", sample_shape=(1, 16, 16))
+    with torch.no_grad():
+        read = clf.predict(quality.as_digits(sampler.sample(200, seed=0, batch_size=200)))
+    per_label = [(read[y.numpy() == k] == k).mean() for k in range(10)]
+    assert (read == y.numpy()).mean() >= COND_SHARE and min(per_label) >= COND_LABEL_SHARE, per_label
+
+
+def test_digits_classifier_reads_noisy_digits():
+    from ddpm_fast.cli.data import digits_dataset, digits_labels
+    from ddpm_fast.reference.diffusion import q_sample
+    clf = NoisyClassifier.from_pretrained("digits-classifier").eval()
+    x0, y = digits_dataset(16), digits_labels()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    accuracy = {}
+    for step, least in CLASSIFIER_ACCURACY.items():
+        t = torch.full_like(y, step)
+        with torch.no_grad():
+            logits = clf(q_sample(df.NoiseSchedule.linear(1000), x0, t, noise).float(), t)
+        accuracy[step] = (logits.argmax(1) == y).float().mean().item()
+    assert all(accuracy[step] >= least for step, least in CLASSIFIER_ACCURACY.items()), accuracy

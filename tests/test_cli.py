@@ -17,7 +17,13 @@ def test_sample_writes_a_grid(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "randomly initialised" in captured.err and "wrote 5 samples" in captured.out
     image = Image.open(out)
-    assert image.size == (3 * 18 + 2, 2 * 18 + 2) and image.mode == "L"  # 3×2 grid of 16×16 with 2-px gaps
+    # a 3×2 grid of 16×16 with 2-px gaps, 56 px wide, enlarged 10× to reach 512 px
+    assert image.size == (10 * (3 * 18 + 2), 10 * (2 * 18 + 2)) and image.mode == "L"
+    native = tmp_path / "native.png"
+    assert main(["sample", "--num", "5", "--timesteps", "20", "--seed", "3", "--out", str(native), "--quiet",
+                 "--grid-width", "0"]) == 0
+    assert Image.open(native).size == (3 * 18 + 2, 2 * 18 + 2)
+    assert np.array_equal(np.asarray(image)[::10, ::10], np.asarray(Image.open(native)))  # nearest neighbour
 
 
 def test_sample_ddim_and_errors(tmp_path, capsys):
@@ -79,6 +85,13 @@ def test_to_uint8_truncates_like_the_original():
 
 def test_grid_layout(tmp_path):
     x = torch.stack([torch.full((3, 4, 4), v) for v in (-1.0, 1.0, 0.0)])
-    grid = np.asarray(Image.open(save_grid(x, tmp_path / "g.png", nrow=2, padding=1)))
+    grid = np.asarray(Image.open(save_grid(x, tmp_path / "g.png", nrow=2, padding=1, width=0)))
     assert grid.shape == (11, 11, 3)
     assert (grid[1:5, 1:5] == 0).all() and (grid[1:5, 6:10] == 255).all() and (grid[6:10, 1:5] == 127).all()
+    one_row = np.asarray(Image.open(save_grid(x, tmp_path / "r.png", nrow=3, padding=1, width=30)))
+    assert one_row.shape == (2 * 6, 2 * 16, 3)  # nrow columns; the smallest whole factor reaching 30 px: 2
+    assert (one_row[2:10, 2:10] == 0).all() and (one_row[2:10, 22:30] == 127).all()
+    with pytest.raises(ValueError, match="grid width must be an int >= 0, got -1"):
+        save_grid(x, tmp_path / "bad.png", width=-1)
+    with pytest.raises(ValueError, match="grid nrow must be an int >= 1, got 0"):
+        save_grid(x, tmp_path / "bad.png", nrow=0)

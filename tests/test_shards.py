@@ -160,7 +160,8 @@ def test_png_folder_and_grid_outputs(tmp_path):
     assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in files]), expected[..., 0])
     assert shards.finished_manifest(f"{tmp_path}/pngs/").name == "pngs.manifest.json"
     _run(tmp_path / "grid.png")
-    assert Image.open(tmp_path / "grid.png").size == (4 * 5 + 2, 3 * 5 + 2)  # 4 a row, 3 rows of 3×3 with 2-px gaps
+    # 4 a row, 3 rows of 3×3 with 2-px gaps: 22 px, enlarged 24× to reach 512 px
+    assert Image.open(tmp_path / "grid.png").size == (24 * (4 * 5 + 2), 24 * (3 * 5 + 2))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -11,15 +11,21 @@ from PIL import Image
 import ddpm_fast as df
 from ddpm_fast.cli import main
 from ddpm_fast.cli.data import digits_dataset, image_folder_dataset
+from ddpm_fast.classifier import NoisyClassifier
 from ddpm_fast.cli.train import CHECKPOINT, EMA_WEIGHTS, TrainConfig, train
 
 TINY = dict(ch=8, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, in_channels=1,
             resolution=8, num_groups=4)
 
 
-def _tiny_model(seed=0):
+def _tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return df.UNet(**TINY)
+    return df.UNet(**TINY, **overrides)
+
+
+def _tiny_classifier():
+    torch.manual_seed(0)
+    return NoisyClassifier(3, **{k: v for k, v in TINY.items() if k != "out_ch"})
 
 
 def test_digits_dataset():
@@ -61,20 +67,33 @@ def test_training_lowers_the_loss_and_writes_checkpoints(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("make, labelled", [
+    (_tiny_model, False),
+    (lambda: _tiny_model(num_classes=3), True),  # classifier-free guidance's label dropout draws from the run's RNG
+    (_tiny_classifier, True),
+], ids=["unconditional", "class-conditional", "noisy-classifier"])
+def test_resume_continues_bit_for_bit(tmp_path, make, labelled):
     data = torch.rand(32, 1, 8, 8) * 2 - 1
-    config = dict(batch_size=8, warmup=2, checkpoint_every=3, timesteps=50, seed=5)
-    straight = train(_tiny_model(), data, TrainConfig(steps=6, **config), tmp_path / "a", progress=False)
-    train(_tiny_model(), data, TrainConfig(steps=3, **config), tmp_path / "b", progress=False)
+    labels = torch.randint(0, 3, (32,)) if labelled else None
+    config = dict(batch_size=8, warmup=2, checkpoint_every=3, timesteps=50, seed=5, p_uncond=0.5)
+
+    def run(steps, out, resume=False, **changed):
+        return train(make(), data, TrainConfig(steps=steps, **{**config, **changed}), tmp_path / out, resume=resume,
+                     progress=False, labels=labels)
+    straight = run(6, "a")
+    run(3, "b")
     torch.manual_seed(1234)  # the resumed run must not depend on the global state it starts with
-    resumed = train(_tiny_model(), data, TrainConfig(steps=6, **config), tmp_path / "b", resume=True, progress=False)
+    resumed = run(6, "b", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="other settings"):
-        train(_tiny_model(), data, TrainConfig(steps=6, **{**config, "lr": 1e-3}), tmp_path / "b", resume=True,
-              progress=False)
+        run(6, "b", resume=True, lr=1e-3)
+    if labelled:
+        with pytest.raises(ValueError, match="other settings"):  # other labels are other data
+            train(make(), data, TrainConfig(steps=6, **config), tmp_path / "b", resume=True, progress=False,
+                  labels=labels.flip(0))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(_tiny_model(), data, TrainConfig(steps=6, **config), tmp_path / "c", resume=True, progress=False)
+        train(make(), data, TrainConfig(steps=6, **config), tmp_path / "c", resume=True, progress=False, labels=labels)
 
 
 def test_cli_train_then_sample_every_output(tmp_path, capsys):
@@ -88,14 +107,15 @@ def test_cli_train_then_sample_every_output(tmp_path, capsys):
     assert main(["sample", *common, "--out", str(tmp_path / "s.npz"), "--trajectory", str(tmp_path / "t.png")]) == 0
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (3, 8, 8, 1) and arr.dtype == np.uint8
-    assert Image.open(tmp_path / "t.png").size == (4 * 10 + 2, 3 * 10 + 2)  # 4 frames (all steps) × 3 samples
+    # 4 frames (all steps) × 3 samples, 42 px wide, enlarged 13× to reach 512 px
+    assert Image.open(tmp_path / "t.png").size == (13 * (4 * 10 + 2), 13 * (3 * 10 + 2))
     assert main(["sample", *common, "--out", str(tmp_path / "pngs") + "/"]) == 0
     names = sorted(p.name for p in (tmp_path / "pngs").iterdir())
     assert names == ["000000.png", "000001.png", "000002.png"]
     # the same seed gives the same samples in every format
     pngs = np.stack([np.asarray(Image.open(tmp_path / "pngs" / name)) for name in names])
     assert pngs.dtype == np.uint8 and np.array_equal(pngs, arr[..., 0]) and arr.max() > arr.min()
-    assert main(["sample", *common, "--out", str(tmp_path / "grid.png")]) == 0
+    assert main(["sample", *common, "--out", str(tmp_path / "grid.png"), "--grid-width", "0"]) == 0
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert np.array_equal(grid[2:10, 2:10], arr[0, ..., 0]) and np.array_equal(grid[2:10, 12:20], arr[1, ..., 0])
     assert main(["sample", *common, "--out", str(tmp_path / "s.jpg")]) == 2

@@ -1,4 +1,4 @@
-"""Training images as tensors in [−1, 1]: scikit-learn's digits (offline) or a folder."""
+"""Training images as tensors in [−1, 1]: scikit-learn's digits (offline, with their labels) or a folder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,12 +13,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 def digits_dataset(resolution: int = 16) -> torch.Tensor:
     """scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), bilinearly upsampled to
     `resolution`, as float32 [1797, 1, resolution, resolution] in [−1, 1]."""
+    images = torch.from_numpy(_load_digits().images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
+    return (upsample_digits(images, resolution) * 2 - 1).clamp(-1, 1).contiguous()
+
+
+DIGITS_CLASSES = 10
+
+
+def digits_labels() -> torch.Tensor:
+    """The digits' classes 0–9, int64 [1797], in digits_dataset's order."""
+    return torch.from_numpy(_load_digits().target.astype(np.int64))
+
+
+def _load_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn") from error
-    images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
-    return (upsample_digits(images, resolution) * 2 - 1).clamp(-1, 1).contiguous()
+    return load_digits()
 
 
 def upsample_digits(images: torch.Tensor, resolution: int) -> torch.Tensor:

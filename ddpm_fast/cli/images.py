@@ -19,6 +19,7 @@ import torch
 from .._atomic import atomic_write, write_bytes
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip archive can hold
+GRID_WIDTH = 512  # px: grids are enlarged to at least this width (a 16×16-digit grid is 144 px natively)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -29,17 +30,23 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def grid_image(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+def grid_image(images: np.ndarray, nrow: int | None = None, padding: int = 2, width: int = GRID_WIDTH) -> np.ndarray:
     """uint8 [N, H, W, C] → one uint8 [rows, cols, C] picture, `nrow` images a row (default:
-    about square) on a white background."""
+    about square) on a white background, enlarged by the smallest whole factor that makes it at
+    least `width` pixels wide (nearest neighbour: each pixel a k×k block, so nothing is blurred
+    or invented; 0: the native size)."""
     n, h, w, c = images.shape
+    for name, value, low in (("nrow", nrow, 1), ("width", width, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"grid {name} must be an int >= {low}, got {value!r}")
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = image
-    return grid
+    k = max(1, math.ceil(width / grid.shape[1]))
+    return grid.repeat(k, axis=0).repeat(k, axis=1)
 
 
 def write_png(image: np.ndarray, path: str | Path, overwrite: bool = True) -> Path:
@@ -55,9 +62,10 @@ def write_png(image: np.ndarray, path: str | Path, overwrite: bool = True) -> Pa
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2,
-              overwrite: bool = True) -> Path:
-    """Write samples as one PNG grid, `nrow` images a row (default: about square)."""
-    return write_png(grid_image(to_uint8(x), nrow, padding), path, overwrite)
+              overwrite: bool = True, width: int = GRID_WIDTH) -> Path:
+    """Write samples as one PNG grid, `nrow` images a row (default: about square), at least
+    `width` pixels wide (grid_image)."""
+    return write_png(grid_image(to_uint8(x), nrow, padding, width), path, overwrite)
 
 
 OUTPUT_KINDS = "a .png (one grid), a .npz (arr_0 uint8 [N, H, W, C]) or a folder ending in /"
@@ -94,9 +102,11 @@ def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz"), 
     return path
 
 
-def write_samples(chunks: Iterable[tuple[int, np.ndarray]], out: str | Path, shape: tuple[int, ...]) -> Path:
+def write_samples(chunks: Iterable[tuple[int, np.ndarray]], out: str | Path, shape: tuple[int, ...],
+                  nrow: int | None = None, grid_width: int = GRID_WIDTH) -> Path:
     """Write uint8 [N, H, W, C] samples, given in order as (first global index, uint8 [n, H, W, C])
-    chunks, where FID tools read them: `*.png` one grid; `*.npz` arr_0 = uint8 [N, H, W, C] (the
+    chunks, where FID tools read them: `*.png` one grid (`nrow` images a row, at least
+    `grid_width` pixels wide: grid_image); `*.npz` arr_0 = uint8 [N, H, W, C] (the
     common evaluators' format); a folder one PNG per sample named by its global index (what
     clean-fid and torch-fidelity read). The chunks are streamed: only a grid holds them all."""
     kind, path = output_kind(out), Path(out)
@@ -111,7 +121,7 @@ def write_samples(chunks: Iterable[tuple[int, np.ndarray]], out: str | Path, sha
             for i, image in enumerate(images):
                 write_png(image, sample_file(path, offset + i))
     else:
-        write_png(grid_image(np.concatenate([images for _, images in chunks])), path)
+        write_png(grid_image(np.concatenate([images for _, images in chunks]), nrow, width=grid_width), path)
     return path
 
 
@@ -156,8 +166,8 @@ def _write_npz_members(path: Path, members: dict[str, tuple[tuple[int, ...], Ite
     return path
 
 
-def save_trajectory(frames: torch.Tensor, path: str | Path, overwrite: bool = True) -> Path:
+def save_trajectory(frames: torch.Tensor, path: str | Path, overwrite: bool = True, width: int = GRID_WIDTH) -> Path:
     """[frames, N, C, H, W] → one PNG: a row per sample, x̂0 over time from left to right."""
     n_frames, n = frames.shape[:2]
     return save_grid(frames.transpose(0, 1).reshape(n * n_frames, *frames.shape[2:]), path, nrow=n_frames,
-                     overwrite=overwrite)
+                     overwrite=overwrite, width=width)

@@ -3,6 +3,8 @@
     ddpm-fast sample --model digits --num 16 --seed 0 --out samples/grid.png
     torchrun --nproc_per_node=8 -m ddpm_fast.cli sample --model digits --num-samples 50000 --out samples.npz
     ddpm-fast train --dataset digits --out runs/digits --steps 6000 --seed 0
+    ddpm-fast train --dataset digits --num-classes 10 --p-uncond 0.1 --out runs/digits-cond
+    ddpm-fast train-classifier --dataset digits --out runs/digits-classifier --steps 3000
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from pathlib import Path
 import torch
 
 from .. import NoiseSchedule, Sampler, UNet
+from ..classifier import NoisyClassifier
 from ..checkpoints import UnverifiedFileWarning
 from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
-from .data import digits_dataset, image_folder_dataset
+from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
-from .images import check_output, save_trajectory
+from .images import GRID_WIDTH, check_output, save_trajectory
 from .shards import finished_manifest, sample_to_file, state_dict_sha256
 from .train import EMA_WEIGHTS, TrainConfig, train
 
@@ -61,7 +64,7 @@ def _sample(args: argparse.Namespace) -> int:
         path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
                               micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
                               shard_size=args.shard_size, model_sha256=checksum, world=world, resume=args.resume,
-                              overwrite=args.overwrite, progress=not args.quiet)
+                              overwrite=args.overwrite, progress=not args.quiet, grid_width=args.grid_width)
         if world.rank != 0:
             return 0
     if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
@@ -70,7 +73,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.trajectory:
         existed = Path(args.trajectory).exists()
         frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)))
-        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite)
+        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite, width=args.grid_width)
         done = "kept the identical" if existed and not args.overwrite else "wrote the"
         print(f"{done} x̂0 trajectory of {frames.shape[1]} samples to {path}")
     return 0
@@ -90,21 +93,58 @@ def _text(ints: tuple[int, ...]) -> str:
     return ",".join(map(str, ints))
 
 
-def _train(args: argparse.Namespace) -> int:
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                         ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every)  # every setting checked before any work
-    torch.manual_seed(args.seed)
-    model = UNet(ch=args.ch, out_ch=args.channels, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
-                 attn_resolutions=args.attn_resolutions, dropout=args.dropout, in_channels=args.channels,
-                 resolution=args.resolution, num_groups=args.num_groups).to(args.device)
-    data = (digits_dataset(args.resolution) if args.dataset == "digits"
-            else image_folder_dataset(args.dataset, args.resolution, args.channels))
+def _train_config(args: argparse.Namespace, **extra) -> TrainConfig:
+    """Every setting checked before any work."""
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, **extra)
+
+
+def _network(args: argparse.Namespace) -> dict:
+    return dict(ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
+                attn_resolutions=args.attn_resolutions, dropout=args.dropout, in_channels=args.channels,
+                resolution=args.resolution, num_groups=args.num_groups)
+
+
+def _labelled_digits(args: argparse.Namespace, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if args.dataset != "digits":
+        raise ValueError(f"{flag} needs a data set with labels: --dataset {args.dataset!r} is a folder of images "
+                         f"without labels (only --dataset digits has them)")
+    return digits_dataset(args.resolution), digits_labels()
+
+
+def _run_training(model, data: torch.Tensor, labels: torch.Tensor | None, config: TrainConfig,
+                  args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    train(model, data, config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    train(model.to(args.device), data, config, args.out, resume=args.resume, overwrite=args.overwrite,
+          progress=not args.quiet, labels=labels)
     print(f"EMA weights of step {args.steps} ({data.shape[0]} images, {time.perf_counter() - start:.0f} s): "
           f"{args.out}/{EMA_WEIGHTS}")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.p_uncond is not None and args.num_classes is None:
+        raise ValueError("--p-uncond applies to class-conditional training only: add --num-classes K")
+    config = _train_config(args, **({} if args.p_uncond is None else {"p_uncond": args.p_uncond}))
+    if args.num_classes is None:
+        data, labels = (digits_dataset(args.resolution) if args.dataset == "digits"
+                        else image_folder_dataset(args.dataset, args.resolution, args.channels)), None
+    else:
+        data, labels = _labelled_digits(args, "--num-classes")
+        if args.num_classes != DIGITS_CLASSES:
+            raise ValueError(f"--num-classes must be the data set's number of classes, {DIGITS_CLASSES} for "
+                             f"--dataset digits, got {args.num_classes}")
+    torch.manual_seed(args.seed)
+    model = UNet(out_ch=args.channels, num_classes=args.num_classes, **_network(args))
+    return _run_training(model, data, labels, config, args)
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    config = _train_config(args)
+    data, labels = _labelled_digits(args, "train-classifier")
+    torch.manual_seed(args.seed)
+    return _run_training(NoisyClassifier(DIGITS_CLASSES, **_network(args)), data, labels, config, args)
 
 
 PRESETS = {"cifar10": UNet.ddpm_cifar10, "digits": UNet.digits, "small": UNet.small}
@@ -123,14 +163,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, wanted: str):
+    """An argparse type: an integer >= low, or one line saying what was `wanted`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1, "a positive integer"), _int_at_least(0, "an integer >= 0")
 
 
 def _seed(text: str) -> int:
@@ -163,6 +209,36 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+CLASSIFIER_STEPS = 3000  # train-classifier's default --steps
+
+
+def _add_training_arguments(train: argparse.ArgumentParser, steps: int) -> None:
+    """The flags `train` and `train-classifier` share: the optimisation, the run and the network."""
+    train.add_argument("--out", required=True, help="folder for checkpoint.safetensors and model.safetensors (EMA)")
+    optimisation, network = TrainConfig(), DIGITS  # the defaults: the bundled digits models' runs
+    train.add_argument("--steps", type=int, default=steps)
+    train.add_argument("--batch-size", type=_positive, default=optimisation.batch_size)
+    train.add_argument("--lr", type=float, default=optimisation.lr)
+    train.add_argument("--warmup", type=int, default=optimisation.warmup, help="learning-rate warm-up steps")
+    train.add_argument("--ema-decay", type=float, default=optimisation.ema_decay)
+    train.add_argument("--grad-clip", type=float, default=optimisation.grad_clip)
+    train.add_argument("--checkpoint-every", type=int, default=optimisation.checkpoint_every)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in an --out that holds another run (without it, that is refused)")
+    train.add_argument("--seed", type=_seed, default=optimisation.seed)
+    train.add_argument("--resolution", type=int, default=network["resolution"])
+    train.add_argument("--channels", type=int, choices=(1, 3), default=network["in_channels"])
+    train.add_argument("--ch", type=int, default=network["ch"])
+    train.add_argument("--ch-mult", type=_ints, default=_text(network["ch_mult"]))
+    train.add_argument("--num-res-blocks", type=int, default=network["num_res_blocks"])
+    train.add_argument("--attn-resolutions", type=_ints, default=_text(network["attn_resolutions"]))
+    train.add_argument("--dropout", type=float, default=network["dropout"])
+    train.add_argument("--num-groups", type=int, default=network["num_groups"])
+    train.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples/grid.png",
                         help="grid.png (a PNG grid), samples.npz (arr_0 uint8 [N, H, W, C]) or DIR/ (one PNG each)")
     sample.add_argument("--trajectory", default=None, help="also write the predicted x̂0 over time to this PNG")
+    sample.add_argument("--grid-width", type=_non_negative, default=GRID_WIDTH, metavar="PX",
+                        help=f"enlarge PNG grids and the trajectory (nearest neighbour, by a whole factor) to at "
+                             f"least PX pixels wide (default {GRID_WIDTH}; 0: the native size)")
     sample.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     sample.add_argument("--backend", choices=BACKENDS, default="auto")
@@ -217,30 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a DDPM U-Net (Algorithm 1) on the digits set or a folder")
     train.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, offline) or a folder of images")
-    train.add_argument("--out", required=True, help="folder for checkpoint.safetensors and model.safetensors (EMA)")
-    optimisation, network = TrainConfig(), DIGITS  # the defaults: the bundled digits model's run
-    train.add_argument("--steps", type=int, default=optimisation.steps)
-    train.add_argument("--batch-size", type=_positive, default=optimisation.batch_size)
-    train.add_argument("--lr", type=float, default=optimisation.lr)
-    train.add_argument("--warmup", type=int, default=optimisation.warmup, help="learning-rate warm-up steps")
-    train.add_argument("--ema-decay", type=float, default=optimisation.ema_decay)
-    train.add_argument("--grad-clip", type=float, default=optimisation.grad_clip)
-    train.add_argument("--checkpoint-every", type=int, default=optimisation.checkpoint_every)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start again in an --out that holds another run (without it, that is refused)")
-    train.add_argument("--seed", type=_seed, default=optimisation.seed)
-    train.add_argument("--resolution", type=int, default=network["resolution"])
-    train.add_argument("--channels", type=int, choices=(1, 3), default=network["in_channels"])
-    train.add_argument("--ch", type=int, default=network["ch"])
-    train.add_argument("--ch-mult", type=_ints, default=_text(network["ch_mult"]))
-    train.add_argument("--num-res-blocks", type=int, default=network["num_res_blocks"])
-    train.add_argument("--attn-resolutions", type=_ints, default=_text(network["attn_resolutions"]))
-    train.add_argument("--dropout", type=float, default=network["dropout"])
-    train.add_argument("--num-groups", type=int, default=network["num_groups"])
-    train.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--num-classes", type=_positive, default=None,
+                       help="train a class-conditional U-Net on the data set's labels (digits: 10)")
+    train.add_argument("--p-uncond", type=float, default=None,
+                       help=f"with --num-classes: the probability a label is dropped to the no-label token, for "
+                            f"classifier-free guidance (default {TrainConfig.p_uncond})")
+    _add_training_arguments(train, TrainConfig.steps)
     train.set_defaults(run=_train)
+
+    classifier = commands.add_parser("train-classifier",
+                                     help="train a noise-conditioned classifier p(y | x_t, t) on the digits' labels")
+    classifier.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, offline, labelled)")
+    _add_training_arguments(classifier, CLASSIFIER_STEPS)
+    classifier.set_defaults(run=_train_classifier)
 
     convert = commands.add_parser("convert", help="turn a diffusers UNet2DModel folder or a .pt/.ckpt state dict "
                                                   "(original-DDPM PyTorch port names) into our .safetensors")

@@ -44,7 +44,7 @@ from .._atomic import exclusive, file_sha256, remove, stale_temporaries, tensors
 from ..contract import NOISE_STREAM_VERSION, check_samples
 from ..sampler import Sampler
 from .distributed import World
-from .images import output_kind, sample_file, sample_files, to_uint8, write_npz, write_samples
+from .images import GRID_WIDTH, output_kind, sample_file, sample_files, to_uint8, write_npz, write_samples
 
 FORMAT = "ddpm_fast.sampling-job/1"
 MANIFEST = "manifest.json"
@@ -88,7 +88,8 @@ def finished_manifest(out: str | Path) -> Path:
 
 def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed: int = 0, micro_batch: int,
                    shard_size: int | None = None, model_sha256: str | None = None, world: World | None = None,
-                   resume: bool = False, overwrite: bool = False, progress: bool = False) -> Path:
+                   resume: bool = False, overwrite: bool = False, progress: bool = False, nrow: int | None = None,
+                   grid_width: int = GRID_WIDTH) -> Path:
     """Draw global samples 0 .. num_samples − 1 with `sampler` into `out` (*.npz, *.png grid or a
     folder/, as images.write_samples), through shards of `shard_size` samples (default: one
     micro-batch) drawn `micro_batch` at a time, spread over the ranks of `world` (default: this
@@ -99,7 +100,8 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
     thrown away; a folder holding no finished shard is removed). An existing output is replaced
     only with overwrite=True — except that the finished output of the same job is kept as it is
     (a no-op). One job at a time writes an output (Busy otherwise). model_sha256 defaults to the
-    checksum of sampler.model's state dict."""
+    checksum of sampler.model's state dict. A grid output puts `nrow` samples a row and is at
+    least `grid_width` pixels wide (images.grid_image)."""
     world = world or World(device=sampler.device)
     shard_size = micro_batch if shard_size is None else shard_size
     for name, value in (("micro_batch", micro_batch), ("shard_size", shard_size), ("num_samples", num_samples)):
@@ -119,6 +121,8 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
                     num_samples=num_samples, sample_shape=list(sampler.sample_shape), micro_batch=micro_batch,
                     shard_size=shard_size, noise_stream_version=NOISE_STREAM_VERSION,
                     step_table_sha256=step_table_sha256(sampler))
+    if output_kind(out) == "grid":  # the picture's layout is part of the job; other outputs have none
+        settings.update(grid_nrow=nrow, grid_width=grid_width)
     with _Job(out, settings, world) as job:
         todo = world.on_rank0(lambda: job.prepare(resume, overwrite))
         if todo is None:
@@ -234,7 +238,8 @@ class _Job:
             self._read_shard(k, path)
         shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
         chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, images=True)) for k, path in sorted(files.items()))
-        path = write_samples(chunks, self.out, shape)
+        path = write_samples(chunks, self.out, shape, self.settings.get("grid_nrow"),
+                             self.settings.get("grid_width", GRID_WIDTH))
         write_json(finished_manifest(self.out), dict(self._manifest(complete=True), output_sha256=self._output_sha256()))
         for shard in files.values():
             shard.unlink()

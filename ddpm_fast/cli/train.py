@@ -1,6 +1,10 @@
 """Training by Algorithm 1 of Ho et al. 2020: x_0 from the data, t ~ U{0..T−1}, ε ~ N(0, I),
 a gradient step on L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (eq. 14), with Adam,
 gradient-norm clipping and an exponential moving average of the weights (what gets sampled).
+A class-conditional U-Net learns ε_θ(x_t, t, y) with each label replaced by ∅ with probability
+p_uncond, so that one network is both the conditional and the unconditional model classifier-free
+guidance combines (Ho & Salimans 2022, Algorithm 1; DESIGN §2.5). A NoisyClassifier learns
+p_φ(y | x_t, t) by cross-entropy on the same x_t (Dhariwal & Nichol 2021), with the same loop.
 
 Checkpoints are safetensors: the model, its EMA, Adam's moments and the random generators'
 states, so a resumed run on the CPU continues bit for bit where it stopped (on a GPU, dropout
@@ -20,12 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._atomic import exclusive, save_safetensors, tensors_sha256
 from ..checkpoints import read_safetensors
 from ..contract import SEED_RANGE, UINT32_RANGE, check_int_range
-from ..reference.diffusion import training_losses
+from ..classifier import NoisyClassifier
+from ..reference.diffusion import q_sample, training_losses
 from ..schedule import NoiseSchedule
 from ..unet import UNet
 
@@ -44,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     timesteps: int = 1000
+    p_uncond: float = 0.1  # class-conditional U-Nets only: the share of labels dropped to ∅
 
     def __post_init__(self) -> None:
         """Every setting in its range, or a ValueError naming it (before any work starts)."""
@@ -56,17 +63,24 @@ class TrainConfig:
         check_int_range("seed", self.seed, SEED_RANGE)
         for name, ok, rule in (("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
                                ("grad_clip", lambda v: v > 0, "a number > 0 (the largest gradient norm; inf: none)"),
-                               ("ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]")):
+                               ("ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                               ("p_uncond", lambda v: 0 <= v <= 1, "a probability in [0, 1]")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: str | Path, resume: bool = False,
-          progress: bool = True, overwrite: bool = False) -> UNet:
+Model = UNet | NoisyClassifier
+
+
+def train(model: Model, data: torch.Tensor, config: TrainConfig, out_dir: str | Path, resume: bool = False,
+          progress: bool = True, overwrite: bool = False, labels: torch.Tensor | None = None) -> Model:
     """Train `model` on `data` ([N, C, H, W] in [−1, 1]) and return the EMA model. Writes
     out_dir/checkpoint.safetensors every config.checkpoint_every steps and at the end, and
-    out_dir/model.safetensors (the EMA weights, loadable with UNet.from_pretrained).
+    out_dir/model.safetensors (the EMA weights, loadable with from_pretrained).
+
+    A class-conditional UNet and a NoisyClassifier need `labels` (int64 [N] in [0, K)); an
+    unconditional UNet takes none.
 
     resume=True continues out_dir's checkpoint (refused if its settings, network or data
     differ, or it is past config.steps). Without it, a folder that already holds a run is
@@ -76,9 +90,10 @@ def train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: str | P
     if data.dim() != 4 or data.shape[1:] != (model.in_channels, model.resolution, model.resolution):
         raise ValueError(f"data must be [N, {model.in_channels}, {model.resolution}, {model.resolution}], "
                          f"got {tuple(data.shape)}")
+    _check_labels(model, labels, data.shape[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir, "the training folder"):
-        data_sha256 = tensors_sha256({"data": data})
+        data_sha256 = tensors_sha256({"data": data} if labels is None else {"data": data, "labels": labels})
         checkpoint = out_dir / CHECKPOINT
         saved = _read_checkpoint(checkpoint) if (resume or not overwrite) and checkpoint.exists() else None
         if not resume and not overwrite:
@@ -91,13 +106,45 @@ def train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: str | P
                                  f"--resume to continue it, --overwrite to start again, or choose another --out")
         if resume and saved is None:
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
-        return _train(model, data, config, out_dir, saved if resume else None, data_sha256, progress)
+        return _train(model, data, labels, config, out_dir, saved if resume else None, data_sha256, progress)
 
 
-def _train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: Path,
-           saved: tuple[dict[str, torch.Tensor], dict[str, str]] | None, data_sha256: str, progress: bool) -> UNet:
+def _check_labels(model: Model, labels: torch.Tensor | None, n: int) -> None:
+    classes = model.config.get("num_classes")
+    if classes is None:
+        if labels is not None:
+            raise ValueError("labels given for an unconditional UNet: pass num_classes to the UNet to train a "
+                             "class-conditional one")
+        return
+    if labels is None:
+        raise ValueError(f"{type(model).__name__} with num_classes={classes} needs labels: got none (a data set "
+                         f"without labels trains unconditional U-Nets only)")
+    if labels.shape != (n,) or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 [{n}], one per image, got {labels.dtype} {tuple(labels.shape)}")
+    if n and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+        raise ValueError(f"labels must lie in [0, {classes}) for num_classes={classes}, got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _loss(model: Model, schedule: NoiseSchedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+          y: torch.Tensor | None, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The batch's objective: L_simple (eq. 14), its classifier-free-guidance version or the
+    classifier's cross-entropy."""
+    if isinstance(model, NoisyClassifier):  # −log p_φ(y | x_t, t) with x_t from eq. 4
+        return F.cross_entropy(model(q_sample(schedule, x_start, t, noise), t), y)
+    if y is None:
+        return training_losses(model, schedule, x_start, t, noise).mean()
+    # Ho & Salimans 2022, Algorithm 1: c ← ∅ with probability p_uncond, per example
+    dropped = torch.rand(y.shape, generator=generator, device=y.device) < config.p_uncond
+    y = torch.where(dropped, model.num_classes, y)
+    return training_losses(lambda x_t, t: model(x_t, t, y), schedule, x_start, t, noise).mean()
+
+
+def _train(model: Model, data: torch.Tensor, labels: torch.Tensor | None, config: TrainConfig, out_dir: Path,
+           saved: tuple[dict[str, torch.Tensor], dict[str, str]] | None, data_sha256: str, progress: bool) -> Model:
     device = next(model.parameters()).device
     data = data.to(device)
+    labels = labels.to(device) if labels is not None else None
     schedule = NoiseSchedule.linear(config.timesteps)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -115,7 +162,8 @@ def _train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: Path,
         x_start = data[index]
         t = torch.randint(0, config.timesteps, (config.batch_size,), generator=generator, device=device)
         noise = torch.randn(x_start.shape, generator=generator, device=device)
-        loss = training_losses(model, schedule, x_start, t, noise).mean()
+        y = labels[index] if labels is not None else None
+        loss = _loss(model, schedule, x_start, t, noise, y, config, generator)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
         optimizer.zero_grad(set_to_none=True)
@@ -131,7 +179,7 @@ def _train(model: UNet, data: torch.Tensor, config: TrainConfig, out_dir: Path,
     return ema
 
 
-def _save_checkpoint(out_dir: Path, step: int, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
+def _save_checkpoint(out_dir: Path, step: int, model: Model, ema: Model, optimizer: torch.optim.Optimizer,
                      generator: torch.Generator, config: TrainConfig, data_sha256: str) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
@@ -166,7 +214,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def _differences(metadata: dict, model: UNet, config: TrainConfig, data_sha256: str) -> dict:
+def _differences(metadata: dict, model: Model, config: TrainConfig, data_sha256: str) -> dict:
     """What differs between a checkpoint's run and this one (steps aside): name → (saved, now)."""
     now = asdict(config)
     differing = {k: (v, now.get(k)) for k, v in metadata["train_config"].items() if k != "steps" and now.get(k) != v}
@@ -177,7 +225,7 @@ def _differences(metadata: dict, model: UNet, config: TrainConfig, data_sha256: 
     return differing
 
 
-def _restore(path: Path, saved: tuple[dict[str, torch.Tensor], dict], model: UNet, ema: UNet,
+def _restore(path: Path, saved: tuple[dict[str, torch.Tensor], dict], model: Model, ema: Model,
              optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig,
              data_sha256: str) -> int:
     tensors, metadata = saved
