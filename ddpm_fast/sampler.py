@@ -65,6 +65,11 @@ class Sampler:
                  finite_check_every: int | None = None, check_finite: bool = True, compile: bool = False):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        network = model.model if isinstance(model, CompiledUNet) else model
+        if getattr(network, "num_classes", None) is not None and isinstance(network, UNet):
+            raise ValueError(f"this UNet is class-conditional (num_classes={network.num_classes}): the Sampler draws "
+                             f"without labels, and sampling with labels and guidance is not built yet "
+                             f"(benchmarks/digits_conditional.py samples such a model with labels)")
         check_choice("method", method, METHODS)
         check_choice("backend", backend, BACKENDS)
         if dtype is not None and dtype not in DTYPES:
