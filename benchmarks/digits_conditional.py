@@ -8,7 +8,8 @@ digits-cond: sample i is asked for label i mod 10 (DDIM, η = 0, the fused CPU s
 contract's seed), and the quality gate's SVC (benchmarks/digits_quality.py) reads every sample;
 reported per label: the share it reads as the label asked for, and the gate's figures.
 --guidance w runs classifier-free guidance, ε̃ = (1 + w) ε_θ(x_t, t, y) − w ε_θ(x_t, t, ∅)
-(Ho & Salimans 2022, eq. 6), in one batched network call; w = 0 is the conditional model alone.
+(Ho & Salimans 2022, eq. 6), in the fused step (Sampler(guidance_scale=w)); w = 0 is the
+conditional model alone. benchmarks/guidance.py measures fidelity against diversity over w.
 
 digits-classifier: its accuracy on the real digits noised to x_t = q_sample(x_0, t, ε) (eq. 4),
 at a few t (the digits it was trained on: this checks the noise conditioning, not generalisation).
@@ -29,29 +30,15 @@ from ddpm_fast.reference.diffusion import q_sample
 from benchmarks.digits_quality import as_digits, classifier, gate, passes, real_digits
 
 
-def guided(model: df.UNet, y: torch.Tensor, w: float):
-    """(x, t) → ε̃ for labels y: the conditional ε_θ alone when w = 0, else eq. 6 of Ho & Salimans."""
-    if w == 0:
-        return lambda x, t: model(x, t, y)
-    no_label = torch.full_like(y, model.num_classes)
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        conditional, unconditional = model(x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([y, no_label])).chunk(2)
-        return (1 + w) * conditional - w * unconditional
-    return eps
-
-
 def conditional_quality(args: argparse.Namespace) -> None:
     real, labels = real_digits()
     svc = classifier(real, labels)[0]
     model = df.UNet.from_pretrained(args.model).eval()
     y = torch.arange(args.num) % model.num_classes
-    sampler = df.Sampler(guided(model, y, args.guidance), df.NoiseSchedule.linear(1000), method="ddim",
-                         steps=args.steps, backend="cpu", sample_shape=(model.in_channels, model.resolution,
-                                                                         model.resolution))
+    sampler = df.Sampler(model, df.NoiseSchedule.linear(1000), method="ddim", steps=args.steps, backend="cpu",
+                         guidance_scale=args.guidance)
     start = time.perf_counter()
-    with torch.no_grad():
-        samples = sampler.sample(args.num, seed=args.seed, batch_size=args.num)  # one batch: y lines up
+    samples = sampler.sample(args.num, seed=args.seed, labels=y)
     seconds = time.perf_counter() - start
     read = svc.predict(as_digits(samples))
     shares = [float((read[y.numpy() == k] == k).mean()) for k in range(model.num_classes)]

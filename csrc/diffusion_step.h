@@ -1,9 +1,12 @@
 // The fused sampling update (DESIGN §2), shared by csrc/cpu/diffusion_step.cpp and
 // csrc/cuda/diffusion_step.cu: argument checks, the strided layout of x and the network
 // output, and the per-element arithmetic.
-//   x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);  x ← C·x̂0 + D·x + E·out + H·x̂0' + σ·z
+//   out ← out + w·(out − uncond) + Gout·g;  x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);
+//   x ← C·x̂0 + D·x + E·out + H·x̂0' + Gmean·g + σ·z
 // with x̂0' the previous row's x̂0, read from the optional history buffer, which then takes x̂0
-// (multistep solvers, DESIGN §2.4); without one the H term is absent.
+// (multistep solvers, DESIGN §2.4), and the guidance inputs of DESIGN §2.5: the unconditional
+// network output `uncond` and a classifier's gradient g. Each optional input's term is absent
+// without it.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -42,12 +45,12 @@ inline Layout4d layout_of(const at::Tensor& t) {
 }
 
 struct StepCoefs {
-  float A, B, C, D, E, sigma, clip, H;
+  float A, B, C, D, E, sigma, clip, H, w, Gout, Gmean;
 };
 
 // A row of the [S, kStepColumns] table, in contract.STEP_COLUMNS order.
 DDPM_FAST_HD StepCoefs step_row(const float* row) {
-  return {row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]};
+  return {row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10]};
 }
 
 DDPM_FAST_HD float estimate_x0(const StepCoefs& k, float x, float out) {
@@ -59,10 +62,18 @@ DDPM_FAST_HD float estimate_x0(const StepCoefs& k, float x, float out) {
   return x0_hat;
 }
 
-// One element's update; with a history pointer its element (x̂0') is read, then replaced by x̂0.
-DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float z, float* history) {
+// Classifier-free guidance, ε̃ = (1 + w)·ε(x, y) − w·ε(x, ∅) (Ho & Salimans 2022, eq. 6), written
+// so that w = 0 returns the conditional output exactly.
+DDPM_FAST_HD float cfg_output(const StepCoefs& k, float out, float uncond) { return out + k.w * (out - uncond); }
+
+// One element's update from the network output `out` (already combined by cfg_output under
+// classifier-free guidance) and the classifier gradient g (0 without a classifier, which leaves
+// every value as it would be without the two terms); with a history pointer its element (x̂0')
+// is read, then replaced by x̂0.
+DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float g, float z, float* history) {
+  out += k.Gout * g;  // ε̂ = ε − s·√(1−ᾱ_t)·g in the output's own parametrisation (DESIGN §2.5)
   const float x0_hat = estimate_x0(k, x, out);
-  float x_prev = k.C * x0_hat + k.D * x + k.E * out + k.sigma * z;
+  float x_prev = k.C * x0_hat + k.D * x + k.E * out + k.Gmean * g + k.sigma * z;
   if (history != nullptr) {
     x_prev += k.H * *history;
     *history = x0_hat;
@@ -73,7 +84,9 @@ DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float z, 
 inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
                                   const at::Tensor& noise_keys, const at::Tensor& step_index,
                                   int64_t seed, int64_t sample_offset,
-                                  const std::optional<at::Tensor>& history) {
+                                  const std::optional<at::Tensor>& history,
+                                  const std::optional<at::Tensor>& uncond,
+                                  const std::optional<at::Tensor>& grad) {
   constexpr const char* op = "ddpm_fast::diffusion_step_";
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf ||
@@ -108,6 +121,27 @@ inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, co
     TORCH_CHECK(h.device() == x.device(), op, ": history is on ", h.device(), " but x is on ", x.device());
     at::assert_no_overlap(h, x);
     at::assert_no_overlap(h, out);
+  }
+  if (uncond.has_value()) {  // read with out's offsets: the other half of one 2B-batch forward
+    const at::Tensor& u = *uncond;
+    TORCH_CHECK(u.scalar_type() == out.scalar_type() && u.sizes() == out.sizes() && u.strides() == out.strides(), op,
+                ": uncond_output must have model_output's dtype ", out.scalar_type(), ", shape ", out.sizes(),
+                " and strides ", out.strides(), ", got ", u.scalar_type(), " ", u.sizes(), " strides ", u.strides());
+    TORCH_CHECK(u.device() == x.device(), op, ": uncond_output is on ", u.device(), " but x is on ", x.device());
+    at::assert_no_overlap(u, x);
+  }
+  if (grad.has_value()) {  // read with x's offsets
+    const at::Tensor& g = *grad;
+    TORCH_CHECK(g.scalar_type() == at::kFloat && g.sizes() == x.sizes() && g.strides() == x.strides(), op,
+                ": guidance_grad must be float32 with x's shape ", x.sizes(), " and strides ", x.strides(), ", got ",
+                g.scalar_type(), " ", g.sizes(), " strides ", g.strides());
+    TORCH_CHECK(g.device() == x.device(), op, ": guidance_grad is on ", g.device(), " but x is on ", x.device());
+    at::assert_no_overlap(g, x);
+  }
+  if (history.has_value()) {
+    for (const std::optional<at::Tensor>* other : {&uncond, &grad}) {
+      if (other->has_value()) at::assert_no_overlap(*history, **other);
+    }
   }
   check_seed(op, seed);
   const int64_t batch = x.size(0);

@@ -72,3 +72,25 @@ class NoisyClassifier(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path) -> "NoisyClassifier":
         """Load a bundled classifier by name ("digits-classifier") or our .safetensors file."""
         return checkpoints.load_safetensors(cls, name_or_path)
+
+
+def classifier_gradient(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """g = ∇ₓ log p_φ(y | x_t, t), what classifier guidance adds (Dhariwal & Nichol 2021, Algorithms
+    1 and 2), by autograd through `classifier` — any callable (x_t [B, ...], t [B]) → logits [B, K] —
+    in the dtype of its floating-point parameters (x's for a plain function). Runs with autograd on
+    whatever mode the caller is in (the sampler's inference mode included); returns g in x's shape."""
+    dtype = next((p.dtype for p in classifier.parameters() if p.is_floating_point()), x.dtype) \
+        if isinstance(classifier, nn.Module) else x.dtype
+    with torch.inference_mode(False), torch.enable_grad():
+        # clones made outside inference mode are ordinary tensors that autograd may record
+        x_in = x.detach().to(dtype).clone().requires_grad_(True)
+        logits = classifier(x_in, t.clone())
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the classifier must return logits [B, K] with B = {x.shape[0]}, got "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}")
+        if y.device.type == "cpu" and y.numel() and int(y.max()) >= logits.shape[1]:
+            raise ValueError(f"label {int(y.max())} is outside the classifier's {logits.shape[1]} classes")
+        log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+        (grad,) = torch.autograd.grad(log_p.gather(1, y.clone()[:, None]).sum(), x_in)
+    return grad
+

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 
-def _forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return model(x, t)
+def _forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return model(x, t, y)
 
 
 class CompiledUNet(nn.Module):
-    """model's forward, compiled: call it as the model, (x, t) -> ε. `mode` is torch.compile's;
+    """model's forward, compiled: call it as the model, (x, t[, y]) -> ε. `mode` is torch.compile's;
     `freezing` None = on for CPU inference, off elsewhere (training needs parameters as inputs)."""
 
     def __init__(self, model: nn.Module, mode: str | None = None, freezing: bool | None = None):
@@ -43,8 +43,9 @@ class CompiledUNet(nn.Module):
             self._compiled[freeze] = torch.compile(function, fullgraph=True, options=options)
         return self._compiled[freeze]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = self.model._check_inputs(x, t)  # eagerly: its data-dependent checks would break the graph
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        # eagerly: their data-dependent checks would break the graph
+        t, y = self.model._check_inputs(x, t), self.model._check_labels(x, y)
         freeze = self.freezing
         if freeze is None:
             freeze = x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -53,4 +54,4 @@ class CompiledUNet(nn.Module):
             if weights != self._frozen_weights:
                 torch._C._dynamo.eval_frame.reset_code(self._code)  # drop the graphs frozen with the old weights
                 self._frozen_weights = weights
-        return self._function(bool(freeze))(self.model, x, t)
+        return self._function(bool(freeze))(self.model, x, t, y)

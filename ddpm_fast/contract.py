@@ -23,11 +23,13 @@ SEED_RANGE = 1 << 63  # seeds travel as int64 through torch.library schemas
 MAX_ELEMENTS_PER_SAMPLE = 4 * UINT32_RANGE  # four normals per Philox call, quads counted in a uint32
 
 # -- step table (DESIGN §2) ---------------------------------------------------------------------
-# One sampling update, whatever the method, with `out` the network output and x̂0' the previous
-# row's x̂0 (the history buffer of multistep solvers, DESIGN §2.4):
+# One sampling update, whatever the method, with `out` the network output, x̂0' the previous
+# row's x̂0 (the history buffer of multistep solvers, DESIGN §2.4) and, under guidance (DESIGN
+# §2.5), `uncond` the unconditional output and g = ∇ₓ log p_φ(y | x_t, t) a classifier's gradient:
+#   out ← out + w·(out − uncond) + Gout·g   (classifier-free guidance; classifier guidance as ε̂)
 #   x̂0 = A·x + B·out   (clipped to [−1, 1] when clip = 1)
-#   x_prev = C·x̂0 + D·x + E·out + H·x̂0' + σ·z
-STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip", "H")
+#   x_prev = C·x̂0 + D·x + E·out + H·x̂0' + Gmean·g + σ·z   (Gmean: classifier guidance as μ + sΣg)
+STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip", "H", "w", "Gout", "Gmean")
 NUM_STEP_COLUMNS = len(STEP_COLUMNS)
 
 # -- names ------------------------------------------------------------------------------------

@@ -96,10 +96,11 @@ def orders(steps: int, order: int, final_sigma: str = "zero", lower_order_final:
 
 def rows(alphas_cumprod: torch.Tensor, steps: int, spacing: str, karras: bool, order: int, stochastic: bool,
          prediction_type: str, clip: bool, final_sigma: str = "zero",
-         lower_order_final: bool = True) -> tuple[list[tuple[float, ...]], list[int]]:
-    """The (A, B, C, D, E, σ, clip, H) rows of a DPM-Solver++ run and its model timesteps."""
+         lower_order_final: bool = True) -> tuple[list[tuple[float, ...]], list[int], list[tuple[float, float]]]:
+    """The (A, B, C, D, E, σ, clip, H) rows of a DPM-Solver++ run, its model timesteps and each
+    row's (α_t, σ_t) (where its x̂0 is estimated: what classifier guidance scales by, DESIGN §2.5)."""
     timesteps, sigmas = timesteps_and_sigmas(alphas_cumprod, steps, spacing, karras, final_sigma)
-    table = []
+    table, vp = [], []
     same = [math.isclose(a, b, rel_tol=1e-12) for a, b in zip(sigmas, sigmas[1:])]
     if any(b > a and not equal for a, b, equal in zip(sigmas, sigmas[1:], same)):
         raise ValueError(f"σ must not grow from one step to the next, got σ = {sigmas}")
@@ -107,6 +108,7 @@ def rows(alphas_cumprod: torch.Tensor, steps: int, spacing: str, karras: bool, o
         alpha_s, sigma_s = alpha_sigma(sigmas[i])
         # x̂0 = A·x + B·out per prediction type (diffusers' convert_model_output)
         A, B = {"epsilon": (1 / alpha_s, -sigma_s / alpha_s), "x0": (0.0, 1.0), "v": (alpha_s, -sigma_s)}[prediction_type]
+        vp.append((alpha_s, sigma_s))
         if same[i]:
             # h = 0: a repeated timestep (S close to T rounds two onto one) or a final σ "sigma_min"
             # equal to the last (Karras σ end there): diffusers' update leaves x as it is
@@ -126,4 +128,4 @@ def rows(alphas_cumprod: torch.Tensor, steps: int, spacing: str, karras: bool, o
             r = math.log(sigmas[i - 1] / sigmas[i]) / math.log(sigmas[i] / sigmas[i + 1])
             C, H = Q * (1 + 0.5 / r), -Q * 0.5 / r
         table.append((A, B, C, D, 0.0, noise, float(clip), H))
-    return table, timesteps
+    return table, timesteps, vp

@@ -5,6 +5,9 @@ coefficient row, timestep and noise key come from a StepTable held on the device
 index held in device memory, so the loop never waits for the host; on CUDA the whole step
 (model forward + update + index increment) is captured once in a CUDA graph and replayed.
 DPM-Solver++ rows also read and write a history buffer (the previous x̂0) inside the same update.
+Guidance (DESIGN §2.5) enters the same update: classifier-free guidance runs the network once on
+the 2B batch (labels, then ∅) and the kernel combines the halves; classifier guidance passes the
+gradient ∇ₓ log p_φ(y | x_t, t) of a classifier as one more input.
 Noise follows DESIGN §3: x_T is randn(step=T), the update at timestep i adds randn(step=i),
 per global sample index — sample j is the same whatever batch, device or backend draws it.
 """
@@ -22,6 +25,7 @@ from .ops.diffusion_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
 from .ops.noise import RANDN_IMPLEMENTATIONS
 from .reference.diffusion_step import diffusion_step as reference_step
 from .schedule import NoiseSchedule, StepTable
+from .classifier import classifier_gradient
 from .compiled import CompiledUNet
 from .unet import UNet
 
@@ -46,6 +50,15 @@ class Sampler:
     `spacing` as diffusers' DPMSolverMultistepScheduler defines it, default "linspace", or
     "lambda"; `use_karras_sigmas`), whose rows also read and write a history buffer (DESIGN §2.4).
     backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
+
+    Guidance (DESIGN §2.5; sample() then takes labels): a class-conditional UNet (num_classes=K)
+    is sampled with labels; guidance_scale w ≥ 0 (one for every step or one per step) is
+    classifier-free guidance, ε̃ = (1 + w)·ε(x, y) − w·ε(x, ∅), the network running once per
+    step on the 2B batch; classifier, any callable (x_t, t) → logits [B, K] such as a
+    NoisyClassifier, with classifier_scale s (default 1) adds its gradient ∇ₓ log p(y | x_t, t) —
+    on the mean for DDPM (μ + s·Σ·g), on ε for the other methods (ε − s·√(1−ᾱ_t)·g) — to a
+    conditional or an unconditional model. Both can be combined. The classifier's backward pass
+    runs eagerly each step: a sampler with a classifier does not capture CUDA graphs.
     cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
     compile: run a ddpm_fast UNet through UNet.compiled() (torch.compile, our ops opaque; the
     first step compiles, shown on the progress bar). Off by default on every device: on the CPU
@@ -62,14 +75,23 @@ class Sampler:
                  dtype: torch.dtype | None = None, steps: int | None = None, eta: float = 0.0,
                  spacing: str | None = None, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
                  sample_shape: tuple[int, int, int] | None = None, cuda_graph: bool = True,
-                 finite_check_every: int | None = None, check_finite: bool = True, compile: bool = False):
+                 finite_check_every: int | None = None, check_finite: bool = True, compile: bool = False,
+                 guidance_scale: float | list[float] = 0.0, classifier: Callable | None = None,
+                 classifier_scale: float | None = None):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         network = model.model if isinstance(model, CompiledUNet) else model
-        if getattr(network, "num_classes", None) is not None and isinstance(network, UNet):
-            raise ValueError(f"this UNet is class-conditional (num_classes={network.num_classes}): the Sampler draws "
-                             f"without labels, and sampling with labels and guidance is not built yet "
-                             f"(benchmarks/digits_conditional.py samples such a model with labels)")
+        self.num_classes = network.num_classes if isinstance(network, UNet) else None
+        scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
+        guided = any(w != 0 for w in scales)  # else no unconditional half is run
+        if guided and self.num_classes is None:
+            raise ValueError(f"guidance_scale={guidance_scale!r} is classifier-free guidance, which needs a "
+                             f"class-conditional UNet (num_classes=K, trained with label dropout); this model is "
+                             f"unconditional (a classifier= guides it instead)")
+        if classifier is not None and not callable(classifier):
+            raise TypeError(f"classifier must be a callable (x_t, t) -> logits, got {type(classifier).__name__}")
+        if classifier is None and classifier_scale is not None:
+            raise ValueError(f"classifier_scale={classifier_scale!r} scales a classifier's gradient: pass classifier=")
         check_choice("method", method, METHODS)
         check_choice("backend", backend, BACKENDS)
         if dtype is not None and dtype not in DTYPES:
@@ -84,8 +106,11 @@ class Sampler:
             raise ValueError(f"finite_check_every must be a positive int or None, got {finite_check_every!r}")
         if not isinstance(use_karras_sigmas, bool):
             raise TypeError(f"use_karras_sigmas must be a bool, got {use_karras_sigmas!r}")
+        self.classifier, self.classifier_free = classifier, guided
+        self.classifier_scale = 1.0 if classifier_scale is None else classifier_scale
         self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing,
-                                         karras=use_karras_sigmas)
+                                         karras=use_karras_sigmas, guidance_scale=guidance_scale,
+                                         classifier_scale=0.0 if classifier is None else self.classifier_scale)
         spacing = spacing if spacing is not None else "linspace" if method in MULTISTEP_METHODS else "uniform"
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
         self.dtype, self.cuda_graph, self.finite_check_every = model_dtype, cuda_graph, finite_check_every
@@ -95,6 +120,8 @@ class Sampler:
         self.config = dict(method=method, steps=len(self.table), eta=float(eta), clip_denoised=bool(clip_denoised),
                            variance=variance, prediction_type=prediction_type, spacing=spacing,
                            karras=use_karras_sigmas,
+                           guidance_scale=scales if isinstance(guidance_scale, (list, tuple)) else guidance_scale,
+                           classifier_scale=None if classifier is None else self.classifier_scale,
                            timesteps=schedule.num_timesteps, dtype=str(model_dtype).removeprefix("torch."),
                            backend=backend)
         self._tables: dict[torch.device, StepTable] = {}
@@ -128,13 +155,17 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, num_samples: int, seed: int = 0, sample_offset: int = 0, progress: bool | tqdm = False,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, labels: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """x_0 for global samples sample_offset .. sample_offset + num_samples − 1: float32
         [num_samples, C, H, W], in [−1, 1] when clip_denoised. batch_size splits the work
         without changing any sample's noise. progress: True for a progress bar of this call,
-        or a bar of the caller's (anything with update(n)) to advance by one per step."""
+        or a bar of the caller's (anything with update(n)) to advance by one per step.
+        labels: the class of each sample (one int for all, or num_samples of them), required by a
+        class-conditional model or a classifier and refused otherwise; sample j drawn with label y
+        is the same whatever batch draws it."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        labels = self._check_labels(labels, num_samples)
         batch_size = num_samples if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -147,7 +178,8 @@ class Sampler:
                     desc=f"{self.method} [{path}], {num_samples} samples"))
         with self._eval_mode(), bar as bar:
             run = self._sample_reference if backend == "reference" else self._sample_fused
-            x = torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend)
+            x = torch.cat([run(min(batch_size, num_samples - start), seed, sample_offset + start, bar, backend,
+                               None if labels is None else labels[start:start + batch_size])
                            for start in starts])
         if self.check_finite:
             bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())  # the one device read of the run
@@ -158,6 +190,31 @@ class Sampler:
                     f"names the step where they first appear")
         return x
 
+    def _check_labels(self, labels, num_samples: int) -> torch.Tensor | None:
+        needed = self.num_classes is not None or self.classifier is not None
+        if labels is None:
+            if needed:
+                uses = [what for what, used in (("a class-conditional model", self.num_classes is not None),
+                                                ("classifier guidance", self.classifier is not None)) if used]
+                raise ValueError(f"this sampler draws with {' and '.join(uses)}: pass labels= (one class for all "
+                                 f"samples, or one per sample)")
+            return None
+        if not needed:
+            raise ValueError("labels= given, but the model is unconditional and there is no classifier to guide it")
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            labels = [labels] * num_samples
+        labels = torch.as_tensor(labels).cpu()
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"labels must be integer classes, got {labels.dtype}")
+        if labels.shape != (num_samples,):
+            raise ValueError(f"labels must be one int or {num_samples} of them (one per sample), got shape "
+                             f"{tuple(labels.shape)}")
+        upper = self.num_classes
+        if labels.numel() and (int(labels.min()) < 0 or (upper is not None and int(labels.max()) >= upper)):
+            raise ValueError(f"labels must lie in [0, {upper if upper is not None else 'K'}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return labels.long()
+
     def _initial_noise(self, n: int, seed: int, sample_offset: int, backend: str) -> torch.Tensor:
         # x_T under key T (DESIGN §3), drawn by the compiled kernel where one runs on this device
         device = self.device
@@ -166,7 +223,8 @@ class Sampler:
         return draw((n, *self.sample_shape), seed, self.schedule.num_timesteps, sample_offset, device)
 
     @torch.inference_mode()
-    def trajectory(self, num_samples: int, seed: int = 0, sample_offset: int = 0, frames: int = 12) -> torch.Tensor:
+    def trajectory(self, num_samples: int, seed: int = 0, sample_offset: int = 0, frames: int = 12,
+                   labels: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """The paper's progressive generation (Fig. 6): the predicted x̂0 (clipped as the update
         clips it) at `frames` evenly spaced steps, the last being the final x_0. Runs the
         reference loop; returns float32 [frames, num_samples, C, H, W]."""
@@ -175,35 +233,38 @@ class Sampler:
         keep = {round(i * (len(self.table) - 1) / max(frames - 1, 1)) for i in range(frames)}
         shots: list[torch.Tensor] = []
 
-        def record(index: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        def record(index: int, x: torch.Tensor, out: torch.Tensor, uncond, grad) -> None:
             if index in keep:
-                shots.append(self.table.x0_hat(index, x, out).float())
+                shots.append(self.table.x0_hat(index, x, out, uncond, grad).float())
 
         check_samples(seed, sample_offset, num_samples)
+        labels = self._check_labels(labels, num_samples)
         with self._eval_mode(), tqdm(disable=True) as bar:
-            self._sample_reference(num_samples, seed, sample_offset, bar, "reference", on_step=record)
+            self._sample_reference(num_samples, seed, sample_offset, bar, "reference", labels, on_step=record)
         return torch.stack(shots)
 
     def _sample_reference(self, n: int, seed: int, sample_offset: int, bar, backend: str,
-                          on_step: Callable | None = None) -> torch.Tensor:
+                          labels: torch.Tensor | None = None, on_step: Callable | None = None) -> torch.Tensor:
         x = self._initial_noise(n, seed, sample_offset, backend).to(torch.float64 if self.dtype == torch.float64
                                                                     else torch.float32)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
         history = torch.zeros_like(x) if self.table.multistep else None
+        y = None if labels is None else self._model_labels(labels.to(x.device))
         rows = zip(self.table.coefs, self.table.timesteps.tolist(), self.table.noise_keys.tolist())
         for index, (row, t, key) in enumerate(rows):
-            out = self._model_output(x.to(self.dtype), torch.full((n,), t, dtype=torch.int64, device=x.device))
+            out, uncond, grad = self._outputs(x, torch.full((n,), t, dtype=torch.int64, device=x.device), y)
             if on_step is not None:
-                on_step(index, x, out)
+                on_step(index, x, out, uncond, grad)
             z = RANDN_IMPLEMENTATIONS["reference"](tuple(x.shape), seed, key, sample_offset, x.device)
-            x = reference_step(x, out, row, z, history)
+            x = reference_step(x, out, row, z, history, uncond, grad)
             self._note_non_finite(x, first_bad, torch.tensor([index], device=x.device))
             bar.update(1)
             self._check_finite(index + 1, first_bad)
         return x
 
-    def _sample_fused(self, n: int, seed: int, sample_offset: int, bar, backend: str) -> torch.Tensor:
-        x, replay, first_bad = self._fused_steps(n, seed, sample_offset, backend)
+    def _sample_fused(self, n: int, seed: int, sample_offset: int, bar, backend: str,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
+        x, replay, first_bad = self._fused_steps(n, seed, sample_offset, backend, labels)
         for done in range(1, len(self.table) + 1):
             if not self._warm and hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str("compiling the U-Net (once per process)…")
@@ -215,18 +276,19 @@ class Sampler:
             self._check_finite(done, first_bad)
         return x
 
-    def stepper(self, num_samples: int, seed: int = 0,
-                sample_offset: int = 0) -> tuple[torch.Tensor, Callable[[], None]]:
+    def stepper(self, num_samples: int, seed: int = 0, sample_offset: int = 0,
+                labels: int | list[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], None]]:
         """For benchmarks and custom loops: (x, step) where x is x_T and each step() applies the
         next row of the table to x in place, exactly as sample() does (a CUDA-graph replay where
         sample() would capture). Fused backends only; call it, and step(), in inference mode with
         the model in eval mode. At most len(table) steps: the kernel reads the row at a device-side
-        index, so a further call is refused here rather than read past the table."""
+        index, so a further call is refused here rather than read past the table. labels as for sample()."""
         check_samples(seed, sample_offset, num_samples)
+        labels = self._check_labels(labels, num_samples)
         backend = self.resolved_backend
         if backend == "reference":
             raise ValueError("stepper() runs the fused backends; the reference backend has no in-place step")
-        x, replay, _ = self._fused_steps(num_samples, seed, sample_offset, backend)
+        x, replay, _ = self._fused_steps(num_samples, seed, sample_offset, backend, labels)
         remaining = [len(self.table)]
 
         def step() -> None:
@@ -236,7 +298,7 @@ class Sampler:
             replay()
         return x, step
 
-    def _fused_steps(self, n: int, seed: int, sample_offset: int, backend: str):
+    def _fused_steps(self, n: int, seed: int, sample_offset: int, backend: str, labels: torch.Tensor | None = None):
         """x_T, the callable that advances it by one row, and the device-side non-finite flag."""
         table = self._device_table(self.device)
         x = self._initial_noise(n, seed, sample_offset, backend)
@@ -244,16 +306,17 @@ class Sampler:
         step_index = torch.zeros(1, dtype=torch.int64, device=x.device)
         first_bad = torch.full((1,), -1, dtype=torch.int64, device=x.device)
         history = torch.zeros_like(x) if table.multistep else None  # the previous x̂0 (DESIGN §2.4)
+        y = None if labels is None else self._model_labels(labels.to(x.device))  # on the device before any capture
 
         def step() -> None:
             t = table.timesteps[step_index].expand(n)  # gathered on the device: no host round trip
-            out = self._model_output(x.to(self.dtype), t)
-            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset, history)
+            out, uncond, grad = self._outputs(x, t, y)
+            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset, history, uncond, grad)
             self._note_non_finite(x, first_bad, step_index)
             step_index.add_(1)
 
         replay = step
-        if x.device.type == "cuda" and self.cuda_graph:
+        if x.device.type == "cuda" and self.cuda_graph and self.classifier is None:
             replay = _capture(step, [x, step_index, first_bad] + ([history] if history is not None else []))
         return x, replay, first_bad
 
@@ -278,8 +341,27 @@ class Sampler:
             raise FloatingPointError(f"x stopped being finite after the update at timestep "
                                      f"{self.timesteps[index]} (step {index + 1} of {len(self.table)})")
 
-    def _model_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.model(x, t)
+    def _model_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        # the network's labels for a batch, built once: y, then ∅ (= K) for the unconditional half
+        return torch.cat([labels, torch.full_like(labels, self.num_classes)]) if self.classifier_free else labels
+
+    def _outputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
+        """(out, uncond, grad) of one step, t being one timestep for every sample: the network output
+        (conditional when labelled), the unconditional half under classifier-free guidance (one
+        forward of the 2B batch, whose halves the update combines: views, no copy) and the
+        classifier's gradient, or None. y: _model_labels' (2B labels under classifier-free guidance)."""
+        n, uncond, grad = x.shape[0], None, None
+        if self.classifier_free:
+            both = self._model_output(torch.cat([x, x]).to(self.dtype), t[:1].expand(2 * n), y)
+            out, uncond = both[:n], both[n:]
+        else:
+            out = self._model_output(x.to(self.dtype), t, y if self.num_classes is not None else None)
+        if self.classifier is not None:
+            grad = classifier_gradient(self.classifier, x, t, y[:n]).to(x.dtype)
+        return out, uncond, grad
+
+    def _model_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(x, t) if y is None else self.model(x, t, y)
         out = getattr(out, "sample", out)  # diffusers returns UNet2DOutput
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise ValueError(f"the model must return a tensor of the input's shape {tuple(x.shape)}, "
@@ -289,7 +371,8 @@ class Sampler:
     @contextlib.contextmanager
     def _eval_mode(self):
         # each module's own flag is restored: a wrapper in train mode may hold modules in eval mode
-        modules = list(self.model.modules()) if isinstance(self.model, torch.nn.Module) else []
+        modules = [module for network in (self.model, self.classifier) if isinstance(network, torch.nn.Module)
+                   for module in network.modules()]
         flags = [module.training for module in modules]
         for module in modules:
             module.training = False

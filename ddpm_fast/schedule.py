@@ -109,7 +109,8 @@ class NoiseSchedule:
     def step_table(self, method: str = "ddpm", variance: str = "fixed_large", clip_denoised: bool = True,
                    prediction_type: str = "epsilon", steps: int | Sequence[int] | None = None, eta: float = 0.0,
                    spacing: str | None = None, *, order: int = 2, stochastic: bool = False, karras: bool = False,
-                   final_sigma: str = "zero", lower_order_final: bool = True) -> "StepTable":
+                   final_sigma: str = "zero", lower_order_final: bool = True,
+                   guidance_scale: float | Sequence[float] = 0.0, classifier_scale: float = 0.0) -> "StepTable":
         """The float64 coefficient rows (contract.STEP_COLUMNS) of a run, in sampling order.
 
         DDPM and DDIM: `steps` kept timesteps (all T by default) by `spacing` (default "uniform",
@@ -117,14 +118,22 @@ class NoiseSchedule:
         `steps` (default 20) model evaluations at diffusers' DPMSolverMultistepScheduler timesteps
         (spacing default "linspace", contract.DPM_SPACINGS; karras=True for Karras sigmas), of
         solver order `order` (1 or 2), final σ "zero" or "sigma_min", and diffusers'
-        lower_order_final (DESIGN §2.4)."""
+        lower_order_final (DESIGN §2.4).
+
+        Guidance (DESIGN §2.5) fills the columns w, Gout and Gmean: guidance_scale is the
+        classifier-free weight w ≥ 0 (one for every row, or one per row), classifier_scale the
+        classifier-guidance scale s ≥ 0 — as a shift of the mean by s·Σ_t·g on DDPM rows
+        (Dhariwal & Nichol 2021, Algorithm 1) and of ε by −s·√(1−ᾱ_t)·g on every other row
+        (their Algorithm 2 / eq. 14), written in the network output's own parametrisation."""
         for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
                                      ("prediction_type", prediction_type, PREDICTION_TYPES)):
             check_choice(name, value, choices)
         if method in MULTISTEP_METHODS:
-            return self._dpm_solver_table(method == "dpm-solver++-sde" or stochastic, clip_denoised, prediction_type,
-                                          20 if steps is None else steps, "linspace" if spacing is None else spacing,
-                                          order, karras, final_sigma, lower_order_final, eta)
+            rows, kept, vp = self._dpm_solver_rows(method == "dpm-solver++-sde" or stochastic, clip_denoised,
+                                                   prediction_type, 20 if steps is None else steps,
+                                                   "linspace" if spacing is None else spacing, order, karras,
+                                                   final_sigma, lower_order_final, eta)
+            return _table(_guided(rows, vp, None, guidance_scale, classifier_scale), kept, kept)
         if stochastic or karras or order != 2 or final_sigma != "zero" or not lower_order_final:
             raise ValueError(f"order, stochastic, karras, final_sigma and lower_order_final belong to the "
                              f"DPM-Solver methods {MULTISTEP_METHODS}, not method={method!r}")
@@ -136,7 +145,7 @@ class NoiseSchedule:
                              f"for DDIM's η use method='ddim'")
         kept = self.timesteps(steps, spacing)
         ab = self.alphas_cumprod.tolist()
-        rows = []
+        rows, vp, variances = [], [], []
         for index, t in enumerate(kept):
             ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0  # ᾱ at the next kept timestep
             sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
@@ -169,30 +178,62 @@ class NoiseSchedule:
                     C, D, E = math.sqrt(ab_s) - k * sqrt_ab, k, 0.0
                 else:
                     C, D, E = math.sqrt(ab_s), c_eps * Fx, c_eps * Fo
+            vp.append((sqrt_ab, sqrt_1m_ab))
+            variances.append(sigma ** 2)  # Σ_t of classifier guidance's mean shift, before the last step's σ = 0
             if t == 0:
                 sigma = 0.0  # no noise on the last step, whatever the variance choice
             rows.append((A, B, C, D, E, sigma, float(clip_denoised), 0.0))
+        rows = _guided(rows, vp, variances if method == "ddpm" else None, guidance_scale, classifier_scale)
         return _table(rows, kept, kept)
 
-    def _dpm_solver_table(self, stochastic: bool, clip_denoised: bool, prediction_type: str, steps, spacing: str,
-                          order: int, karras: bool, final_sigma: str, lower_order_final: bool,
-                          eta: float) -> "StepTable":
+    def _dpm_solver_rows(self, stochastic: bool, clip_denoised: bool, prediction_type: str, steps, spacing: str,
+                         order: int, karras: bool, final_sigma: str, lower_order_final: bool, eta: float):
         if eta != 0.0:
             raise ValueError(f"DPM-Solver++ takes no eta (its SDE variant is method='dpm-solver++-sde'), got eta={eta}")
         if not isinstance(steps, int) or isinstance(steps, bool):
             raise ValueError(f"DPM-Solver++ takes a number of steps (its timesteps follow `spacing`), got {steps!r}")
-        rows, kept = dpm_solver.rows(self.alphas_cumprod, steps, spacing, karras, order, stochastic, prediction_type,
-                                     clip_denoised, final_sigma, lower_order_final)
+        rows, kept, vp = dpm_solver.rows(self.alphas_cumprod, steps, spacing, karras, order, stochastic,
+                                         prediction_type, clip_denoised, final_sigma, lower_order_final)
         # z of the SDE variant is keyed by the row's timestep, as for DDPM (DESIGN §3): a run that
         # repeats a timestep (Karras σ rounded to the same t) would reuse its noise
         if stochastic and len(set(kept)) != len(kept):
             raise ValueError(f"the SDE variant needs distinct timesteps (its noise is keyed by them); {steps} Karras "
                              f"or λ-uniform steps round two σ to the same timestep: use fewer steps")
-        return _table(rows, kept, kept)
+        return rows, kept, vp
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, beta_1={self.betas[0].item():.3g}, "
                 f"beta_T={self.betas[-1].item():.3g})")
+
+
+def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_variances: list[float] | None,
+            guidance_scale: float | Sequence[float], classifier_scale: float) -> list[tuple[float, ...]]:
+    """Rows with the guidance columns (w, Gout, Gmean) of DESIGN §2.5 appended. vp: each row's
+    (α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)); mean_variances: Σ_t of each DDPM row (None for the methods
+    whose classifier guidance shifts ε)."""
+    scales = [guidance_scale] * len(rows) if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+    if len(scales) != len(rows) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf
+                                       for w in scales):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 or one per step ({len(rows)}), got "
+                         f"{guidance_scale!r}")
+    s = classifier_scale
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < math.inf:
+        raise ValueError(f"classifier_scale must be a finite number >= 0, got {classifier_scale!r}")
+    guided = []
+    for i, (row, w, (alpha, sigma)) in enumerate(zip(rows, scales, vp)):
+        if mean_variances is not None:  # μ + s·Σ·g (Algorithm 1)
+            g_out, g_mean = 0.0, s * mean_variances[i]
+        elif s == 0:
+            g_out, g_mean = 0.0, 0.0
+        elif alpha == 0.0:
+            raise ValueError("classifier guidance shifts ε by −s·√(1−ᾱ_t)·g, which moves x̂0 by s(1−ᾱ_t)/√ᾱ_t·g: "
+                             "infinite at ᾱ_t = 0 (zero terminal SNR); use method='ddpm' or classifier_scale=0")
+        else:
+            # ε̂ = ε − s·σ_t·g (eq. 14). x̂0 = A·x + B·out gives ε = (x − α_t·x̂0)/σ_t, so ∂ε/∂out =
+            # −α_t·B/σ_t and the output moves by s·σ_t²/(α_t·B)·g whatever it predicts.
+            g_out, g_mean = s * sigma * sigma / (alpha * row[_B]), 0.0
+        guided.append((*row, float(w), g_out, g_mean))
+    return guided
 
 
 def _table(rows: list[tuple[float, ...]], timesteps: list[int], noise_keys: list[int]) -> "StepTable":
@@ -208,7 +249,17 @@ def _check_T(T: int) -> None:
         raise ValueError(f"T must be an int in [1, 2^32), got {T!r}")
 
 
-_A, _B, _CLIP, _H = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip", "H"))
+_A, _B, _CLIP, _H, _W, _GOUT = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip", "H", "w", "Gout"))
+
+
+def guided_output(row: torch.Tensor, out: torch.Tensor, uncond: torch.Tensor | None = None,
+                  grad: torch.Tensor | None = None) -> torch.Tensor:
+    """The network output the update uses under guidance (DESIGN §2.5), in out's dtype:
+    (1 + w)·out − w·uncond with an unconditional output (Ho & Salimans 2022, eq. 6), then + Gout·g
+    with a classifier gradient g (ε̂ of Dhariwal & Nichol 2021, eq. 14, in the output's own form)."""
+    if uncond is not None:
+        out = (1 + row[_W]) * out - row[_W] * uncond.to(out.dtype)
+    return out if grad is None else out + row[_GOUT] * grad.to(out.dtype)
 
 
 def x0_hat(row: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -239,6 +290,9 @@ class StepTable:
         """Whether a row reads the previous x̂0 (H ≠ 0): a run then needs a history buffer."""
         return bool((self.coefs[:, _H] != 0).any())
 
-    def x0_hat(self, index: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x̂0 at row `index` from x and the network output `out` (computed in x's dtype)."""
-        return x0_hat(self.coefs[index], x, out.to(x.dtype))
+    def x0_hat(self, index: int, x: torch.Tensor, out: torch.Tensor, uncond: torch.Tensor | None = None,
+               grad: torch.Tensor | None = None) -> torch.Tensor:
+        """x̂0 at row `index` from x and the network output `out` (computed in x's dtype), guided
+        by the unconditional output and the classifier gradient where given (guided_output)."""
+        row = self.coefs[index].to(x.dtype)
+        return x0_hat(row, x, guided_output(row, out.to(x.dtype), uncond, grad))

@@ -1,6 +1,8 @@
 """ddpm-fast sample, and the picture it writes."""
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +52,13 @@ def test_sample_ddim_and_errors(tmp_path, capsys):
     (["--out", "{tmp}/a-file/grid.png"], "is a file, not a folder"),
     (["--out", "{tmp}/grid.jpg"], "output must be a .png"),
     (["--trajectory", "{tmp}/traj.npz"], "output must be .png"),
+    (["--model", "digits-cond"], "--model digits-cond draws classes: pass --label N (0 … 9) or --label all"),
+    (["--model", "digits-cond", "--label", "all", "--num", "15"], "--num must be a multiple of 10, got 15"),
+    (["--model", "digits-cond", "--label", "10"], "--label must be an int in [0, 10) or 'all', got '10'"),
+    (["--model", "digits", "--label", "3"], "--model digits is unconditional; pass --classifier"),
+    (["--model", "digits", "--guidance-scale", "2"], "needs a class-conditional UNet"),
+    (["--model", "digits-cond", "--label", "1", "--guidance-scale", "-1"], "expected a finite number >= 0, got '-1'"),
+    (["--model", "digits", "--classifier-scale", "2"], "scales a classifier's gradient: pass classifier="),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, args, reason):
     (tmp_path / "a-file").write_text("not a folder")
@@ -95,3 +104,21 @@ def test_grid_layout(tmp_path):
         save_grid(x, tmp_path / "bad.png", width=-1)
     with pytest.raises(ValueError, match="grid nrow must be an int >= 1, got 0"):
         save_grid(x, tmp_path / "bad.png", nrow=0)
+
+
+def test_sample_with_labels_and_guidance(tmp_path, capsys):
+    # --label all: one class a grid row; classifier-free and classifier guidance through the CLI
+    out = tmp_path / "classes.png"
+    assert main(["sample", "--model", "digits-cond", "--label", "all", "--num", "20", "--method", "ddim", "--steps",
+                 "2", "--guidance-scale", "2", "--classifier", "digits-classifier", "--grid-width", "0", "--out",
+                 str(out), "--quiet"]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[:2] == (10 * 18 + 2, 2 * 18 + 2)  # 10 rows (the classes) of 2, 16 px digits, 2 px padding
+    manifest = json.loads(Path(str(out) + ".manifest.json").read_text())
+    assert manifest["settings"]["guidance_scale"] == 2.0 and manifest["settings"]["classifier_scale"] == 1.0
+    assert "labels_sha256" in manifest["settings"]
+    traj = tmp_path / "traj.png"
+    assert main(["sample", "--model", "digits", "--label", "4", "--classifier", "digits-classifier",
+                 "--classifier-scale", "3", "--num", "2", "--method", "ddim", "--steps", "2", "--out",
+                 str(tmp_path / "four.png"), "--trajectory", str(traj), "--quiet"]) == 0
+    assert traj.is_file()

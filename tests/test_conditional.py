@@ -176,11 +176,3 @@ def test_bad_training_flags(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
-
-
-def test_the_sampler_refuses_a_conditional_model_before_any_work():
-    from ddpm_fast import NoiseSchedule, Sampler
-    model = UNet(ch=16, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), in_channels=1,
-                 resolution=8, num_groups=8, num_classes=3)
-    with pytest.raises(ValueError, match="class-conditional"):
-        Sampler(model, NoiseSchedule.linear(10))

@@ -83,8 +83,9 @@ def test_one_stem_per_op():
     ops = _stems(PACKAGE / "ops", ".py")
     assert ops == {"attention", "diffusion_step", "group_norm_silu", "noise"}
     assert _stems(PACKAGE / "kernels", ".py") <= ops
-    # beside the ops' references, the papers' samplers: q_/p_ maths (diffusion.py), DPM-Solver++ (dpm_solver.py)
-    assert _stems(PACKAGE / "reference", ".py") == ops | {"diffusion", "dpm_solver"}
+    # beside the ops' references, the papers' samplers: q_/p_ maths (diffusion.py), DPM-Solver++ (dpm_solver.py),
+    # classifier-free and classifier guidance (guidance.py)
+    assert _stems(PACKAGE / "reference", ".py") == ops | {"diffusion", "dpm_solver", "guidance"}
     compiled = _stems(ROOT / "csrc" / "cpu", ".cpp")
     assert compiled <= ops and compiled == _stems(ROOT / "csrc" / "cuda", ".cu") == _stems(ROOT / "csrc", ".h")
 

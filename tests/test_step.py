@@ -7,6 +7,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast import NoiseSchedule
+from ddpm_fast.contract import STEP_COLUMNS
 from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import noise as ref_noise
@@ -159,7 +160,7 @@ def test_bad_history(schedule, impl):
 def test_golden_draws_through_the_step(fused, case, values):
     # A row that keeps only σ·z (σ = 1) writes the noise itself: the committed draws, ≤ 4 ulps.
     impl, device = fused
-    coefs = torch.tensor([[0, 0, 0, 0, 0, 1.0, 0, 0]], device=device)
+    coefs = _noise_row(device)
     keys = torch.tensor([case["step"]], device=device)
     x = torch.zeros(case["shape"], device=device)
     diffusion_step_(x, torch.zeros_like(x), coefs, keys, torch.zeros(1, dtype=torch.int64, device=device),
@@ -167,9 +168,16 @@ def test_golden_draws_through_the_step(fused, case, values):
     assert ulp_distance(x.flatten(), torch.tensor(values)).max() <= 4
 
 
+def _noise_row(device):
+    # one row that keeps σ·z alone (σ = 1)
+    row = torch.zeros(1, len(STEP_COLUMNS), device=device)
+    row[0, STEP_COLUMNS.index("sigma")] = 1.0
+    return row
+
+
 def _noise_through(impl, device, shape, seed, key, offset=0, memory_format=torch.contiguous_format):
     x = torch.zeros(shape, device=device).to(memory_format=memory_format)
-    diffusion_step_(x, torch.zeros_like(x), torch.tensor([[0, 0, 0, 0, 0, 1.0, 0, 0]], device=device),
+    diffusion_step_(x, torch.zeros_like(x), _noise_row(device),
                     torch.tensor([key], device=device), torch.zeros(1, dtype=torch.int64, device=device),
                     seed=seed, sample_offset=offset, impl=impl)
     return x
@@ -318,7 +326,7 @@ def test_bad_inputs(schedule, impl):
     bad[3, 2] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         call(coefs=bad)
-    with pytest.raises(ValueError, match=r"\[S, 8\]"):
+    with pytest.raises(ValueError, match=r"\[S, 11\]"):
         call(coefs=table.coefs[:, :6].contiguous())
     with pytest.raises(ValueError, match="seed"):
         call(seed=-3)

@@ -23,8 +23,8 @@ constexpr float kBoxMullerMinU = 1.0e-7f;  // Box–Muller's first uniform is cl
 
 constexpr int64_t kUint32Range = int64_t{1} << 32;  // noise keys and sample indices are uint32 words
 
-// Columns of a step-table row: A, B, C, D, E, sigma, clip, H.
-constexpr int64_t kStepColumns = 8;
+// Columns of a step-table row: A, B, C, D, E, sigma, clip, H, w, Gout, Gmean.
+constexpr int64_t kStepColumns = 11;
 
 inline void check_seed(const char* op, int64_t seed) {
   TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", seed);

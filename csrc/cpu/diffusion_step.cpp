@@ -15,26 +15,41 @@ bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
          l.stride_b == per_sample;
 }
 
+// The optional inputs of one update, each nullptr when absent (DESIGN §2.5 for the guidance ones).
 template <typename out_t>
-void step_kernel(float* x, const out_t* out, float* history, const Layout4d& lx, const Layout4d& lo,
+struct Extras {
+  float* history;
+  const out_t* uncond;  // out's offsets
+  const float* grad;    // x's offsets
+};
+
+template <typename out_t>
+float update_at(const StepCoefs& k, float* x, const out_t* out, const Extras<out_t>& extra, int64_t ox, int64_t oo,
+                float z) {
+  float o = static_cast<float>(out[oo]);
+  if (extra.uncond != nullptr) o = cfg_output(k, o, static_cast<float>(extra.uncond[oo]));
+  return step_update(k, x[ox], o, extra.grad == nullptr ? 0.0f : extra.grad[ox], z,
+                     extra.history == nullptr ? nullptr : extra.history + ox);
+}
+
+template <typename out_t>
+void step_kernel(float* x, const out_t* out, const Extras<out_t>& extra, const Layout4d& lx, const Layout4d& lo,
                  const NoiseShape& shape, const StepCoefs& k, uint64_t seed, uint32_t key, uint32_t sample_offset) {
   const bool contiguous = is_nchw_contiguous(lx, shape.per_sample) && is_nchw_contiguous(lo, shape.per_sample);
+  const bool plain = extra.history == nullptr && extra.uncond == nullptr && extra.grad == nullptr;
   for_each_noise_chunk(shape, seed, key, sample_offset, [&](int64_t b, int64_t e0, const float* z, int64_t n) {
     if (contiguous) {
       const int64_t first = b * shape.per_sample + e0;
-      float* xs = x + first;
-      const out_t* os = out + first;
-      if (history == nullptr) {  // kept apart so the common loop vectorises without the history test
-        for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), z[j], nullptr);
+      if (plain) {  // kept apart so the common loop vectorises without the tests of the optional inputs
+        float* xs = x + first;
+        const out_t* os = out + first;
+        for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), 0.0f, z[j], nullptr);
       } else {
-        float* hs = history + first;
-        for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), z[j], hs + j);
+        for (int64_t j = 0; j < n; ++j) x[first + j] = update_at(k, x, out, extra, first + j, first + j, z[j]);
       }
     } else {
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t ox = lx.offset(b, e0 + j);
-        x[ox] = step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e0 + j)]), z[j],
-                            history == nullptr ? nullptr : history + ox);
+        x[lx.offset(b, e0 + j)] = update_at(k, x, out, extra, lx.offset(b, e0 + j), lo.offset(b, e0 + j), z[j]);
       }
     }
   });
@@ -42,8 +57,10 @@ void step_kernel(float* x, const out_t* out, float* history, const Layout4d& lx,
 
 void diffusion_step_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
                         const at::Tensor& noise_keys, const at::Tensor& step_index, int64_t seed,
-                        int64_t sample_offset, const std::optional<at::Tensor>& history) {
-  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset, history);
+                        int64_t sample_offset, const std::optional<at::Tensor>& history,
+                        const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& grad) {
+  const NoiseShape shape =
+      check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset, history, uncond, grad);
   TORCH_CHECK(x.device().is_cpu(), "ddpm_fast::diffusion_step_ (CPU kernel): x on ", x.device());
   const int64_t index = step_index.data_ptr<int64_t>()[0];
   TORCH_CHECK(index >= 0 && index < coefs.size(0), "ddpm_fast::diffusion_step_: step index ", index,
@@ -53,10 +70,12 @@ void diffusion_step_cpu(const at::Tensor& x, const at::Tensor& out, const at::Te
   TORCH_CHECK(key >= 0 && key < kUint32Range, "ddpm_fast::diffusion_step_: noise key ", key,
               " is outside [0, 2^32)");
   if (shape.batch == 0) return;
-  float* history_ptr = history.has_value() ? history->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffusion_step_cpu", [&] {
-    step_kernel<scalar_t>(x.data_ptr<float>(), out.data_ptr<scalar_t>(), history_ptr, layout_of(x), layout_of(out),
-                          shape, k, static_cast<uint64_t>(seed), static_cast<uint32_t>(key),
+    const Extras<scalar_t> extra{history.has_value() ? history->data_ptr<float>() : nullptr,
+                                 uncond.has_value() ? uncond->data_ptr<scalar_t>() : nullptr,
+                                 grad.has_value() ? grad->data_ptr<float>() : nullptr};
+    step_kernel<scalar_t>(x.data_ptr<float>(), out.data_ptr<scalar_t>(), extra, layout_of(x), layout_of(out), shape, k,
+                          static_cast<uint64_t>(seed), static_cast<uint32_t>(key),
                           static_cast<uint32_t>(sample_offset));
   });
 }

@@ -21,7 +21,7 @@ constexpr int kThreads = 256;
 
 template <typename out_t>
 __global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out, float* __restrict__ history,
-                            Layout4d lx, Layout4d lo,
+                            const out_t* __restrict__ uncond, const float* __restrict__ grad, Layout4d lx, Layout4d lo,
                             NoiseShape shape, const float* __restrict__ coefs, const int64_t* __restrict__ keys,
                             const int64_t* __restrict__ step_index, int64_t rows, uint64_t seed,
                             uint32_t sample_offset) {
@@ -42,8 +42,10 @@ __global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out
     for (int j = 0; j < 4; ++j) {
       const int64_t e = 4 * q + j;
       if (e < shape.per_sample) {
-        const int64_t ox = lx.offset(b, e);
-        x[ox] = valid ? step_update(k, x[ox], static_cast<float>(out[lo.offset(b, e)]), z.v[j],
+        const int64_t ox = lx.offset(b, e), oo = lo.offset(b, e);
+        float o = static_cast<float>(out[oo]);
+        if (uncond != nullptr) o = cfg_output(k, o, static_cast<float>(uncond[oo]));
+        x[ox] = valid ? step_update(k, x[ox], o, grad == nullptr ? 0.0f : grad[ox], z.v[j],
                                     history == nullptr ? nullptr : history + ox)
                       : std::numeric_limits<float>::quiet_NaN();
       }
@@ -53,8 +55,10 @@ __global__ void step_kernel(float* __restrict__ x, const out_t* __restrict__ out
 
 void diffusion_step_cuda(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs,
                          const at::Tensor& noise_keys, const at::Tensor& step_index, int64_t seed,
-                         int64_t sample_offset, const std::optional<at::Tensor>& history) {
-  const NoiseShape shape = check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset, history);
+                         int64_t sample_offset, const std::optional<at::Tensor>& history,
+                         const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& grad) {
+  const NoiseShape shape =
+      check_step_args(x, out, coefs, noise_keys, step_index, seed, sample_offset, history, uncond, grad);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t calls = shape.batch * shape.quads;
   if (calls == 0) return;
@@ -62,7 +66,8 @@ void diffusion_step_cuda(const at::Tensor& x, const at::Tensor& out, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffusion_step_cuda", [&] {
     step_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<float>(), out.data_ptr<scalar_t>(), history.has_value() ? history->data_ptr<float>() : nullptr,
-        layout_of(x), layout_of(out), shape,
+        uncond.has_value() ? uncond->data_ptr<scalar_t>() : nullptr,
+        grad.has_value() ? grad->data_ptr<float>() : nullptr, layout_of(x), layout_of(out), shape,
         coefs.data_ptr<float>(), noise_keys.data_ptr<int64_t>(), step_index.data_ptr<int64_t>(), coefs.size(0),
         static_cast<uint64_t>(seed), static_cast<uint32_t>(sample_offset));
   });

@@ -1,6 +1,7 @@
 """ddpm-fast: the command line.
 
     ddpm-fast sample --model digits --num 16 --seed 0 --out samples/grid.png
+    ddpm-fast sample --model digits-cond --label all --guidance-scale 2 --method ddim --steps 50 --num 100
     torchrun --nproc_per_node=8 -m ddpm_fast.cli sample --model digits --num-samples 50000 --out samples.npz
     ddpm-fast train --dataset digits --out runs/digits --steps 6000 --seed 0
     ddpm-fast train --dataset digits --num-classes 10 --p-uncond 0.1 --out runs/digits-cond
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -54,17 +56,22 @@ def _sample(args: argparse.Namespace) -> int:
     with world_from_env(args.device) as world:  # torch.distributed when torchrun started us
         model = _load_model(args.model, quiet=world.rank != 0)
         checksum = state_dict_sha256(model)  # of the weights as loaded, before any dtype cast
+        classifier = NoisyClassifier.from_pretrained(args.classifier).to(world.device) if args.classifier else None
+        labels, nrow = _labels(args, model, classifier)
         sampler = Sampler(model.to(world.device), NoiseSchedule.linear(args.timesteps), method=args.method,
                           steps=args.steps, eta=args.eta, spacing=args.spacing, use_karras_sigmas=args.karras,
                           backend=args.backend,
                           dtype=DTYPES[args.dtype], clip_denoised=not args.no_clip,
-                          finite_check_every=args.check_finite, compile=args.compile)
+                          finite_check_every=args.check_finite, compile=args.compile,
+                          guidance_scale=args.guidance_scale, classifier=classifier,
+                          classifier_scale=args.classifier_scale)
         start, manifest = time.perf_counter(), finished_manifest(args.out)
         earlier = manifest.stat().st_ino if manifest.is_file() else None  # a finished job writes a new one
         path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
                               micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
                               shard_size=args.shard_size, model_sha256=checksum, world=world, resume=args.resume,
-                              overwrite=args.overwrite, progress=not args.quiet, grid_width=args.grid_width)
+                              overwrite=args.overwrite, progress=not args.quiet, grid_width=args.grid_width,
+                              labels=labels, nrow=nrow)
         if world.rank != 0:
             return 0
     if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
@@ -72,11 +79,37 @@ def _sample(args: argparse.Namespace) -> int:
               f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
     if args.trajectory:
         existed = Path(args.trajectory).exists()
-        frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)))
+        frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)),
+                                    labels=None if labels is None else labels[:8])
         path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite, width=args.grid_width)
         done = "kept the identical" if existed and not args.overwrite else "wrote the"
         print(f"{done} x̂0 trajectory of {frames.shape[1]} samples to {path}")
     return 0
+
+
+def _labels(args: argparse.Namespace, model: UNet, classifier) -> tuple[list[int] | None, int | None]:
+    """The class of each sample from --label (N, or "all": an equal share of every class, in order)
+    and the grid's samples per row (one class a row for "all")."""
+    classes = model.num_classes if model.num_classes is not None else (
+        classifier.config["num_classes"] if classifier is not None else None)
+    if args.label is None:
+        if classes is not None:
+            raise ValueError(f"--model {args.model}{' with --classifier' * (classifier is not None)} draws classes: "
+                             f"pass --label N (0 … {classes - 1}) or --label all")
+        return None, None
+    if classes is None:
+        raise ValueError(f"--label {args.label}: --model {args.model} is unconditional; pass --classifier to guide "
+                         f"it to a label, or a class-conditional model")
+    if args.label == "all":
+        if args.num % classes:
+            raise ValueError(f"--label all draws an equal share of each of the {classes} classes: --num must be a "
+                             f"multiple of {classes}, got {args.num}")
+        share = args.num // classes
+        return [j // share for j in range(args.num)], share
+    label = int(args.label) if args.label.lstrip("-").isdigit() else None
+    if label is None or not 0 <= label < classes:
+        raise ValueError(f"--label must be an int in [0, {classes}) or 'all', got {args.label!r}")
+    return [label] * args.num, None
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -179,6 +212,17 @@ def _int_at_least(low: int, wanted: str):
 _positive, _non_negative = _int_at_least(1, "a positive integer"), _int_at_least(0, "an integer >= 0")
 
 
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0, or one line saying what was wanted."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         check_int_range("seed", int(text), SEED_RANGE)
@@ -273,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "lambda (uniform log-SNR) (DESIGN §2.4)")
     sample.add_argument("--karras", action="store_true",
                         help="dpm-solver++: Karras et al.'s σ ramp (diffusers' use_karras_sigmas)")
+    sample.add_argument("--label", default=None, metavar="N|all",
+                        help="class of every sample (a class-conditional --model or a --classifier), or 'all': an "
+                             "equal share of every class, one class a grid row")
+    sample.add_argument("--guidance-scale", type=_non_negative_float, default=0.0, metavar="W",
+                        help="classifier-free guidance weight w >= 0 of a class-conditional model (0: the "
+                             "conditional model alone) (DESIGN §2.5)")
+    sample.add_argument("--classifier", default=None,
+                        help="a noisy classifier (bundled name such as digits-classifier, or our .safetensors) "
+                             "whose gradient guides sampling towards --label")
+    sample.add_argument("--classifier-scale", type=_non_negative_float, default=None, metavar="S",
+                        help="scale s of the classifier's gradient (default 1; needs --classifier)")
     sample.add_argument("--timesteps", type=_positive, default=1000, help="T of the linear schedule")
     sample.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
     sample.add_argument("--seed", type=_seed, default=0)

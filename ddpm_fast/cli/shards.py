@@ -89,7 +89,7 @@ def finished_manifest(out: str | Path) -> Path:
 def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed: int = 0, micro_batch: int,
                    shard_size: int | None = None, model_sha256: str | None = None, world: World | None = None,
                    resume: bool = False, overwrite: bool = False, progress: bool = False, nrow: int | None = None,
-                   grid_width: int = GRID_WIDTH) -> Path:
+                   grid_width: int = GRID_WIDTH, labels: list[int] | None = None) -> Path:
     """Draw global samples 0 .. num_samples − 1 with `sampler` into `out` (*.npz, *.png grid or a
     folder/, as images.write_samples), through shards of `shard_size` samples (default: one
     micro-batch) drawn `micro_batch` at a time, spread over the ranks of `world` (default: this
@@ -101,7 +101,8 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
     only with overwrite=True — except that the finished output of the same job is kept as it is
     (a no-op). One job at a time writes an output (Busy otherwise). model_sha256 defaults to the
     checksum of sampler.model's state dict. A grid output puts `nrow` samples a row and is at
-    least `grid_width` pixels wide (images.grid_image)."""
+    least `grid_width` pixels wide (images.grid_image). labels: the class of each global sample
+    (num_samples of them) for a sampler that takes labels (Sampler.sample)."""
     world = world or World(device=sampler.device)
     shard_size = micro_batch if shard_size is None else shard_size
     for name, value in (("micro_batch", micro_batch), ("shard_size", shard_size), ("num_samples", num_samples)):
@@ -121,6 +122,10 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
                     num_samples=num_samples, sample_shape=list(sampler.sample_shape), micro_batch=micro_batch,
                     shard_size=shard_size, noise_stream_version=NOISE_STREAM_VERSION,
                     step_table_sha256=step_table_sha256(sampler))
+    if labels is not None:
+        if len(labels) != num_samples:
+            raise ValueError(f"labels must hold one class per sample ({num_samples}), got {len(labels)}")
+        settings.update(labels_sha256=hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest())
     if output_kind(out) == "grid":  # the picture's layout is part of the job; other outputs have none
         settings.update(grid_nrow=nrow, grid_width=grid_width)
     with _Job(out, settings, world) as job:
@@ -136,7 +141,7 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
                 round_ = todo[first:first + world.size]
                 k = round_[world.rank] if world.rank < len(round_) else None
                 if k is not None:
-                    job.draw(sampler, k, bar)
+                    job.draw(sampler, k, bar, labels)
                 finished = [k for k in world.all_gather(k) if k is not None]
                 if world.rank == 0:
                     job.record(finished)
@@ -323,10 +328,11 @@ class _Job:
         start, stop = self.plan.bounds(k)
         return self.folder / f"samples-{start:010d}-{stop:010d}.npz"
 
-    def draw(self, sampler: Sampler, k: int, bar) -> None:
+    def draw(self, sampler: Sampler, k: int, bar, labels: list[int] | None) -> None:
         start, stop = self.plan.bounds(k)
         x0 = sampler.sample(stop - start, seed=self.settings["seed"], sample_offset=start,
-                            batch_size=self.settings["micro_batch"], progress=bar)
+                            batch_size=self.settings["micro_batch"], progress=bar,
+                            labels=None if labels is None else labels[start:stop])
         write_npz(self.shard_path(k), {"images": to_uint8(x0), "indices": np.arange(start, stop, dtype=np.int64),
                                        "settings_sha256": np.array(self.digest)})
 

@@ -12,43 +12,54 @@ from ..reference import noise as reference_noise
 from ..reference.diffusion_step import diffusion_step as reference_step
 from ._dispatch import resolve
 
-_H = STEP_COLUMNS.index("H")
+_H, _W, _GOUT, _GMEAN = (STEP_COLUMNS.index(name) for name in ("H", "w", "Gout", "Gmean"))
 
 if _extension.AVAILABLE:
     @torch.library.register_fake("ddpm_fast::diffusion_step_")
     def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset,
-                             history=None) -> None:
+                             history=None, uncond_output=None, guidance_grad=None) -> None:
         return None
 
 
 def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
                     step_index: torch.Tensor, *, seed: int, sample_offset: int = 0,
-                    history: torch.Tensor | None = None, impl: str = "auto", check: bool = True) -> torch.Tensor:
-    """x ← C·x̂0 + D·x + E·out + H·x̂0' + σ·z with x̂0 = A·x + B·out (clipped if the row says so),
-    for the row of `coefs` ([S, 8] float32, a StepTable's) at `step_index` (one-element int64
-    tensor on x's device) and z = randn(x.shape, seed, noise_keys[step_index], sample_offset).
+                    history: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
+                    guidance_grad: torch.Tensor | None = None, impl: str = "auto", check: bool = True) -> torch.Tensor:
+    """x ← C·x̂0 + D·x + E·out + H·x̂0' + Gmean·g + σ·z with x̂0 = A·x + B·out (clipped if the row
+    says so), for the row of `coefs` ([S, 11] float32, a StepTable's) at `step_index` (one-element
+    int64 tensor on x's device) and z = randn(x.shape, seed, noise_keys[step_index], sample_offset).
 
     x: float32 [B, ...], any strides when 4-D; model_output: x's shape, float32/float16/bfloat16.
     history: the multistep solvers' buffer (float32, x's shape and strides): x̂0' is read from it,
     then it holds this row's x̂0. Without it the H term is absent (a row with H ≠ 0 is refused when
-    check=True). check=True also validates the step index and the row's finiteness, which reads
+    check=True). Guidance (DESIGN §2.5): uncond_output (model_output's dtype, shape and strides,
+    e.g. the second half of one 2B-batch forward) makes out ← out + w·(out − uncond_output);
+    guidance_grad g (float32, x's shape and strides: a classifier's ∇ₓ log p(y | x_t)) adds Gout·g
+    to out and Gmean·g to x_prev. Each is absent without its input (a row that needs one is refused
+    when check=True). check=True also validates the step index and the row's finiteness, which reads
     device memory (a sync on CUDA); the sampler passes check=False inside its loop. Returns x."""
-    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
+    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output, guidance_grad)
     if check:
         index = int(step_index.reshape(()).item())
         if not 0 <= index < coefs.shape[0]:
             raise IndexError(f"step index {index} is outside the table of {coefs.shape[0]} rows")
         if not bool(torch.isfinite(coefs[index]).all()):
             raise ValueError(f"coefficient row {index} is not finite: {coefs[index].tolist()}")
-        if history is None and float(coefs[index, _H]) != 0.0:
-            raise ValueError(f"coefficient row {index} has H = {float(coefs[index, _H])} ≠ 0 (a multistep row): "
-                             f"pass the history buffer that holds the previous row's x̂0")
+        for column, given, what in ((_H, history, "the history buffer that holds the previous row's x̂0"),
+                                    (_W, uncond_output, "uncond_output, the unconditional network output"),
+                                    (_GOUT, guidance_grad, "guidance_grad, the classifier's gradient"),
+                                    (_GMEAN, guidance_grad, "guidance_grad, the classifier's gradient")):
+            if given is None and float(coefs[index, column]) != 0.0:
+                raise ValueError(f"coefficient row {index} has {STEP_COLUMNS[column]} = {float(coefs[index, column])} "
+                                 f"≠ 0: pass {what}")
     backend = resolve("diffusion_step", impl, x.device, IMPLEMENTATIONS)
-    IMPLEMENTATIONS[backend](x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
+    IMPLEMENTATIONS[backend](x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
+                             uncond_output, guidance_grad)
     return x
 
 
-def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history) -> None:
+def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
+           guidance_grad) -> None:
     if x.dtype != torch.float32:
         raise TypeError(f"diffusion_step_: x must be float32 (the sampler keeps x in float32), got {x.dtype}")
     if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -78,13 +89,32 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, 
                              f"strides {history.stride()}")
         if history.device != x.device:
             raise ValueError(f"diffusion_step_: history is on {history.device} but x is on {x.device}")
+    if uncond_output is not None:
+        if (uncond_output.dtype != model_output.dtype or uncond_output.shape != model_output.shape
+                or uncond_output.stride() != model_output.stride()):
+            raise ValueError(f"diffusion_step_: uncond_output must have model_output's dtype {model_output.dtype}, "
+                             f"shape {tuple(model_output.shape)} and strides {model_output.stride()} (the other half "
+                             f"of the same forward), got {uncond_output.dtype} {tuple(uncond_output.shape)} strides "
+                             f"{uncond_output.stride()}")
+        if uncond_output.device != x.device:
+            raise ValueError(f"diffusion_step_: uncond_output is on {uncond_output.device} but x is on {x.device}")
+    if guidance_grad is not None:
+        if guidance_grad.dtype != torch.float32 or guidance_grad.shape != x.shape or guidance_grad.stride() != x.stride():
+            raise ValueError(f"diffusion_step_: guidance_grad must be float32 with x's shape {tuple(x.shape)} and "
+                             f"strides {x.stride()}, got {guidance_grad.dtype} {tuple(guidance_grad.shape)} strides "
+                             f"{guidance_grad.stride()}")
+        if guidance_grad.device != x.device:
+            raise ValueError(f"diffusion_step_: guidance_grad is on {guidance_grad.device} but x is on {x.device}")
     check_samples(seed, sample_offset, x.shape[0])
     if not torch.compiler.is_compiling():  # traced tensors have no addresses; the compiled op checks the real ones
         _check_overlap(x, model_output)
-        if history is not None:
-            for name, other in (("x", x), ("model_output", model_output)):
-                if _overlaps(history, other):
-                    raise ValueError(f"diffusion_step_: history shares memory with {name}; it needs its own buffer")
+        # history is written, x too: neither may share memory with another input
+        pairs = [("history", history, "x", x), ("history", history, "model_output", model_output),
+                 ("history", history, "uncond_output", uncond_output), ("history", history, "guidance_grad", guidance_grad),
+                 ("uncond_output", uncond_output, "x", x), ("guidance_grad", guidance_grad, "x", x)]
+        for name, tensor, other_name, other in pairs:
+            if tensor is not None and other is not None and _overlaps(tensor, other):
+                raise ValueError(f"diffusion_step_: {name} shares memory with {other_name}; it needs its own buffer")
 
 
 def _check_overlap(x: torch.Tensor, model_output: torch.Tensor) -> None:
@@ -119,24 +149,30 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 @torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x", "history"})
 def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
                            noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int,
-                           history: torch.Tensor | None = None) -> None:
+                           history: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
+                           guidance_grad: torch.Tensor | None = None) -> None:
     from ..kernels import diffusion_step as kernels
-    kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
+    kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
+                           uncond_output, guidance_grad)
 
 
 @diffusion_step_triton_.register_fake
-def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None) -> None:
+def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None, uncond_output=None,
+      guidance_grad=None) -> None:
     return None
 
 
-def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None) -> None:
-    torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history)
+def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None, uncond_output=None,
+              guidance_grad=None) -> None:
+    torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
+                                        uncond_output, guidance_grad)
 
 
-def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None) -> None:
+def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None, uncond_output=None,
+               guidance_grad=None) -> None:
     index = int(step_index.reshape(()).item())
     z = reference_noise.draw(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
-    x.copy_(reference_step(x, model_output, coefs[index], z, history))
+    x.copy_(reference_step(x, model_output, coefs[index], z, history, uncond_output, guidance_grad))
 
 
 # The update without argument checks, by backend in "auto" order: what the sampler's loop calls

@@ -5,21 +5,25 @@ from __future__ import annotations
 import torch
 
 from ..contract import STEP_COLUMNS
-from ..schedule import x0_hat
+from ..schedule import guided_output, x0_hat
 
-_C, _D, _E, _SIGMA, _H = (STEP_COLUMNS.index(name) for name in ("C", "D", "E", "sigma", "H"))
+_C, _D, _E, _SIGMA, _H, _GMEAN = (STEP_COLUMNS.index(name) for name in ("C", "D", "E", "sigma", "H", "Gmean"))
 
 
 def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, row: torch.Tensor, z: torch.Tensor,
-                   history: torch.Tensor | None = None) -> torch.Tensor:
-    """x_prev for one coefficient row (A, B, C, D, E, σ, clip, H), computed in x's dtype:
-    x̂0 = A·x + B·out (clipped if clip), x_prev = C·x̂0 + D·x + E·out + H·x̂0' + σ·z, with x̂0'
-    the previous row's x̂0 held in `history`, which then receives this row's x̂0 (as the fused op
-    does; the H term is absent without a history)."""
+                   history: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
+                   guidance_grad: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev for one coefficient row (A, B, C, D, E, σ, clip, H, w, Gout, Gmean), computed in x's
+    dtype: out ← (1 + w)·out − w·uncond (classifier-free guidance, with an uncond_output) + Gout·g
+    (with a guidance_grad g), x̂0 = A·x + B·out (clipped if clip), x_prev = C·x̂0 + D·x + E·out +
+    H·x̂0' + Gmean·g + σ·z, with x̂0' the previous row's x̂0 held in `history`, which then receives
+    this row's x̂0 (as the fused op does; each optional input's term is absent without it)."""
     row = row.to(device=x.device, dtype=x.dtype)
-    out = model_output.to(x.dtype)
+    out = guided_output(row, model_output.to(x.dtype), uncond_output, guidance_grad)
     x0 = x0_hat(row, x, out)
     x_prev = row[_C] * x0 + row[_D] * x + row[_E] * out + row[_SIGMA] * z.to(x.dtype)
+    if guidance_grad is not None:
+        x_prev = x_prev + row[_GMEAN] * guidance_grad.to(x.dtype)
     if history is not None:
         x_prev = x_prev + row[_H] * history.to(x.dtype)
         history.copy_(x0)
