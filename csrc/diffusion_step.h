@@ -113,35 +113,25 @@ inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, co
   // element of out other than its own (ATen's checks, as for its own in-place ops)
   at::assert_no_internal_overlap(x);
   at::assert_no_partial_overlap(x, out);
-  if (history.has_value()) {  // addressed with x's offsets, written in place like x
-    const at::Tensor& h = *history;
-    TORCH_CHECK(h.scalar_type() == at::kFloat && h.sizes() == x.sizes() && h.strides() == x.strides(), op,
-                ": history must be float32 with x's shape ", x.sizes(), " and strides ", x.strides(), ", got ",
-                h.scalar_type(), " ", h.sizes(), " strides ", h.strides());
-    TORCH_CHECK(h.device() == x.device(), op, ": history is on ", h.device(), " but x is on ", x.device());
-    at::assert_no_overlap(h, x);
-    at::assert_no_overlap(h, out);
-  }
-  if (uncond.has_value()) {  // read with out's offsets: the other half of one 2B-batch forward
-    const at::Tensor& u = *uncond;
-    TORCH_CHECK(u.scalar_type() == out.scalar_type() && u.sizes() == out.sizes() && u.strides() == out.strides(), op,
-                ": uncond_output must have model_output's dtype ", out.scalar_type(), ", shape ", out.sizes(),
-                " and strides ", out.strides(), ", got ", u.scalar_type(), " ", u.sizes(), " strides ", u.strides());
-    TORCH_CHECK(u.device() == x.device(), op, ": uncond_output is on ", u.device(), " but x is on ", x.device());
-    at::assert_no_overlap(u, x);
-  }
-  if (grad.has_value()) {  // read with x's offsets
-    const at::Tensor& g = *grad;
-    TORCH_CHECK(g.scalar_type() == at::kFloat && g.sizes() == x.sizes() && g.strides() == x.strides(), op,
-                ": guidance_grad must be float32 with x's shape ", x.sizes(), " and strides ", x.strides(), ", got ",
-                g.scalar_type(), " ", g.sizes(), " strides ", g.strides());
-    TORCH_CHECK(g.device() == x.device(), op, ": guidance_grad is on ", g.device(), " but x is on ", x.device());
-    at::assert_no_overlap(g, x);
-  }
+  // the optional inputs, addressed with the offsets of x (history, grad) or of out (uncond); history
+  // is written in place like x, so it may share memory with no other tensor
+  const auto companion = [&](const std::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
+                             const char* like_name) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->scalar_type() == like.scalar_type() && t->sizes() == like.sizes() && t->strides() == like.strides(),
+                op, ": ", name, " must have ", like_name, "'s dtype ", like.scalar_type(), ", shape ", like.sizes(),
+                " and strides ", like.strides(), ", got ", t->scalar_type(), " ", t->sizes(), " strides ", t->strides());
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    at::assert_no_overlap(*t, x);
+  };
+  companion(history, "history", x, "x");
+  companion(uncond, "uncond_output", out, "model_output");
+  companion(grad, "guidance_grad", x, "x");
   if (history.has_value()) {
     for (const std::optional<at::Tensor>* other : {&uncond, &grad}) {
       if (other->has_value()) at::assert_no_overlap(*history, **other);
     }
+    at::assert_no_overlap(*history, out);
   }
   check_seed(op, seed);
   const int64_t batch = x.size(0);

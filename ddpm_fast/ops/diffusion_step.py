@@ -82,29 +82,13 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, 
                     ("step_index", step_index)):
         if t.device != x.device:
             raise ValueError(f"diffusion_step_: {name} is on {t.device} but x is on {x.device}")
-    if history is not None:
-        if history.dtype != torch.float32 or history.shape != x.shape or history.stride() != x.stride():
-            raise ValueError(f"diffusion_step_: history must be float32 with x's shape {tuple(x.shape)} and strides "
-                             f"{x.stride()} (torch.empty_like(x)), got {history.dtype} {tuple(history.shape)} "
-                             f"strides {history.stride()}")
-        if history.device != x.device:
-            raise ValueError(f"diffusion_step_: history is on {history.device} but x is on {x.device}")
-    if uncond_output is not None:
-        if (uncond_output.dtype != model_output.dtype or uncond_output.shape != model_output.shape
-                or uncond_output.stride() != model_output.stride()):
-            raise ValueError(f"diffusion_step_: uncond_output must have model_output's dtype {model_output.dtype}, "
-                             f"shape {tuple(model_output.shape)} and strides {model_output.stride()} (the other half "
-                             f"of the same forward), got {uncond_output.dtype} {tuple(uncond_output.shape)} strides "
-                             f"{uncond_output.stride()}")
-        if uncond_output.device != x.device:
-            raise ValueError(f"diffusion_step_: uncond_output is on {uncond_output.device} but x is on {x.device}")
-    if guidance_grad is not None:
-        if guidance_grad.dtype != torch.float32 or guidance_grad.shape != x.shape or guidance_grad.stride() != x.stride():
-            raise ValueError(f"diffusion_step_: guidance_grad must be float32 with x's shape {tuple(x.shape)} and "
-                             f"strides {x.stride()}, got {guidance_grad.dtype} {tuple(guidance_grad.shape)} strides "
-                             f"{guidance_grad.stride()}")
-        if guidance_grad.device != x.device:
-            raise ValueError(f"diffusion_step_: guidance_grad is on {guidance_grad.device} but x is on {x.device}")
+    # the optional inputs are addressed with the offsets of x (history, guidance_grad) or of model_output
+    for name, t, like, like_name, hint in (
+            ("history", history, x, "x", " (torch.empty_like(x))"),
+            ("uncond_output", uncond_output, model_output, "model_output", " (the other half of the same forward)"),
+            ("guidance_grad", guidance_grad, x, "x", "")):
+        if t is not None:
+            _check_companion(name, t, like, like_name, hint, x.device)
     check_samples(seed, sample_offset, x.shape[0])
     if not torch.compiler.is_compiling():  # traced tensors have no addresses; the compiled op checks the real ones
         _check_overlap(x, model_output)
@@ -115,6 +99,16 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, 
         for name, tensor, other_name, other in pairs:
             if tensor is not None and other is not None and _overlaps(tensor, other):
                 raise ValueError(f"diffusion_step_: {name} shares memory with {other_name}; it needs its own buffer")
+
+
+def _check_companion(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str, hint: str,
+                     device: torch.device) -> None:
+    dtype = "float32" if like_name == "x" else f"{like_name}'s dtype {like.dtype}"
+    if t.dtype != like.dtype or t.shape != like.shape or t.stride() != like.stride():
+        raise ValueError(f"diffusion_step_: {name} must be {dtype} with {like_name}'s shape {tuple(like.shape)} and "
+                         f"strides {like.stride()}{hint}, got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    if t.device != device:
+        raise ValueError(f"diffusion_step_: {name} is on {t.device} but x is on {device}")
 
 
 def _check_overlap(x: torch.Tensor, model_output: torch.Tensor) -> None:
