@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -38,7 +39,7 @@ constexpr int64_t kGrain = 32768;  // elements per task: smaller calls run on on
 constexpr int64_t kLanes = 16;  // float partial sums of an NCHW group: one AVX-512 register, two AVX2 ones
 constexpr int64_t kBlockChannels = 64;  // an NHWC block's channels at least
 constexpr int64_t kBlockElements = 2048;  // an NCHW block's elements at least (whole groups; one may hold more)
-constexpr int64_t kStackChannels = 64;  // per-channel scratch kept on the stack up to this many channels
+constexpr int64_t kStackChannels = 128;  // per-channel scratch on the stack up to this many (a 4×4 NCHW block's)
 
 // σ(z) = 1/(1 + e^−z) for float without a libm call or a branch, so the loops around it
 // vectorise (a float comparison may trap, which stops GCC's if-conversion; a clamp it can
@@ -126,6 +127,25 @@ struct LanesOf {
 template <typename V>
 using Lanes = typename LanesOf<V>::type;
 
+template <typename V, int64_t kN>
+struct VectorOf {
+  typedef V type __attribute__((vector_size(kN * sizeof(V))));
+};
+
+// Σ of a vector's kN lanes as a tree of vector additions, halves added to halves (lane j to lane
+// j + kN/2): a half is a register's extract, not a round trip through the stack.
+template <typename V, int64_t kN>
+C10_ALWAYS_INLINE V lane_sum(const typename VectorOf<V, kN>::type& v) {
+  if constexpr (kN == 1) {
+    return v[0];
+  } else {
+    typename VectorOf<V, kN / 2>::type low, high;
+    std::memcpy(&low, &v, sizeof low);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+    return lane_sum<V, kN / 2>(low + high);
+  }
+}
+
 // Σ_c Σ_p f(c, c·hw + p) over channels c0 … c0 + channels − 1 of an NCHW block: kLanes partial
 // sums that run across channels (so a 4×4 channel costs no horizontal sum of its own), each
 // gathered into a double total before it holds more than kChunk terms.
@@ -138,10 +158,7 @@ C10_ALWAYS_INLINE double nchw_total(const Block& b, int64_t c0, int64_t channels
   double total = 0;
   int64_t held = 0;  // terms per lane since the last gathering
   const auto gather = [&] {  // a tree: 4 dependent additions, not 16
-    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-      for (int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-    }
-    total += lanes[0];
+    total += lane_sum<V, kLanes>(lanes);
     lanes = Lanes<V>{};
     held = 0;
   };
@@ -155,7 +172,11 @@ C10_ALWAYS_INLINE double nchw_total(const Block& b, int64_t c0, int64_t channels
         for (int64_t j = 0; j < kLanes; ++j) v[j] = f(c, c * hw + p + j);
         lanes += v;
       }
-      for (int64_t j = 0; p + j < p1; ++j) lanes[j] += f(c, c * hw + p + j);
+      if (p < p1) {  // the last, partial vector, zero-padded (lanes[j] += … would keep lanes in memory)
+        Lanes<V> v = {};
+        for (int64_t j = 0; p + j < p1; ++j) v[j] = f(c, c * hw + p + j);
+        lanes += v;
+      }
       held += terms;
     }
   }
