@@ -18,7 +18,9 @@ VARIANTS = ("diffusers", "ours", "ours + CUDA graph")
 
 def _cases():
     sizes = settings.sizes()
-    return [(e2e, config, variant) for e2e in sizes.e2e for config in sizes.e2e_configs for variant in VARIANTS]
+    # the sampling workloads, each with the variants it runs
+    return [(e2e, config, variant) for e2e in sizes.e2e if e2e.sample_steps for config in sizes.e2e_configs
+            for variant in VARIANTS if e2e.variants is None or variant in e2e.variants]
 
 
 def _ours(model: str, config: str, batch: int, graph: bool):
