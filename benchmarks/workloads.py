@@ -98,7 +98,7 @@ def build(model: str, config: str, variant: str, batch: int) -> Workload:
     if variant in COMPILE_MODES:
         net.backend = BASELINE_BACKEND
         net = net.to(**place).eval()
-        return _reference_loop(torch.compile(net) if variant == COMPILED_UNET else net, dtype, shape,
+        return _reference_loop(torch.compile(net, dynamic=False) if variant == COMPILED_UNET else net, dtype, shape,
                                COMPILE_MODES[variant])
     if variant == "diffusers":
         return _diffusers(net.config, place, shape)
@@ -156,7 +156,10 @@ def _reference_loop(net: torch.nn.Module, dtype: torch.dtype, shape: tuple, mode
         return update(x, net(x.to(dtype), t.expand(batch)).to(x.dtype), row, clip, torch.randn_like(x))
 
     graph = mode == "max-autotune" and settings.ON_GPU  # mode="max-autotune" replays CUDA graphs on GPUs
-    fn = torch.compile(step, mode=mode, fullgraph=True) if mode else step
+    # dynamic=False: each workload (model, batch) gets its own static graph, as a user's one model
+    # would, where dynamo would otherwise recompile the shared code of `step` and UNet.forward
+    # with symbolic sizes once a second workload reached it
+    fn = torch.compile(step, mode=mode, fullgraph=True, dynamic=False) if mode else step
 
     def advance(x, t, row):
         if graph:  # cudagraph trees: a new iteration, whose replay may reuse the last one's output buffer
