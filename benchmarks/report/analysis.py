@@ -149,7 +149,7 @@ def cpu_goals(records: list[dict]) -> list[dict]:
                         if m[0].get("model") == model and m[0].get("batch") == batch), [])
         ours = [r for r in members if r["name"] in CPU_OURS]
         best = min(ours, key=lambda r: r["median_s"]) if ours else None
-        run = "one step" if kind == "e2e-step" else f"{best['steps'] if best else '?'}-step sampling"
+        run = "one step" if kind == "e2e-step" else f"{best['steps']}-step sampling" if best else "sampling"
         if best and kind == "e2e-sample" and model == "digits" and best["steps"] != T_FULL:
             run += f" (not the full {T_FULL})"
         for baseline, want in (("eager", over_eager), ("torch.compile", over_compile)):
