@@ -107,6 +107,19 @@ void with_bool(bool b, const F& f) {
   }
 }
 
+// Calls f(hw), hw a compile-time constant when it is kLanes: a 4×4 NCHW channel is one vector,
+// and with its length known each channel's output loop is that vector alone, where a loop of
+// unknown length paid its setup and remainder checks per channel (−20% of the 4×4 kernel). The
+// statistics' loops (nchw_total) measured slower specialised so, and are not.
+template <typename F>
+C10_ALWAYS_INLINE void with_positions(int64_t hw, const F& f) {
+  if (hw == kLanes) {
+    f(std::integral_constant<int64_t, kLanes>{});
+  } else {
+    f(hw);
+  }
+}
+
 // One task's share of a sample: a run of whole groups, fixed by the shape (never by the thread
 // count). NCHW: groups together up to kBlockElements (a channel's positions make long
 // unit-stride rows; a 4×4 group of 128 elements alone would pay the block's fixed costs for
@@ -254,10 +267,12 @@ template <bool kNCHW, typename F>
 C10_ALWAYS_INLINE void for_each_element(const Block& b, const F& f) {
   const int64_t cb = b.channels, hw = b.hw;
   if constexpr (kNCHW) {
-    for (int64_t c = 0; c < cb; ++c) {
+    with_positions(hw, [&](auto positions) {
+      for (int64_t c = 0; c < cb; ++c) {
 #pragma omp simd
-      for (int64_t p = 0; p < hw; ++p) f(c, c * hw + p);
-    }
+        for (int64_t p = 0; p < positions; ++p) f(c, c * positions + p);
+      }
+    });
   } else {
     for (int64_t p = 0; p < hw; ++p) {
 #pragma omp simd
