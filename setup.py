@@ -73,8 +73,10 @@ def _write_build_info(with_cuda: bool) -> None:
 def _extension():
     with_cuda = _build_cuda()
     _write_build_info(with_cuda)
-    # cpu/<op>.cpp register kernels; cpu/common/ holds what several of them share
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", *sorted((CSRC / "cpu").rglob("*.cpp"))]]
+    # cpu/<op>.cpp register kernels; cpu/common/ holds what several of them share; autograd/<op>.cpp
+    # registers an op's autograd for every device
+    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "ops.cpp", *sorted((CSRC / "autograd").glob("*.cpp")),
+                                                  *sorted((CSRC / "cpu").rglob("*.cpp"))]]
     cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it was built with
     if not with_cuda:
         return CppExtension("ddpm_fast._C", sources, extra_compile_args={"cxx": cxx},

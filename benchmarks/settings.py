@@ -24,14 +24,16 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 class E2E:
     """One end-to-end workload: a model, its batch (one batch for the step benchmark, the
     sampling run and the breakdown, so each variant is built and compiled once), the run's
-    number of steps (1000 = full DDPM), whether torch.compile (max-autotune) is among its
-    baselines (--quick drops it for the CIFAR-10 net: its compile takes minutes on a CPU), and
-    the variants it runs (None: every one of workloads.VARIANTS)."""
+    number of steps (1000 = full DDPM; 0 = the one-step benchmark only), whether torch.compile
+    (max-autotune) is among its baselines (--quick drops it for the CIFAR-10 net: its compile
+    takes minutes on a CPU), the variants it runs (None: every one of workloads.VARIANTS) and
+    the timed rounds of its sampling runs (None: Sizes.sample_rounds)."""
     model: str
     batch: int
     sample_steps: int
     compile: bool = True
     variants: tuple | None = None
+    sample_rounds: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,14 @@ CONFIGS = {  # like-for-like settings every e2e variant runs in: model dtype and
 _GN_SHAPES = ((128, 32, 32), (256, 16, 16), (256, 8, 8), (256, 4, 4))
 _ATTN_SHAPES = ((256, 256), (256, 512), (16, 256))
 _LAYOUTS = ("nchw", "channels_last")
+# The CPU goals' workloads (benchmarks/report/analysis.py): the CIFAR-10 step at batch 2 and 8
+# and its 50-step run at batch 2; the bundled digits model's full 1000-step sampling at batch 8
+# and at make sample's 64, there against the goals' baselines only and timed once (a run there
+# takes 1.5 minutes with one thread, and each step the same network evaluation).
+_CPU_E2E = (E2E("cifar10", 2, 50), E2E("cifar10", 8, 0), E2E("digits", 8, 1000),
+            E2E("digits", 64, 1000, sample_rounds=1,
+                variants=("eager", "torch.compile U-Net + eager update", "torch.compile max-autotune", "ours",
+                          "ours + compile")))
 # make gpu-check's end-to-end figure: ours (with and without CUDA graphs) against eager,
 # torch.compile (default mode), diffusers; max-autotune last, run only if time is left
 _CHECK_VARIANTS = ("eager", "torch.compile", "diffusers", "ours", "ours + CUDA graph", "torch.compile max-autotune")
@@ -94,7 +104,7 @@ def sizes() -> Sizes:
         return Sizes(rounds=20, warmup=3, sample_rounds=3, step_shapes=((256, 3, 32, 32),), gn_batches=(8,),
                      gn_shapes=_GN_SHAPES, gn_layouts=_LAYOUTS, gn_dtypes=(torch.float32,), attn_batch=8,
                      attn_shapes=_ATTN_SHAPES, attn_dtypes=(torch.float32,),
-                     e2e=(E2E("cifar10", 2, 50), E2E("digits", 8, 1000)), e2e_configs=("fp32",),
+                     e2e=_CPU_E2E, e2e_configs=("fp32",),
                      copy_numel=1 << 26, matmul_n={torch.bfloat16: 1024, torch.float32: 2048},
                      profile="cifar10")
     return Sizes(rounds=5, warmup=1, sample_rounds=2, step_shapes=((256, 3, 32, 32),), gn_batches=(8,),

@@ -18,7 +18,9 @@ VARIANTS = ("diffusers", "ours", "ours + CUDA graph")
 
 def _cases():
     sizes = settings.sizes()
-    return [(e2e, config, variant) for e2e in sizes.e2e for config in sizes.e2e_configs for variant in VARIANTS]
+    # the sampling workloads, each with the variants it runs
+    return [(e2e, config, variant) for e2e in sizes.e2e if e2e.sample_steps for config in sizes.e2e_configs
+            for variant in VARIANTS if e2e.variants is None or variant in e2e.variants]
 
 
 def _ours(model: str, config: str, batch: int, graph: bool):
@@ -66,6 +68,6 @@ def test_dpm_solver_sampling(measure, case):
     steps = min(DPM_STEPS, e2e.sample_steps)
     sample(steps)  # captures and autotunes outside the timing
     measure(f"e2e dpm-solver++ {e2e.model} {config} B={e2e.batch} steps={steps}", variant, lambda: sample(steps),
-            rounds=settings.sizes().sample_rounds, warmup=0,
+            rounds=e2e.sample_rounds or settings.sizes().sample_rounds, warmup=0,
             flops=workloads.flops_per_image(e2e.model) * e2e.batch * steps, images=e2e.batch, kind="e2e-dpm-solver",
             model=e2e.model, config=config, batch=e2e.batch, steps=steps, cuda_graph=variant == "ours + CUDA graph")

@@ -13,13 +13,13 @@ from benchmarks import settings, workloads
 @pytest.mark.parametrize("case", workloads.cases(), ids=workloads.case_id)
 def test_sampling(measure, case):
     e2e, config, variant = case
-    reason = workloads.skip_reason(e2e, variant)
+    reason = workloads.skip_reason(e2e, variant) or (None if e2e.sample_steps else "a one-step workload")
     if reason:
         pytest.skip(reason)
     workload = workloads.build(e2e.model, config, variant, e2e.batch)
     workload.sample(min(2, e2e.sample_steps))  # compiles, captures and autotunes outside the timing
     steps = e2e.sample_steps
     measure(f"e2e sample {e2e.model} {config} B={e2e.batch} steps={steps}", variant, lambda: workload.sample(steps),
-            rounds=settings.sizes().sample_rounds, warmup=0,
+            rounds=e2e.sample_rounds or settings.sizes().sample_rounds, warmup=0,
             flops=workloads.flops_per_image(e2e.model) * e2e.batch * steps, images=e2e.batch, kind="e2e-sample",
             model=e2e.model, config=config, batch=e2e.batch, steps=steps, cuda_graph=workload.cuda_graph)

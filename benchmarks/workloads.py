@@ -6,12 +6,16 @@ Variants — like for like: each runs in the config's dtype and memory layout (C
 `cuda_graph` says whether it replays CUDA graphs (the report pairs ours with a baseline of
 the same graph use):
   eager                       U-Net on PyTorch's own ops (backend="torch": F.group_norm, F.silu,
-                              scaled_dot_product_attention) + reference update
-                              (reference/diffusion_step.py, noise from torch.randn), a Python loop
-  torch.compile               the same step function through torch.compile, default mode (no
-                              CUDA graphs): make gpu-check's variants only (settings.py)
-  torch.compile max-autotune  the same through torch.compile(mode="max-autotune")
+                              scaled_dot_product_attention) + the update as a user writes it
+                              (`update` below: the row a tensor, the clip a Python bool, noise from
+                              torch.randn_like), a Python loop
+  torch.compile               the same step function through torch.compile(fullgraph=True), default
+                              mode (no CUDA graphs): make gpu-check's variants only (settings.py)
+  torch.compile max-autotune  the same through torch.compile(mode="max-autotune", fullgraph=True)
                               (CUDA graphs on GPUs: mode max-autotune captures them)
+  torch.compile U-Net + eager update
+                              torch.compile(unet) (default mode), the update eager: what a user
+                              who compiles only the model runs
   diffusers                   UNet2DModel (same architecture) + DDPMScheduler, as its pipeline loops
   reference sampler           Sampler(backend="reference") on the same U-Net (backend="torch"): the
                               reference update with the noise contract's Philox written in
@@ -39,14 +43,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import settings
 from ddpm_fast import NoiseSchedule, Sampler, UNet
 from ddpm_fast.compiled import CompiledUNet
+from ddpm_fast.contract import STEP_COLUMNS
 from ddpm_fast.integrations.diffusers import unet_config_to_diffusers
-from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 
 DEVICE = settings.DEVICE
 STEP_ROW = 500  # the DDPM row the one-step benchmark repeats: clip on, σ > 0
-VARIANTS = ("eager", "torch.compile max-autotune", "diffusers", "reference sampler", "ours", "ours + compile",
-            "ours + CUDA graph")
-COMPILE_MODES = {"eager": None, "torch.compile": "default", "torch.compile max-autotune": "max-autotune"}
+COMPILED_UNET = "torch.compile U-Net + eager update"
+VARIANTS = ("eager", COMPILED_UNET, "torch.compile max-autotune", "diffusers", "reference sampler", "ours",
+            "ours + compile", "ours + CUDA graph")
+COMPILE_MODES = {"eager": None, "torch.compile": "default", "torch.compile max-autotune": "max-autotune",
+                 COMPILED_UNET: None}
 LAST = "torch.compile max-autotune"  # its compile takes longest: run after every other variant
 BASELINE_BACKEND = "torch"  # the U-Net of every baseline but diffusers: PyTorch's own ops
 STEPLESS = ("reference sampler",)  # variants timed as sampling runs only
@@ -91,7 +97,9 @@ def build(model: str, config: str, variant: str, batch: int) -> Workload:
     place = dict(device=DEVICE, dtype=dtype, memory_format=layout)
     if variant in COMPILE_MODES:
         net.backend = BASELINE_BACKEND
-        return _reference_loop(net.to(**place).eval(), dtype, shape, COMPILE_MODES[variant])
+        net = net.to(**place).eval()
+        return _reference_loop(torch.compile(net, dynamic=False) if variant == COMPILED_UNET else net, dtype, shape,
+                               COMPILE_MODES[variant])
     if variant == "diffusers":
         return _diffusers(net.config, place, shape)
     net.backend = BASELINE_BACKEND if variant == "reference sampler" else "auto"
@@ -128,24 +136,36 @@ def _sampler(net: torch.nn.Module, dtype: torch.dtype, steps: int, backend: str,
                    sample_shape=(unet.in_channels, unet.resolution, unet.resolution), **method)
 
 
-def _reference_loop(net: UNet, dtype: torch.dtype, shape: tuple, mode: str | None) -> Workload:
+def update(x: torch.Tensor, out: torch.Tensor, row: torch.Tensor, clip: bool, z: torch.Tensor) -> torch.Tensor:
+    """DESIGN §2.3's update as a user writes it: the coefficient row a tensor (one compiled graph
+    for every step, no host read), the clip a Python bool (reference/diffusion_step.py reads it
+    from the row, a graph break and on a GPU a host sync per step under torch.compile)."""
+    A, B, C, D, E, sigma = (row[STEP_COLUMNS.index(name)] for name in ("A", "B", "C", "D", "E", "sigma"))
+    x0 = A * x + B * out
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    return C * x0 + D * x + E * out + sigma * z
+
+
+def _reference_loop(net: torch.nn.Module, dtype: torch.dtype, shape: tuple, mode: str | None) -> Workload:
     batch = shape[0]
+    table = _device_table(1000)
+    clip = bool(table.coefs[0, STEP_COLUMNS.index("clip")])  # every row's: the sampler's clip_denoised
 
     def step(x, t, row):
-        return reference_step(x, net(x.to(dtype), t.expand(batch)), row, torch.randn_like(x))
+        return update(x, net(x.to(dtype), t.expand(batch)).to(x.dtype), row, clip, torch.randn_like(x))
 
-    # reference_step's `if clip != 0` reads a tensor: under torch.compile a graph break and, on a
-    # GPU, one host sync per step — the reference as written, so the baseline keeps it.
     graph = mode == "max-autotune" and settings.ON_GPU  # mode="max-autotune" replays CUDA graphs on GPUs
-    fn = torch.compile(step, mode=mode) if mode else step
+    # dynamic=False: each workload (model, batch) gets its own static graph, as a user's one model
+    # would, where dynamo would otherwise recompile the shared code of `step` and UNet.forward
+    # with symbolic sizes once a second workload reached it
+    fn = torch.compile(step, mode=mode, fullgraph=True, dynamic=False) if mode else step
 
     def advance(x, t, row):
-        if graph:  # cudagraph trees: a new iteration; clone so the next replay may reuse the output buffer
+        if graph:  # cudagraph trees: a new iteration, whose replay may reuse the last one's output buffer
             torch.compiler.cudagraph_mark_step_begin()
-            return fn(x, t, row).clone()
         return fn(x, t, row)
 
-    table = _device_table(1000)
     with torch.inference_mode():  # an inference tensor, like every later x: no recompile on the 2nd step
         state = [torch.randn(shape, device=DEVICE)]
 
@@ -226,6 +246,6 @@ def case_id(case) -> str:
 
 
 def skip_reason(e2e: settings.E2E, variant: str) -> str | None:
-    if variant == "torch.compile max-autotune" and not e2e.compile:
-        return f"--quick leaves out max-autotune for {e2e.model}: its compile takes minutes on this machine"
+    if variant in ("torch.compile max-autotune", COMPILED_UNET) and not e2e.compile:
+        return f"--quick leaves out {variant} for {e2e.model}: its compile takes minutes on this machine"
     return available(variant)

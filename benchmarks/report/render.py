@@ -22,7 +22,8 @@ def render(report_dir: Path) -> str:
     lines = [TITLE, ""]
     lines += _environment(meta, measured) + _stages(meta) + _tests(report_dir)
     lines += _peaks(measured) + _ops(records, measured) + _e2e(records, measured)
-    lines += _projection(records) + _breakdown(records) + _goals(records, on_gpu, meta.get("check", False))
+    threads = sorted({s["threads"] for name, s in meta.get("stages", {}).items() if name in ("ops", "e2e") and "threads" in s})
+    lines += _projection(records) + _breakdown(records) + _goals(records, on_gpu, meta.get("check", False), threads)
     if (report_dir / "speedup.png").exists():
         lines += ["## Speed-ups, like for like", "", "![ours over each baseline](speedup.png)", ""]
     problems = [p for stage in meta.get("stages", {}).values() for p in stage.get("problems", [])]
@@ -198,8 +199,9 @@ def _breakdown(records: list[dict]) -> list[str]:
                       "costliest other", "measured on"], rows) + [""])
 
 
-def _goals(records: list[dict], on_gpu: bool, check: bool) -> list[str]:
-    """The GPU goals on a GPU and in make gpu-check (without a GPU: every one not measured), else the CPU's."""
+def _goals(records: list[dict], on_gpu: bool, check: bool, threads: list[int]) -> list[str]:
+    """The GPU goals on a GPU and in make gpu-check (without a GPU: every one not measured), else the
+    CPU's, titled with the torch thread count of the stages that measured them."""
     gpu = on_gpu or check
     goals = A.gpu_goals(records if on_gpu else []) if gpu else A.cpu_goals(records)
     if not goals:
@@ -211,7 +213,8 @@ def _goals(records: list[dict], on_gpu: bool, check: bool) -> list[str]:
             continue
         rows.append([g["goal"], _goal_value(g["value"], g), _goal_value(g["want"], g, wanted=True),
                      "met" if g["met"] else "missed", g["where"]])
-    title = "GPU goals (H200, like for like)" if gpu else "CPU goals (2 cores)"
+    counts = " and ".join(map(str, threads)) or "?"
+    title = "GPU goals (H200, like for like)" if gpu else f"CPU goals (2 cores, {counts} torch thread{'s' * (counts != '1')})"
     note = "Measured, not pass/fail tests." + (" An op goal's figure is its worst shape, with the faster of our "
                                                "kernels there." if gpu else " Attention has no CPU kernel of ours "
                                                "(the CPU runs scaled_dot_product_attention), so it has no CPU goal.")

@@ -5,7 +5,8 @@ and the reference (ddpm_fast/reference/group_norm_silu.py).
 
 Every fast backend returns (y, mean, rstd) with the per-(n, group) statistics kept for its
 backward, which gives grad_x plus per-(n, c) sums: weight and bias gradients are those sums
-summed over the batch. The C++ op's backward on CUDA tensors is the Triton backward kernel."""
+summed over the batch. The C++ op's backward on CUDA tensors is the Triton backward kernel; its
+autograd is registered in C++ (csrc/autograd/group_norm_silu.cpp, DESIGN §5.2)."""
 from __future__ import annotations
 
 import math
@@ -34,28 +35,31 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
 
 
 def _check(x, weight, bias, num_groups, eps, add) -> None:
+    # every call passes through here, so x's attributes are read once (a 4×4 U-Net norm's
+    # kernel takes about as long as this function did when it read each of them per test)
     name = "group_norm_silu"
-    if x.dim() != 4:
-        raise ValueError(f"{name}: x must be 4-D [N, C, H, W], got {x.dim()}-D {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name}: x must not be empty, got shape {tuple(x.shape)}")
-    N, C = x.shape[:2]
+    shape, dtype, device = x.shape, x.dtype, x.device
+    if len(shape) != 4:
+        raise ValueError(f"{name}: x must be 4-D [N, C, H, W], got {len(shape)}-D {tuple(shape)}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"{name}: x must be float32, float16, bfloat16 or float64, got {dtype}")
+    if 0 in shape:
+        raise ValueError(f"{name}: x must not be empty, got shape {tuple(shape)}")
+    N, C = shape[:2]
     if not isinstance(num_groups, int) or num_groups <= 0 or C % num_groups:
         raise ValueError(f"{name}: the channel count C = {C} must be divisible by num_groups, got "
                          f"num_groups = {num_groups!r}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{name}: eps must be a finite number ≥ 0, got {eps!r}")
-    params = [("weight", weight, (C,)), ("bias", bias, (C,))] + ([("add", add, (N, C))] if add is not None else [])
-    for what, t, shape in params:
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: {what} must have shape {shape} for x of shape {tuple(x.shape)}, "
+    params = (("weight", weight, (C,)), ("bias", bias, (C,))) + ((("add", add, (N, C)),) if add is not None else ())
+    for what, t, want in params:
+        if t.shape != want:
+            raise ValueError(f"{name}: {what} must have shape {want} for x of shape {tuple(shape)}, "
                              f"got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: {what} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {what} is on {t.device} but x is on {x.device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name}: {what} must have x's dtype {dtype}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: {what} is on {t.device} but x is on {device}")
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -148,23 +152,20 @@ if _extension.AVAILABLE:
     def _group_norm_silu_backward_fake(grad_y, x, weight, bias, add, mean, rstd, num_groups, act):
         return backward_outputs(x, mean)
 
-    torch.library.register_autograd("ddpm_fast::group_norm_silu",
-                                    _autograd(torch.ops.ddpm_fast.group_norm_silu_backward),
-                                    setup_context=_setup_context)
-
     if _extension.cuda_built():
         # No CUDA C++ backward kernel: on CUDA tensors the C++ op's backward is the Triton one.
         torch.library.impl("ddpm_fast::group_norm_silu_backward", "CUDA")(group_norm_silu_backward_triton)
 
 
-def _fused(op):
-    # the fused ops return (y, mean, rstd); the public op returns y
-    return lambda x, weight, bias, add, num_groups, eps, act: op(dense(x), weight, bias, add, num_groups, eps, act)[0]
+def _compiled(x, weight, bias, add, num_groups, eps, act):
+    # the fused ops return (y, mean, rstd); the public op returns y. The C++ op makes x dense
+    # itself; the overload is looked up when called, as the library may be unbuilt.
+    return torch.ops.ddpm_fast.group_norm_silu.default(x, weight, bias, add, num_groups, eps, act)[0]
 
 
-_compiled = _fused(lambda *args: torch.ops.ddpm_fast.group_norm_silu(*args))  # looked up when called: may be unbuilt
 _IMPLEMENTATIONS = {  # "auto" order: Triton on CUDA tensors, the C++ op on CPU ones
-    "triton": _fused(torch.ops.ddpm_fast.group_norm_silu_triton),
+    "triton": lambda x, weight, bias, add, num_groups, eps, act: torch.ops.ddpm_fast.group_norm_silu_triton(
+        dense(x), weight, bias, add, num_groups, eps, act)[0],
     "cuda": _compiled,
     "cpu": _compiled,
     "reference": lambda x, weight, bias, add, num_groups, eps, act: reference_group_norm_silu(
