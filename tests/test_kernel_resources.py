@@ -1,7 +1,8 @@
 """Every attention and diffusion-step launch config compiles, without a GPU, for each target
 family it can be chosen on, within that target's resources (DESIGN §5.5,
 benchmarks/kernel_resources.py): shared memory within the opt-in limit, no stack or local
-memory, 16-bit dots on tensor cores. GroupNorm's 2,184 configs a target are sampled: the
+memory, 16-bit dots on tensor cores; so do the kernels of the built CUDA C++ library, for every
+target it holds, and it carries PTX for its newest. GroupNorm's 2,184 configs a target are sampled: the
 largest tile of each kernel for each BLOCK_C (its register-heaviest), float32, with add and
 SiLU. Compiled results are cached under build/kernel-resources/ (`make kernel-report` fills it)."""
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 from benchmarks import kernel_resources as kr  # noqa: E402
+from ddpm_fast import _extension  # noqa: E402
 from ddpm_fast.kernels import attention, diffusion_step, group_norm_silu  # noqa: E402
 
 # One target per family (its configs are the same within one: launch_configs is keyed by capability):
@@ -55,6 +57,45 @@ def test_every_target_family_tested():
     # the limits of the other targets are those of a tested one (the report compiles them all)
     for target in kr.TARGETS:
         assert any(f.shared_optin <= target.shared_optin for f in FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def library():
+    """(path, TORCH_CUDA_ARCH_LIST) of the built library with its CUDA kernels (CI builds them)."""
+    if not _extension.cuda_built():
+        pytest.skip("the compiled library was built without its CUDA kernels")
+    return _extension._library_path(), _extension.BUILD_INFO["CUDA_ARCH_LIST"]
+
+
+def _capabilities(arch_list: str) -> list[int]:
+    return [int(arch.removesuffix("+PTX").replace(".", "")) for arch in arch_list.replace(" ", ";").split(";")]
+
+
+def test_cuda_kernels_within_target_resources(library):
+    path, arch_list = library
+    records = kr.cuda_usage(path)
+    assert {r["target"] for r in records} == {f"sm_{cc}" for cc in _capabilities(arch_list)}
+    by_name = {t.name: t for t in kr.TARGETS}
+    found = {(r["name"], r["target"]): kr.violations(r, by_name[r["target"]], kr.base_name(r["name"]))
+             for r in records}
+    assert {key: v for key, v in found.items() if v} == {}
+
+
+def test_cuda_library_carries_ptx_for_its_newest_target(library):
+    # PTX for the newest target lets GPUs newer than every cubin load the library (JIT, DESIGN §8)
+    path, arch_list = library
+    newest = max(_capabilities(arch_list))
+    sources = {p.name for p in (kr.ROOT / "csrc" / "cuda").glob("*.cu")}
+    assert kr.ptx_archs(path) == {source: {newest} for source in sources}
+
+
+def test_cuda_kernel_names_drop_the_per_compile_hash():
+    # nvcc names anonymous-namespace kernels with a hash that changes with every compile
+    mangled = ["_ZN9ddpm_fast56_GLOBAL__N__9fa41b49_17_diffusion_step_cu_6d57ca61_1124711step_kernelIfEEvPfPKT_S2_"
+               "NS_8Layout4dES6_NS_10NoiseShapeEPKfPKlSB_lmj",
+               "_ZN9ddpm_fast56_GLOBAL__N__9fa41b49_17_diffusion_step_cu_fce8b9e8_1400711step_kernelIfEEvPfPKT_S2_"
+               "NS_8Layout4dES6_NS_10NoiseShapeEPKfPKlSB_lmj"]
+    assert kr.kernel_names(mangled) == ["step_kernel<float>", "step_kernel<float>"]
 
 
 @pytest.mark.parametrize("capability", [t.capability for t in kr.TARGETS])
