@@ -183,8 +183,8 @@ def _blocks(shape: tuple[int, ...], num_groups: int, on_chip: int) -> tuple[int,
 
 
 def _num_warps(block_c: int, block_p: int) -> int:
-    # 8 warps from CHUNK_ELEMENTS up: with 4, the backward's 1024-element tiles needed up to 197
-    # registers a thread, 3 programs an SM or fewer (benchmarks/results/kernel-resources.md)
+    # 8 warps from CHUNK_ELEMENTS up: with 4 (and maxnreg = 255), the backward's 1024-element
+    # tiles took up to 197 registers a thread, 2 programs (8 warps) an SM; with 8, at most 117
     return 8 if block_c * block_p >= CHUNK_ELEMENTS else 4
 
 
