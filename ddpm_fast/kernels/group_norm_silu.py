@@ -8,7 +8,9 @@ views all take the same path. When the whole group fits in ON_CHIP_ELEMENTS, the
 it: x is read once, y written once (ONE_PASS). A larger group (LSUN-256: 4 channels × 65,536
 positions; or more than CHUNK_ELEMENTS channels) is swept in BLOCK_C × BLOCK_P chunks three times: the
 sum, the squared deviations, the output.
-Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504).
+Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504). The add and the
+SiLU are run-time flags, not constexprs: a uniform branch costs nothing in this memory-bound
+kernel, and it keeps the configs few enough to compile every one (DESIGN §5.5).
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from . import TYPES as _TYPES, capability as _capability
 # Elements of one (n, group) kept on chip in ONE_PASS; tests lower it to reach the multi-pass path.
 ON_CHIP_ELEMENTS = 8192
 CHUNK_ELEMENTS = 1024  # tile of the multi-pass sweeps and the backward (2048 spilled 8–40 B a thread)
+# A tile is padded to at least one element per thread of a 4-warp program: Triton replicates a
+# smaller one across the idle threads, so it costs the same and would only add configs.
+MIN_TILE_ELEMENTS = 128
 
 
 @triton.jit
@@ -45,7 +50,7 @@ def _channels(pid, c0, Weight, Bias, C, G, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD: tl.constexpr):
+def _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD):
     # (x + add[n, c] as float32, zero outside the mask; mask)
     offsets, mask = _tile(n, c, c_mask, p, HW, W, sxn, sxc, sxh, sxw)
     v = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -55,7 +60,7 @@ def _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD: tl.
 
 
 @triton.jit
-def _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT: tl.constexpr):
+def _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT):
     z = (v - mean) * rstd * weight[:, None] + bias[:, None]
     if ACT:
         z = z * tl.sigmoid(z)
@@ -64,8 +69,7 @@ def _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT: tl.constexpr):
 
 @triton.jit
 def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G, eps,
-                               sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-                               HAS_ADD: tl.constexpr, ACT: tl.constexpr, ONE_PASS: tl.constexpr,
+                               sxn, sxc, sxh, sxw, syn, syc, syh, syw, HAS_ADD, ACT, ONE_PASS: tl.constexpr,
                                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
@@ -111,7 +115,7 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
 
 @triton.jit
 def _grad_z(X, Add, GradY, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, mean, rstd,
-            weight, bias, HAS_ADD: tl.constexpr, ACT: tl.constexpr):
+            weight, bias, HAS_ADD, ACT):
     # (x̂, dz = ∂L/∂z at z = x̂·weight + bias, mask), zero outside the mask
     v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
     g_offsets, _ = _tile(n, c, c_mask, p, HW, W, sgn, sgc, sgh, sgw)
@@ -126,9 +130,8 @@ def _grad_z(X, Add, GradY, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, sgn, s
 
 @triton.jit
 def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Mean, Rstd, GradX, SumDz, SumDzXhat, GradAdd,
-                               C, HW, W, G, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
-                               HAS_ADD: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
-                               BLOCK_P: tl.constexpr):
+                               C, HW, W, G, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, HAS_ADD, ACT,
+                               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # two sweeps of BLOCK_C × BLOCK_P chunks over the group (one chunk when the group fits)
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
@@ -174,60 +177,65 @@ def _blocks(shape: tuple[int, ...], num_groups: int, on_chip: int) -> tuple[int,
     block_c = triton.next_power_of_2(shape[1] // num_groups)
     block_hw = triton.next_power_of_2(shape[2] * shape[3])
     if block_c * block_hw <= on_chip:
-        return block_c, block_hw, True
+        return block_c, max(block_hw, MIN_TILE_ELEMENTS // block_c), True
     block_c = min(block_c, CHUNK_ELEMENTS)  # wider groups are swept in channel chunks too
     return block_c, min(block_hw, CHUNK_ELEMENTS // block_c), False
 
 
 def _num_warps(block_c: int, block_p: int) -> int:
-    return 8 if block_c * block_p >= 4096 else 4
+    # 8 warps from CHUNK_ELEMENTS up: with 4 (and maxnreg = 255), the backward's 1024-element
+    # tiles took up to 197 registers a thread, 2 programs (8 warps) an SM; with 8, at most 117
+    return 8 if block_c * block_p >= CHUNK_ELEMENTS else 4
 
 
-def _config(backward: bool, dtype: torch.dtype, has_add: bool, act: bool, block_c: int, block_p: int,
-            one_pass: bool) -> dict:
+# An explicit register limit: without one, ptxas, which knows the block size, cut registers to an
+# occupancy step by spilling 8 B a thread in a few tiles on some targets (DESIGN §8); under a limit
+# it spills only what the limit forces, and 255, the most a thread can have, forces none here.
+MAX_REGISTERS = 255
+
+
+def _config(backward: bool, dtype: torch.dtype, block_c: int, block_p: int, one_pass: bool) -> dict:
     t = "*" + _TYPES[dtype]
+    flags = dict(HAS_ADD="u1", ACT="u1")  # Python bools, as the launchers pass them
     if backward:
         kernel, name = group_norm_silu_bwd_kernel, "bwd"
         scalars = dict(GradY=t, X=t, Weight=t, Bias=t, Add=t, Mean="*fp32", Rstd="*fp32", GradX=t, SumDz="*fp32",
                        SumDzXhat="*fp32", GradAdd="*fp32", C="i32", HW="i32", W="i32", G="i32",
                        **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh", "sgw", "sdn", "sdc", "sdh",
-                                        "sdw"), "i32"))
-        constexprs = dict(HAS_ADD=has_add, ACT=act, BLOCK_C=block_c, BLOCK_P=block_p)
+                                        "sdw"), "i32"), **flags)
+        constexprs = dict(BLOCK_C=block_c, BLOCK_P=block_p)
     else:
         kernel, name = group_norm_silu_fwd_kernel, "fwd_one_pass" if one_pass else "fwd_three_pass"
         scalars = dict(X=t, Weight=t, Bias=t, Add=t, Y=t, Mean="*fp32", Rstd="*fp32", C="i32", HW="i32", W="i32",
                        G="i32", eps="fp32",
-                       **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw"), "i32"))
-        constexprs = dict(HAS_ADD=has_add, ACT=act, ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_P=block_p)
+                       **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw"), "i32"), **flags)
+        constexprs = dict(ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_P=block_p)
     return dict(kernel=kernel, signature={**scalars, **dict.fromkeys(constexprs, "constexpr")}, constexprs=constexprs,
-                num_warps=_num_warps(block_c, block_p), num_stages=3,
-                name=f"group_norm_silu_{name}_{_TYPES[dtype]}{'_add' if has_add else ''}{'_silu' if act else ''}"
-                     f"_{block_c}x{block_p}")
+                num_warps=_num_warps(block_c, block_p), num_stages=3, maxnreg=MAX_REGISTERS,
+                name=f"group_norm_silu_{name}_{_TYPES[dtype]}_{block_c}x{block_p}")
 
 
-def _tiles() -> list[tuple[int, int, bool]]:
-    # every (BLOCK_C, BLOCK_P, whole group) _blocks can return with on_chip = ON_CHIP_ELEMENTS
-    powers = [1 << i for i in range(ON_CHIP_ELEMENTS.bit_length())]
-    return ([(c, p, True) for c in powers for p in powers if c * p <= ON_CHIP_ELEMENTS]
-            + [(c, CHUNK_ELEMENTS // c, False) for c in powers if c <= CHUNK_ELEMENTS])
+def _tiles(on_chip: int) -> list[tuple[int, int, bool]]:
+    # every (BLOCK_C, BLOCK_P, whole group) _blocks can return for this on-chip limit
+    powers = [1 << i for i in range(on_chip.bit_length())]
+    return sorted({(c, p, True) for c in powers for p in powers if MIN_TILE_ELEMENTS <= c * p <= on_chip}
+                  | {(c, CHUNK_ELEMENTS // c, False) for c in powers if c <= CHUNK_ELEMENTS})
 
 
 def launch_configs(capability: tuple[int, int]) -> list[dict]:
     """Every config the launchers can choose (the same on every GPU: no dots, little shared memory).
     The backward sweeps twice whatever the group's size, in tiles of at most CHUNK_ELEMENTS (an
     ON_CHIP_ELEMENTS tile spilled there: 784 B a thread on sm_90)."""
-    variants = [(dtype, has_add, act) for dtype in _TYPES for has_add in (False, True) for act in (False, True)]
-    tiles = _tiles()
-    backward_tiles = sorted({(c, p) for c, p, _ in tiles if c * p <= CHUNK_ELEMENTS})
-    return ([_config(False, *variant, c, p, one_pass) for variant in variants for c, p, one_pass in tiles]
-            + [_config(True, *variant, c, p, False) for variant in variants for c, p in backward_tiles])
+    backward_tiles = sorted({(c, p) for c, p, _ in _tiles(CHUNK_ELEMENTS)})
+    return ([_config(False, dtype, c, p, one_pass) for dtype in _TYPES for c, p, one_pass in _tiles(ON_CHIP_ELEMENTS)]
+            + [_config(True, dtype, c, p, False) for dtype in _TYPES for c, p in backward_tiles])
 
 
-def select(shape: tuple[int, int, int, int], num_groups: int, dtype: torch.dtype, has_add: bool, act: bool,
-           backward: bool, capability: tuple[int, int]) -> dict:
+def select(shape: tuple[int, int, int, int], num_groups: int, dtype: torch.dtype, backward: bool,
+           capability: tuple[int, int]) -> dict:
     """The launchers' config for an [N, C, H, W] input (pure: tests call it without a GPU)."""
     block_c, block_p, one_pass = _blocks(shape, num_groups, CHUNK_ELEMENTS if backward else ON_CHIP_ELEMENTS)
-    return _config(backward, dtype, has_add, act, block_c, block_p, one_pass and not backward)
+    return _config(backward, dtype, block_c, block_p, one_pass and not backward)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None, y: torch.Tensor,
@@ -235,11 +243,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torc
     """Launch the forward kernel into y (x's dense layout), mean and rstd ([N, G] float32);
     weight, bias and add contiguous."""
     N, C, H, W = x.shape
-    config = select(x.shape, num_groups, x.dtype, add is not None, act, False, _capability(x))
+    config = select(x.shape, num_groups, x.dtype, False, _capability(x))
     group_norm_silu_fwd_kernel[(N * num_groups,)](
         x, weight, bias, add if add is not None else x, y, mean, rstd, C, H * W, W, num_groups, eps,
-        *x.stride(), *y.stride(), **config["constexprs"], num_warps=config["num_warps"],
-        num_stages=config["num_stages"])
+        *x.stride(), *y.stride(), add is not None, act, **config["constexprs"], num_warps=config["num_warps"],
+        num_stages=config["num_stages"], maxnreg=config["maxnreg"])
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -248,8 +256,9 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
              act: bool) -> None:
     """Launch the backward kernel into grad_x (x's dense layout) and the [N, C] sums."""
     N, C, H, W = x.shape
-    config = select(x.shape, num_groups, x.dtype, add is not None, act, True, _capability(x))
+    config = select(x.shape, num_groups, x.dtype, True, _capability(x))
     group_norm_silu_bwd_kernel[(N * num_groups,)](
         grad_y, x, weight, bias, add if add is not None else x, mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add,
-        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), **config["constexprs"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), add is not None, act,
+        **config["constexprs"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"])
