@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
 
 #include "../diffusion_step.h"
 #include "common/normal_quads.h"
@@ -32,21 +33,46 @@ float update_at(const StepCoefs& k, float* x, const out_t* out, const Extras<out
                      extra.history == nullptr ? nullptr : extra.history + ox);
 }
 
+// A contiguous run of n elements from `first`, one loop per combination of the optional inputs
+// (compile-time flags): no per-element test of an absent input, so each loop vectorises.
+template <typename out_t, bool kHistory, bool kUncond, bool kGrad>
+void contiguous_run(const StepCoefs& k, float* __restrict__ xs, const out_t* __restrict__ os,
+                    const Extras<out_t>& extra, int64_t first, const float* __restrict__ z, int64_t n) {
+  float* __restrict__ hs = kHistory ? extra.history + first : nullptr;
+  const out_t* __restrict__ us = kUncond ? extra.uncond + first : nullptr;
+  const float* __restrict__ gs = kGrad ? extra.grad + first : nullptr;
+  for (int64_t j = 0; j < n; ++j) {
+    float o = static_cast<float>(os[j]);
+    if constexpr (kUncond) o = cfg_output(k, o, static_cast<float>(us[j]));
+    xs[j] = step_update(k, xs[j], o, kGrad ? gs[j] : 0.0f, z[j], kHistory ? hs + j : nullptr);
+  }
+}
+
+// f(std::bool_constant<on>{}) for the run-time flag `on`
+template <typename F>
+void with_flag(bool on, F&& f) {
+  if (on) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename out_t>
 void step_kernel(float* x, const out_t* out, const Extras<out_t>& extra, const Layout4d& lx, const Layout4d& lo,
                  const NoiseShape& shape, const StepCoefs& k, uint64_t seed, uint32_t key, uint32_t sample_offset) {
   const bool contiguous = is_nchw_contiguous(lx, shape.per_sample) && is_nchw_contiguous(lo, shape.per_sample);
-  const bool plain = extra.history == nullptr && extra.uncond == nullptr && extra.grad == nullptr;
   for_each_noise_chunk(shape, seed, key, sample_offset, [&](int64_t b, int64_t e0, const float* z, int64_t n) {
     if (contiguous) {
       const int64_t first = b * shape.per_sample + e0;
-      if (plain) {  // kept apart so the common loop vectorises without the tests of the optional inputs
-        float* xs = x + first;
-        const out_t* os = out + first;
-        for (int64_t j = 0; j < n; ++j) xs[j] = step_update(k, xs[j], static_cast<float>(os[j]), 0.0f, z[j], nullptr);
-      } else {
-        for (int64_t j = 0; j < n; ++j) x[first + j] = update_at(k, x, out, extra, first + j, first + j, z[j]);
-      }
+      with_flag(extra.history != nullptr, [&](auto history) {
+        with_flag(extra.uncond != nullptr, [&](auto uncond) {
+          with_flag(extra.grad != nullptr, [&](auto grad) {
+            contiguous_run<out_t, decltype(history)::value, decltype(uncond)::value, decltype(grad)::value>(
+                k, x + first, out + first, extra, first, z, n);
+          });
+        });
+      });
     } else {
       for (int64_t j = 0; j < n; ++j) {
         x[lx.offset(b, e0 + j)] = update_at(k, x, out, extra, lx.offset(b, e0 + j), lo.offset(b, e0 + j), z[j]);
