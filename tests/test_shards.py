@@ -135,9 +135,9 @@ def test_a_truncated_shard_is_refused(tmp_path):
 def test_the_merge_refuses_a_gap(tmp_path, monkeypatch):
     draw = shards._Job.draw
 
-    def lose_one(self, sampler, k, bar):  # a shard that never reaches the disk
+    def lose_one(self, sampler, k, *rest):  # a shard that never reaches the disk
         if k != 2:
-            draw(self, sampler, k, bar)
+            draw(self, sampler, k, *rest)
     monkeypatch.setattr(shards._Job, "draw", lose_one)
     with pytest.raises(ValueError, match=r"no shard holds the samples \[4, 6\)"):
         _run(tmp_path / "s.npz")
