@@ -1,6 +1,7 @@
 """Guidance on the bundled digits models, measured (DESIGN §2.5): fidelity against diversity.
 
     python -m benchmarks.guidance [--num 200] [--gate-num 1000] [--out-dir benchmarks/results/guidance]
+    python -m benchmarks.guidance --candidate runs/digits-cond/model.safetensors   # a model in training
 
 Every run draws global samples 0 .. N − 1 of seed 0 with sample j asked for label j mod 10, DDIM
 50 steps (η = 0) through the Sampler's fused CPU step, so the runs differ only by their guidance
@@ -44,10 +45,11 @@ GRID_LABEL = 3
 SETTINGS = dict(method="ddim", steps=50, backend="cpu")
 
 
-def draw(model_name: str, num: int, w: float, s: float, cache: Path) -> torch.Tensor:
-    """Samples 0 .. num − 1 (label j mod 10) of one guided run, from the cache when drawn before."""
-    path = cache / f"{model_name}-w{w}-s{s}-n{num}.pt"
-    if path.is_file():
+def draw(model_name: str, num: int, w: float, s: float, cache: Path | None) -> torch.Tensor:
+    """Samples 0 .. num − 1 (label j mod 10) of one guided run, from the cache when drawn before
+    (cache None: drawn, not kept)."""
+    path = None if cache is None else cache / f"{model_name}-w{w}-s{s}-n{num}.pt"
+    if path is not None and path.is_file():
         return torch.load(path, weights_only=True)
     model = df.UNet.from_pretrained(model_name).eval()
     guide = NoisyClassifier.from_pretrained("digits-classifier").eval() if s else None
@@ -57,8 +59,9 @@ def draw(model_name: str, num: int, w: float, s: float, cache: Path) -> torch.Te
     asked = labels(num) if model.num_classes is not None or guide is not None else None  # else no labels to take
     samples = sampler.sample(num, seed=0, labels=asked, batch_size=200, progress=True)
     print(f"{model_name} w={w} s={s}: {num} samples in {time.perf_counter() - start:.1f} s", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(samples, path)
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(samples, path)
     return samples
 
 
@@ -85,6 +88,16 @@ def measure(samples: torch.Tensor, svc, real: np.ndarray) -> dict:
     return {"fidelity": float(((read == y) & (probs.max(axis=1) >= CONFIDENCE)).mean()),
             "read_as_label": float((read == y).mean()), "read_as_label_per_label": per_label,
             "diversity": diversity(digits, y), "copies": gate(samples, svc, real)["copies"]}
+
+
+def candidate(path: str, num: int, svc, real: np.ndarray) -> None:
+    """A class-conditional checkpoint being trained, judged as the bundled one will be: the gate
+    run (w = GATE_W) and the conditional model alone (w = 0), printed, nothing written."""
+    for w in (GATE_W, 0.0):
+        run = measure(draw(path, num, w, 0.0, None), svc, real)
+        print(f"{path} w = {w}, {num} samples: read as label {run['read_as_label']:.3f} (worst label "
+              f"{min(run['read_as_label_per_label']):.2f}), fidelity {run['fidelity']:.3f}, diversity "
+              f"{run['diversity']:.2f}, copies {run['copies']:.3f}", flush=True)
 
 
 def figure(results: dict, real_diversity: float, path: Path) -> None:
@@ -122,10 +135,18 @@ def main() -> None:
     parser.add_argument("--gate-num", type=int, default=1000, help="samples of the gate run (100 per label)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/guidance"))
     parser.add_argument("--cache", type=Path, default=Path("runs/guidance"))
+    parser.add_argument("--candidate", default=None, metavar="PATH",
+                        help="only judge this class-conditional .safetensors (the gate run and w = 0, "
+                             "--gate-num samples each), writing nothing")
     args = parser.parse_args()
+    for flag, value in (("--num", args.num), ("--gate-num", args.gate_num)):
+        if value < 20 or value % 10:  # diversity needs two samples of every label
+            parser.error(f"{flag} must be a multiple of 10 and at least 20, got {value}")
     torch.manual_seed(0)
     real, real_labels = real_digits()
     svc = classifier(real, real_labels)[0]
+    if args.candidate:
+        return candidate(args.candidate, args.gate_num, svc, real)
     results = {"cfg": [], "classifier": [], "classifier_conditional": []}
     grid_rows = []
     for w in CFG_SCALES:

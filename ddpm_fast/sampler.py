@@ -62,7 +62,8 @@ class Sampler:
     cuda_graph: capture each step in a CUDA graph on CUDA (the fused backends).
     compile: run a ddpm_fast UNet through UNet.compiled() (torch.compile, our ops opaque; the
     first step compiles, shown on the progress bar). Off by default on every device: on the CPU
-    it measured no faster than the fused eager forward (DESIGN §7), on GPUs it is unmeasured.
+    it gains at most 13.7% and its 16.8–39.3 s compile outweighs that in every job benchmarked
+    (DESIGN §5.5); on GPUs it is unmeasured.
     check_finite: after the last step, sample() reads once whether x is finite and raises
     FloatingPointError if not (a NaN or infinite model gives no silently black images).
     finite_check_every: if set to K, a device-side flag records the first step whose x is not

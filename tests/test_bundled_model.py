@@ -25,9 +25,9 @@ quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
 # measured on the shipped weights (README "The bundled class-conditional models"), with a margin
-BUNDLED_SHA256 = {"digits-cond": "836e8cef08cf8b1504a8dfcd504983e28fbc2c71c8d5d3435d60134b9de6c592",
+BUNDLED_SHA256 = {"digits-cond": "dd41f76618232d861ec9364b7c73745430f1aee7953e8b402959e1bc41c05e1f",
                   "digits-classifier": "48d23ad1f689fdbf0514f7e3279176d24cf95a59105391b1cb419f1978bb436d"}
-COND_SHARE, COND_LABEL_SHARE = 0.90, 0.75  # read as the label asked for, all and worst label (0.985, 0.95)
+COND_SHARE, COND_LABEL_SHARE = 0.90, 0.75  # read as the label asked for, all and worst label (0.950, 0.90)
 CLASSIFIER_ACCURACY = {0: 0.97, 250: 0.88}  # t → least accuracy on the digits noised to x_t (0.987, 0.915)
 # classifier scale → the share of samples read as the label asked for: unguided at most, guided at least
 # (measured 0.10 and 0.59: benchmarks/results/guidance/ has 0.095 and 0.545 at 200 samples, 50 steps)
@@ -90,7 +90,7 @@ def test_fused_cpu_sampler_equals_the_reference_on_the_bundled_model():
 
 # -- the bundled class-conditional models: digits-cond and digits-classifier (DESIGN §2.5) ----
 
-@pytest.mark.parametrize("name, make", [("digits-cond", lambda: df.UNet.digits(num_classes=10)),
+@pytest.mark.parametrize("name, make", [("digits-cond", lambda: df.UNet.digits(num_classes=10, dropout=0.3)),
                                         ("digits-classifier", lambda: NoisyClassifier.digits())])
 def test_bundled_conditional_models_are_present_checksummed_and_the_presets(name, make):
     from safetensors import safe_open
