@@ -4,8 +4,17 @@
 # and for CI and GPU machines: make deps | build | report | gpu-check | bench-smoke | wheels | clean.
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
+# Extra version pins for the venv (pip constraints), e.g. the oldest supported versions below.
+PINS ?=
+# The oldest versions this package supports, those of the GPU image (Python 3.12, torch 2.11.0,
+# triton 3.6.0, huggingface_hub 1.33.0 and the carried diffusers 0.42.1): `make test-oldest`
+# tests them in .venv-oldest (CI does, beside the newest versions). numpy < 2.4: Triton 3.6's
+# interpreter, which runs the Triton kernels on the CPU, needs it (the GPU image's 2.5.2 is used
+# only off the interpreter).
+OLDEST_PINS := torch==2.11.0 triton==3.6.0 numpy<2.4 huggingface_hub==1.33.0 diffusers==0.42.1
+OLDEST_PYTHON ?= $(or $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12),$(shell command -v python3.12),python3)
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.ops-built
 CSRC := $(shell find csrc -type f)
@@ -17,7 +26,8 @@ REPORT_FLAGS ?=
 # what the benchmarks were run with.
 WHEELS ?= diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0
 
-.PHONY: deps build test sample report gpu-report gpu-check bench-smoke kernel-report wheels clean
+.PHONY: deps build test test-oldest sample report gpu-report gpu-check gpu-check-rehearsal bench-smoke kernel-report \
+	kernel-report-oldest wheels clean
 
 # Dependencies come from pyproject.toml alone: build-system requires + dependencies + [test].
 $(DEPS_STAMP): pyproject.toml
@@ -25,7 +35,8 @@ $(DEPS_STAMP): pyproject.toml
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
 	print('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] + \
 	p['project']['optional-dependencies']['test']))" > $(VENV)/requirements.txt
-	$(PY) -m pip install --progress-bar off -r $(VENV)/requirements.txt
+	printf '%s\n' $(foreach pin,$(PINS),'$(pin)') > $(VENV)/constraints.txt
+	$(PY) -m pip install --progress-bar off -r $(VENV)/requirements.txt -c $(VENV)/constraints.txt
 	touch $@
 
 deps: $(DEPS_STAMP)
@@ -39,6 +50,10 @@ build: $(BUILD_STAMP)
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests
+
+# The same suite on the oldest supported versions (OLDEST_PINS), in its own venv and build.
+test-oldest:
+	$(MAKE) VENV=.venv-oldest PYTHON=$(OLDEST_PYTHON) PINS='$(OLDEST_PINS)' test
 
 sample: $(BUILD_STAMP)
 	$(VENV)/bin/ddpm-fast sample --model digits --num 64 --seed 0 --out $(SAMPLE_OUT)
@@ -66,11 +81,33 @@ gpu-check:
 	PYTHONUNBUFFERED=1 $(REPORT_PY) -m benchmarks.report --check $(if $(GPU_CHECK_DIR),--dir $(GPU_CHECK_DIR)) \
 		$(if $(GPU_CHECK_STAGES),--stage $(GPU_CHECK_STAGES)) $(if $(GPU_CHECK_ARCHIVE),--archive $(GPU_CHECK_ARCHIVE))
 
+# make gpu-check rehearsed on this CPU as the lease will run it (benchmarks/report/rehearse.py):
+# a copy of the tree as the device tool carries it (no .git, .whl/ carried), the GPU image's
+# Python and packages (GPU_IMAGE_PACKAGES, in .venv-gpu-image; diffusers comes from the carried
+# wheels, installed by the check's build stage as on the lease), every stage, then the outcome checked.
+GPU_IMAGE_VENV := .venv-gpu-image
+GPU_IMAGE_PACKAGES := torch==2.11.0 triton==3.6.0 numpy==2.5.2 huggingface_hub==1.33.0 safetensors==0.8.0 \
+	tqdm Pillow ninja pybind11 setuptools wheel pytest pytest-benchmark pytest-timeout pytest-xdist hypothesis \
+	matplotlib scikit-learn
+$(GPU_IMAGE_VENV)/.installed:
+	test -x $(GPU_IMAGE_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/python -m pip install --progress-bar off $(foreach p,$(GPU_IMAGE_PACKAGES),'$(p)')
+	touch $@
+
+gpu-check-rehearsal: $(GPU_IMAGE_VENV)/.installed
+	ls .whl/diffusers-*.whl >/dev/null 2>&1 || $(MAKE) wheels
+	$(GPU_IMAGE_VENV)/bin/python -m benchmarks.report.rehearse --python $(abspath $(GPU_IMAGE_VENV))/bin/python
+
 # Every Triton launch config and CUDA C++ kernel compiled for sm_80/86/89/90/100/120 on this machine
 # (no GPU needed): registers, spills, shared memory, dot instructions, occupancy, into
 # benchmarks/results/kernel-resources.md (DESIGN §8).
 kernel-report: $(BUILD_STAMP)
 	$(PY) -m benchmarks.kernel_resources
+
+# The same under the oldest supported Triton, the GPU image's 3.6 (ptxas differs), in .venv-oldest.
+kernel-report-oldest:
+	$(MAKE) VENV=.venv-oldest PYTHON=$(OLDEST_PYTHON) PINS='$(OLDEST_PINS)' build
+	.venv-oldest/bin/python -m benchmarks.kernel_resources --out benchmarks/results/kernel-resources-triton-3.6.md
 
 # CI's smoke test of the benchmarks and the report: the --quick sizes, into build/. One thread:
 # its figures are not quoted anywhere, and two OpenMP threads on a machine where other jobs hold
@@ -86,4 +123,4 @@ wheels:
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(WHEELS)
 
 clean:
-	rm -rf build ddpm_fast/_C*.so ddpm_fast/_build_info.py *.egg-info $(BUILD_STAMP)
+	rm -rf build ddpm_fast/_C*.so ddpm_fast/_build_info*.py *.egg-info $(BUILD_STAMP)

@@ -7,6 +7,7 @@ GPU. DDPM_FAST_CUDA=0 or 1 forces the choice; TORCH_CUDA_ARCH_LIST picks the tar
 """
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -61,8 +62,11 @@ def _pip_cuda_include_dirs() -> list:
 
 def _write_build_info(with_cuda: bool) -> None:
     # Read at import time: a library built against another torch is refused before it is
-    # loaded, with both versions named, instead of failing on an undefined symbol.
-    (ROOT / "ddpm_fast" / "_build_info.py").write_text(
+    # loaded, with both versions named, instead of failing on an undefined symbol. One file per
+    # interpreter, like the library's own name (_C.cpython-312-...so): a checkout that holds
+    # builds for two Pythons (make test and make test-oldest) keeps each one's facts.
+    tag = sys.implementation.cache_tag.replace("-", "_")
+    (ROOT / "ddpm_fast" / f"_build_info_{tag}.py").write_text(
         '"""Written by setup.py when the compiled ops are built; not tracked by git."""\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"

@@ -82,13 +82,19 @@ def _dot_kind(ptx: str, has_dot: bool) -> str:
     return next((kind for kind in DOT_KINDS if kind in ptx), "fma" if has_dot else "none")
 
 
+def _source(config: dict) -> tuple[ASTSource, dict]:
+    """(what triton.compile compiles, its options) for one launch config."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(config["signature"].items())
+             if kind.startswith("*")}  # torch allocations are 16-byte aligned, as Triton specialises them
+    source = ASTSource(fn=config["kernel"], signature=config["signature"], constexprs=config["constexprs"],
+                       attrs=attrs)
+    return source, {option: config[option] for option in ("num_warps", "num_stages", "maxnreg") if option in config}
+
+
 def compile_triton(config: dict, target: Target) -> dict:
     """Compile one launch config for one target (cached); its resources as a dict."""
     fn = config["kernel"]
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(config["signature"].items())
-             if kind.startswith("*")}  # torch allocations are 16-byte aligned, as Triton specialises them
-    source = ASTSource(fn=fn, signature=config["signature"], constexprs=config["constexprs"], attrs=attrs)
-    options = {option: config[option] for option in ("num_warps", "num_stages", "maxnreg") if option in config}
+    source, options = _source(config)
     key = hashlib.sha256(f"{source.hash()}-{target.cc}-{options}-{triton.__version__}".encode()).hexdigest()
     path = CACHE / f"{key}.json"
     if path.exists():
@@ -104,20 +110,30 @@ def compile_triton(config: dict, target: Target) -> dict:
     return record
 
 
-def _compile_job(job):
+def _job_config(job) -> tuple[dict, Target]:
     module, name, cc = job
     target = next(t for t in TARGETS if t.cc == cc)
-    config = next(c for c in kernel_modules()[module].launch_configs(target.capability) if c["name"] == name)
-    return compile_triton(config, target)
+    return next(c for c in kernel_modules()[module].launch_configs(target.capability) if c["name"] == name), target
 
 
-def compile_all(jobs: list[tuple[str, str, int]], workers: int | None = None) -> list[dict]:
-    """Compile (module, config name, cc) jobs in fresh worker processes; records in job order."""
+def _compile_job(job):
+    return compile_triton(*_job_config(job))
+
+
+def _ttir_job(job) -> str:
+    config, target = _job_config(job)
+    source, options = _source(config)
+    return triton.compile(source, target=GPUTarget("cuda", target.cc, 32), options=options).asm["ttir"]
+
+
+def compile_all(jobs: list[tuple[str, str, int]], workers: int | None = None, ir: bool = False) -> list:
+    """Compile (module, config name, cc) jobs in fresh worker processes; records in job order
+    (with ir=True: each one's Triton IR, uncached, for tests that read the arithmetic)."""
     interpret = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # the workers compile (the tests interpret the kernels)
     try:
         with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_compile_job, jobs))
+            return list(pool.map(_ttir_job if ir else _compile_job, jobs))
     finally:
         if interpret is None:
             del os.environ["TRITON_INTERPRET"]
@@ -338,7 +354,10 @@ NOTES = [
     "it, so no local memory is touched; the stack is a frame, not a spill. Accepted: replacing "
     "cos/sin with sincospi would change the noise stream's float32 values (DESIGN §3). With the "
     "multistep history buffer, 256 quads a program held 40 B on sm_120 (8 B more than that frame), "
-    "so the history variant ships 1–128 quads a program only.",
+    "so the history variant ships 1–128 quads a program only. Under Triton 3.6 the guided variant with "
+    "both guidance inputs (128 quads) held 40 B on sm_120 at 48 registers, ptxas trimming to an occupancy "
+    "step (below); the guided variants therefore pass maxnreg = 255, under which none spills with "
+    "Triton 3.6 or 3.8 (kernel-resources-triton-3.6.md is this report under the GPU image's Triton 3.6).",
     "GroupNorm has no dots and little shared memory, so its configs are the same on every target: 126 tiles "
     "(forward: 77 one-pass tiles of 128–8,192 elements and 11 three-pass 1,024-element chunks; backward: "
     "38 tiles of 128–1,024 elements) × 3 dtypes, the add and the SiLU being run-time flags.",

@@ -72,9 +72,11 @@ _CPU_E2E = (E2E("cifar10", 2, 50), E2E("cifar10", 8, 0), E2E("digits", 8, 1000),
             E2E("digits", 64, 1000, sample_rounds=1,
                 variants=("eager", "torch.compile U-Net + eager update", "torch.compile max-autotune", "ours",
                           "ours + compile")))
-# make gpu-check's end-to-end figure: ours (with and without CUDA graphs) against eager,
-# torch.compile (default mode), diffusers; max-autotune last, run only if time is left
-_CHECK_VARIANTS = ("eager", "torch.compile", "diffusers", "ours", "ours + CUDA graph", "torch.compile max-autotune")
+# make gpu-check's end-to-end figures, in the order they run (workloads.cases): what the goals
+# judge first — ours with CUDA graphs (the 50,000-sample time), ours, then its baselines, the
+# strongest first (torch.compile, diffusers), eager last; max-autotune, whose compile alone
+# outlasts the stage's 90 s, is left out
+_CHECK_VARIANTS = ("ours + CUDA graph", "ours", "torch.compile", "diffusers", "eager")
 
 
 def sizes() -> Sizes:
@@ -82,7 +84,7 @@ def sizes() -> Sizes:
         return Sizes(rounds=10, warmup=2, sample_rounds=2, step_shapes=((256, 3, 32, 32),), gn_batches=(64, 256),
                      gn_shapes=_GN_SHAPES, gn_layouts=_LAYOUTS, gn_dtypes=(torch.float32, torch.bfloat16),
                      attn_batch=256, attn_shapes=_ATTN_SHAPES[:2], attn_dtypes=(torch.bfloat16,),
-                     e2e=(E2E("cifar10", 256, 20, variants=_CHECK_VARIANTS),), e2e_configs=("fp32", "bf16-cl"),
+                     e2e=(E2E("cifar10", 256, 20, variants=_CHECK_VARIANTS),), e2e_configs=("bf16-cl", "fp32"),
                      copy_numel=1 << 28, matmul_n={torch.bfloat16: 8192, torch.float32: 8192}, profile="cifar10")
     if ON_GPU and not QUICK:
         return Sizes(rounds=20, warmup=3, sample_rounds=3, step_shapes=((256, 3, 32, 32), (64, 4, 512, 512)),

@@ -65,6 +65,8 @@ class Workload:
     step: Callable[[], None] | None  # one step, in place on the workload's state
     sample: Callable[[int], torch.Tensor]  # a run of `steps` steps from a fresh x_T
     cuda_graph: bool
+    # builds what a run of `steps` steps needs (its sampler, its table on the device) before timing
+    prepare: Callable[[int], None] = lambda steps: None
 
 
 def available(variant: str) -> str | None:
@@ -105,7 +107,7 @@ def build(model: str, config: str, variant: str, batch: int) -> Workload:
     net.backend = BASELINE_BACKEND if variant == "reference sampler" else "auto"
     net = net.to(**place).eval()
     if variant == "reference sampler":
-        return Workload(None, _sampling(net, dtype, batch, "reference", False), False)
+        return Workload(None, *_sampling(net, dtype, batch, "reference"), False)
     if variant == "ours + compile":
         net = net.compiled()
     return _ours(net, dtype, batch, graph=variant == "ours + CUDA graph")
@@ -180,7 +182,7 @@ def _reference_loop(net: torch.nn.Module, dtype: torch.dtype, shape: tuple, mode
         for i in range(len(run)):
             x = advance(x, run.timesteps[i], run.coefs[i])
         return x
-    return Workload(one_step, sample, graph)
+    return Workload(one_step, sample, graph, _device_table)
 
 
 def _diffusers(config: dict, place: dict, shape: tuple) -> Workload:
@@ -218,17 +220,25 @@ def _ours(net: torch.nn.Module, dtype: torch.dtype, batch: int, graph: bool) -> 
     @torch.inference_mode()
     def one_step():
         step()
-    return Workload(one_step, _sampling(net, dtype, batch, "auto", graph), graph)
+    sample, prepare = _sampling(net, dtype, batch, "auto", graph)
+    return Workload(one_step, sample, graph, prepare)
 
 
-def _sampling(net: torch.nn.Module, dtype: torch.dtype, batch: int, backend: str, graph: bool) -> Callable[[int], torch.Tensor]:
-    samplers = {}  # one per run length, so building its table stays out of the timing
+def _sampling(net: torch.nn.Module, dtype: torch.dtype, batch: int, backend: str, graph: bool = False
+              ) -> tuple[Callable[[int], torch.Tensor], Callable[[int], None]]:
+    """(sample, prepare): prepare(steps) builds the sampler of a run of `steps` steps and uploads
+    its table, so that no timed run builds one."""
+    samplers = {}
 
-    def sample(steps):
+    def prepare(steps):
         if steps not in samplers:
             samplers[steps] = _sampler(net, dtype, steps, backend, graph)
+            samplers[steps]._device_table(samplers[steps].device)
+
+    def sample(steps):
+        prepare(steps)
         return samplers[steps].sample(batch)
-    return sample
+    return sample, prepare
 
 
 def cases() -> list[tuple[settings.E2E, str, str]]:

@@ -14,10 +14,11 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // row's (multistep solvers, DESIGN §2.4). Guidance (DESIGN §2.5): uncond_output (model_output's
   // dtype, shape and strides) is the unconditional output, combined with model_output by the row's
   // w; guidance_grad (float32, x's shape and strides) a classifier's ∇ₓ log p(y | x_t), by Gout and Gmean.
+  // No defaults in any schema: torch 2.11 mis-indexes mutated arguments after trailing defaults
+  // (ddpm_fast/ops/diffusion_step.py); the Python wrappers hold them.
   m.def(
       "diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
-      "int seed, int sample_offset, Tensor(b!)? history=None, Tensor? uncond_output=None, "
-      "Tensor? guidance_grad=None) -> ()");
+      "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad) -> ()");
   // Fused GroupNorm + SiLU (DESIGN §5): y = act((x + add[:, :, None, None] − mean)·rstd·weight + bias),
   // act = SiLU when act else identity, over [N, C, H, W] x (NCHW or channels_last; y in x's layout).
   // Returns (y, mean, rstd) with the per-(n, group) statistics [N, G] in float32 (float64 for

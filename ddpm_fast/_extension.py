@@ -7,13 +7,16 @@ with the reason. A library built against another torch is refused before it is l
 """
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+BUILD_INFO_MODULE = "_build_info_" + sys.implementation.cache_tag.replace("-", "_")
 _REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` (or `make build`)"
 
 
@@ -33,11 +36,11 @@ def _load() -> tuple[bool, str, dict]:
     path = _library_path()
     if path is None:
         return False, f"the compiled library ddpm_fast/_C*.so was not found in {_PACKAGE_DIR}; {_REBUILD_HINT}", {}
-    try:
-        from . import _build_info
+    try:  # setup.py writes one per interpreter, beside the library built for it
+        build_info = importlib.import_module(f"{__package__}.{BUILD_INFO_MODULE}")
     except ImportError:
-        return False, f"{path.name} has no ddpm_fast/_build_info.py beside it; {_REBUILD_HINT}", {}
-    info = {k: getattr(_build_info, k) for k in ("TORCH_VERSION", "CUDA_VERSION", "WITH_CUDA", "CUDA_ARCH_LIST")}
+        return False, f"{path.name} has no ddpm_fast/{BUILD_INFO_MODULE}.py beside it; {_REBUILD_HINT}", {}
+    info = {k: getattr(build_info, k) for k in ("TORCH_VERSION", "CUDA_VERSION", "WITH_CUDA", "CUDA_ARCH_LIST")}
     if info["TORCH_VERSION"] != torch.__version__:
         return False, (f"{path.name} was built against torch {info['TORCH_VERSION']} but torch "
                        f"{torch.__version__} is installed; {_REBUILD_HINT}"), info

@@ -46,3 +46,5 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.gpu)
         if triton and INTERPRETED:
             item.add_marker(pytest.mark.interpreter)
+        if item.get_closest_marker("slow"):  # past 2³¹ elements: one at a time under pytest-xdist
+            item.add_marker(pytest.mark.xdist_group("large"))

@@ -1,6 +1,8 @@
 """DPM-Solver++(2M) and its SDE variant (DESIGN §2.4): timesteps and σ as diffusers defines
 them, the table rows against the paper's equations (reference/dpm_solver.py), and whole runs
 of the bundled digits model against diffusers' DPMSolverMultistepScheduler on every backend."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -114,18 +116,27 @@ def test_table_rows_are_the_papers_equations(schedule, spacing, karras, predicti
     assert relative_error(x, expected) < 1e-12
 
 
-def _model(digits, prediction, schedule):
-    """The digits network as an ε-, x0- or v-prediction model (the same trained function)."""
-    sqrt_ab, sqrt_1m_ab = schedule.sqrt_alphas_cumprod.float(), schedule.sqrt_one_minus_alphas_cumprod.float()
+class _Reparametrised(torch.nn.Module):
+    """The digits network as an ε-, x0- or v-prediction model (the same trained function); a
+    module, so that the Sampler runs on the network's device."""
 
-    def model(x, t):
-        eps = digits(x, t)
-        a, s = sqrt_ab[t].view(-1, 1, 1, 1), sqrt_1m_ab[t].view(-1, 1, 1, 1)
-        if prediction == "epsilon":
+    def __init__(self, digits, prediction, schedule):
+        super().__init__()
+        self.digits, self.prediction = digits, prediction
+        device = next(digits.parameters()).device
+        self.register_buffer("sqrt_ab", schedule.sqrt_alphas_cumprod.float().to(device))
+        self.register_buffer("sqrt_1m_ab", schedule.sqrt_one_minus_alphas_cumprod.float().to(device))
+
+    def forward(self, x, t):
+        eps = self.digits(x, t)
+        a, s = self.sqrt_ab[t].view(-1, 1, 1, 1), self.sqrt_1m_ab[t].view(-1, 1, 1, 1)
+        if self.prediction == "epsilon":
             return eps
         x0 = (x - s * eps) / a
-        return x0 if prediction == "x0" else a * eps - s * x0
-    return model
+        return x0 if self.prediction == "x0" else a * eps - s * x0
+
+
+_model = _Reparametrised
 
 
 def _diffusers_run(sched, model, steps, x, sde, float64=True):
@@ -139,11 +150,11 @@ def _diffusers_run(sched, model, steps, x, sde, float64=True):
 
 
 def _ours(digits, schedule, prediction, spacing, karras, clip, sde, steps, backend="cpu"):
-    digits.backend = "cpu"  # the network stays the same; `backend` is the step's
+    digits.backend = "cpu" if next(digits.parameters()).is_cpu else "auto"  # `backend` is the step's
     sampler = Sampler(_model(digits, prediction, schedule), schedule, method="dpm-solver++-sde" if sde else "dpm-solver++",
                       steps=steps, spacing=spacing, use_karras_sigmas=karras, clip_denoised=clip,
                       prediction_type=prediction, backend=backend, sample_shape=(1, 16, 16))
-    return sampler.sample(N, seed=SEED)
+    return sampler.sample(N, seed=SEED).cpu()
 
 
 @pytest.mark.parametrize("spacing,karras", SPACINGS)
@@ -171,11 +182,14 @@ def test_sde_runs_equal_diffusers_fed_our_noise(digits, schedule, spacing, karra
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("sde", [False, True])
-def test_every_backend_equals_diffusers(digits, schedule, backend, sde):
+def test_every_backend_equals_diffusers(digits, schedule, backend, sde, triton_device, monkeypatch):
     steps = 10
     x_T = randn((N, 1, 16, 16), seed=SEED, step=T, sample_offset=0)
     expected = _diffusers_run(_theirs("linspace", False, "epsilon", True, sde), _model(digits, "epsilon", schedule),
                               steps, x_T.clone(), sde=sde)
+    if backend == "triton" and triton_device.type == "cuda":  # the Triton step needs its tensors on the GPU
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions, as on the CPU
+        digits = copy.deepcopy(digits).to(triton_device)
     got = _ours(digits, schedule, "epsilon", "linspace", False, True, sde, steps, backend)
     assert relative_error(got, expected) <= 1e-5
 

@@ -3,6 +3,8 @@ be chosen on, and the built CUDA C++ library within those of every target it hol
 benchmarks/kernel_resources.py): shared memory within the opt-in limit, no stack or local memory
 but the accepted frames, 16-bit dots on tensor cores, PTX for the newest target. Compiled results
 are cached under build/kernel-resources/ (`make kernel-report` fills it)."""
+import re
+
 import pytest
 import torch
 
@@ -90,6 +92,21 @@ def test_cuda_kernel_names_drop_the_per_compile_hash():
                "_ZN9ddpm_fast56_GLOBAL__N__9fa41b49_17_diffusion_step_cu_fce8b9e8_1400711step_kernelIfEEvPfPKT_S2_"
                "NS_8Layout4dES6_NS_10NoiseShapeEPKfPKlSB_lmj"]
     assert kr.kernel_names(mangled) == ["step_kernel<float>", "step_kernel<float>"]
+
+
+def test_group_norm_counts_and_offsets_are_64_bit():
+    # Triton multiplies two int32 values in int32: a group of C/G·H·W > 2³¹ elements made the count
+    # negative (NaN statistics) and c·sc wrapped in large NCHW samples (tests/test_large_tensors.py,
+    # GPU only). In the compiled IR of the forward (one and three passes) and the backward, every
+    # tensor product (the offsets) is 64-bit, and the count divided into the sums comes from an i64.
+    shapes = [((1, 128, 32, 32), 32, False), ((1, 64, 64, 64), 1, False), ((1, 128, 32, 32), 32, True)]
+    jobs = [("group_norm_silu", group_norm_silu.select(shape, groups, torch.float32, backward, (9, 0))["name"], 90)
+            for shape, groups, backward in shapes]
+    for (_, name, _), ttir in zip(jobs, kr.compile_all(jobs, ir=True)):
+        narrow = re.findall(r"arith\.muli .*: tensor<[0-9x]*xi32>", ttir)
+        assert not narrow, f"{name}: 32-bit offset products {narrow}"
+        counts = re.findall(r"arith\.sitofp %\S+ : (\w+) to f32", ttir)
+        assert counts and set(counts) == {"i64"}, f"{name}: counts converted from {counts}"
 
 
 def test_every_group_norm_config_can_be_chosen():

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,110 @@ def test_cpu_goals_follow_the_shapes_and_the_best_compile_baseline():
     assert goals["digits 1000-step sampling, batch 64: ours vs the best torch.compile"]["value"] is None
     assert goals["cifar10 one step, batch 8: ours vs eager"]["met"] is None  # not measured
     assert goals["cifar10 sampling, batch 2: ours vs eager"]["met"] is None
+
+
+# -- make gpu-check's plumbing, against planted outcomes (the rehearsal: make gpu-check-rehearsal) --
+PLANTED = '''
+import time
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2
+
+def test_wants_a_gpu():
+    pytest.skip("no CUDA device")  # tests/helpers.py's cuda_or_skip()
+
+def test_outlasts_the_cap():
+    time.sleep(600)
+'''
+
+
+def _context(tmp_path, cap_s, on_gpu=False):
+    from benchmarks.report import stages
+    ctx = stages.Context(tmp_path, quick=True, fresh=False, deadline=None, on_gpu=on_gpu)
+    ctx.cap_until = __import__("time").time() + cap_s
+    return ctx
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_a_tests_stage_stopped_at_its_cap_keeps_the_verdict_of_what_finished(tmp_path, on_gpu):
+    # the hanging test is interrupted (SIGINT) at the cap; the streamed outcomes still hold the
+    # pass, the failure and the skip for want of CUDA, which fails the verdict on a GPU only
+    from benchmarks.report import stages
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "test_planted.py").write_text(PLANTED)
+    report = tmp_path / "report"
+    report.mkdir()
+    problems = stages._tests(_context(report, cap_s=15, on_gpu=on_gpu), paths=(str(planted),))
+    summary = json.loads((report / "tests.json").read_text())
+    assert summary["tests"] == 3 and summary["passed"] == 1
+    assert len(summary["failed"]) == 1 and summary["failed"][0].endswith("test_planted.py::test_fails")
+    assert len(summary["cuda_skips"]) == 1 and summary["cuda_skips"][0].endswith("::test_wants_a_gpu")
+    assert problems[0].startswith("stage tests was stopped at its time cap after 3 tests")
+    assert problems[1] == "tests failed (pytest exit 0): 1 failing"
+    assert problems[2:] == (["1 CUDA tests were skipped"] if on_gpu else [])
+
+
+def test_a_stopped_stage_leaves_no_process_behind(tmp_path, monkeypatch):
+    # a command that ignores Ctrl-C and started a child in a process group of its own (as ninja
+    # starts nvcc and cc1plus): SIGKILL reaches both
+    from benchmarks.report import stages
+    monkeypatch.setattr(stages, "INTERRUPT_GRACE_S", 1.0)
+    child_pid = tmp_path / "child.pid"
+    code = textwrap.dedent(f"""
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                  "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"],
+                                 start_new_session=True)
+        open({str(child_pid)!r}, "w").write(str(child.pid))
+        time.sleep(600)
+    """)
+    rc = stages._call([sys.executable, "-c", code], tmp_path / "stage.log", _context(tmp_path, cap_s=4))
+    assert rc == -9 and "stopped: the time budget or the stage's cap" in (tmp_path / "stage.log").read_text()
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # the child is reparented to init, which reaps it
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            break
+        __import__("time").sleep(0.1)
+    else:
+        pytest.fail(f"the stage's grandchild {pid} outlived the stop")
+
+
+def test_the_build_stage_refreshes_the_environment(tmp_path, monkeypatch):
+    # the carried wheels (diffusers) are installed by the build stage: the report must name the
+    # versions the later stages ran with, not what the first stage saw
+    from benchmarks.report import __main__ as report, check, stages
+    monkeypatch.setattr(stages, "run", lambda name, ctx: [])
+    monkeypatch.setattr(report, "fresh_environment", lambda: {"diffusers": "0.42.1", "gpu": "none"})
+    meta = {"environment": {"diffusers": "not installed (its baselines are skipped)", "gpu": "none"}, "stages": {}}
+    ctx = stages.Context(tmp_path, quick=True, fresh=False, deadline=None, on_gpu=False, check=True)
+    with check.Archive(tmp_path, None) as archive:
+        assert not report._run_stages(["env", "build"], ctx, meta, "abc", archive)
+    assert meta["environment"]["diffusers"] == "0.42.1"
+
+
+def test_a_fresh_environment_is_read_by_a_new_interpreter():
+    from benchmarks.report.environment import environment, fresh_environment
+    fresh = fresh_environment()
+    assert fresh.keys() == environment().keys() and fresh["torch"] == environment()["torch"]
+
+
+def test_check_orders_ours_and_the_goal_baselines_first():
+    # make gpu-check's ops stage may be cut at its cap: the goals' rows run first, bf16 first
+    found = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_step.py", "benchmarks/test_group_norm.py",
+                            "benchmarks/test_attention.py", "--collect-only", "-q", "--check", "-p", "no:cacheprovider"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    def role(node_id):
+        test, params = node_id.split("::")[-1].split("[", 1)
+        impl = params.rstrip("]").split("-")[-1]
+        if test == "test_fused" or impl.startswith("fused"):
+            return 0
+        return 1 if (test == "test_compiled_reference" and "z_given" not in params) or impl == "sdpa" else 2
+    roles = [role(line) for line in found if "::" in line]
+    assert roles == sorted(roles) and roles[0] == 0 and 1 in roles

@@ -1,5 +1,8 @@
 """Sampler: the public API of DESIGN §9, the noise keys of §3, and every backend's loop
 against the reference loop."""
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -103,13 +106,11 @@ def test_cuda_graph_loop_without_host_syncs(device):
     schedule = df.NoiseSchedule.linear(1000)
     model = _small_model().to(device)
     plain = df.Sampler(model, schedule, cuda_graph=False).sample(4, seed=1)
-    sampler = df.Sampler(model, schedule)
+    # the loop alone: sample()'s closing finite check is its one device read (the test below)
+    sampler = df.Sampler(model, schedule, check_finite=False)
     sampler.sample(4, seed=1)  # warm-up: cuDNN and Triton pick their kernels
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _syncs_raise():
         graphed = sampler.sample(4, seed=1, progress=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert relative_error(graphed, plain) <= 1e-6
     for backend in ("cuda", "reference"):
         other = df.Sampler(model, schedule, backend=backend).sample(4, seed=1)
@@ -123,14 +124,41 @@ def test_cuda_graph_loop_in_low_precision_without_host_syncs(dtype):
     device = cuda_or_skip()
     schedule = df.NoiseSchedule.linear(20)
     reference = df.Sampler(_small_model(), schedule, method="ddim", steps=10, backend="reference").sample(4, seed=1)
-    sampler = df.Sampler(_small_model().to(device), schedule, method="ddim", steps=10, dtype=dtype)
+    sampler = df.Sampler(_small_model().to(device), schedule, method="ddim", steps=10, dtype=dtype,
+                         check_finite=False)
     sampler.sample(4, seed=1)  # warm-up: cuDNN and Triton pick their kernels
+    with _syncs_raise():
+        graphed = sampler.sample(4, seed=1)
+    assert graphed.dtype == torch.float32 and relative_error(graphed, reference) < 0.05
+
+
+@contextlib.contextmanager
+def _syncs_raise():
     torch.cuda.set_sync_debug_mode("error")
     try:
-        graphed = sampler.sample(4, seed=1)
+        yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert graphed.dtype == torch.float32 and relative_error(graphed, reference) < 0.05
+
+
+@pytest.mark.gpu
+def test_the_closing_finite_check_is_one_device_read_and_catches_nan():
+    device = cuda_or_skip()
+    schedule = df.NoiseSchedule.linear(1000)
+    sampler = df.Sampler(_small_model().to(device), schedule, method="ddim", steps=10)
+    sampler.sample(4, seed=1)  # warm-up
+    torch.cuda.set_sync_debug_mode("warn")  # each device read warns
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sampler.sample(4, seed=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    exploding = df.Sampler(Exploding().to(device), df.NoiseSchedule.linear(20), sample_shape=(1, 2, 2))
+    with pytest.raises(FloatingPointError, match="2 of 2 samples hold NaN"):
+        exploding.sample(2)
 
 
 def test_stepper_takes_the_samplers_steps_one_by_one(device):

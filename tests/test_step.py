@@ -273,7 +273,7 @@ def test_opcheck(fused, schedule, method):
     x, out = (v.to(device) for v in _inputs(5, out_dtype=torch.bfloat16))
     history = torch.zeros_like(x) if method == "dpm-solver++" else None
     args = (x, out, table.coefs, table.noise_keys, torch.tensor([10 if method == "ddpm" else 5], device=device), 3, 0,
-            history)
+            history, None, None)  # every argument: the schemas have no defaults (DESIGN §5.5)
     op = torch.ops.ddpm_fast.diffusion_step_triton_ if impl == "triton" else torch.ops.ddpm_fast.diffusion_step_
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if device.type == "cuda" or impl != "triton":
@@ -336,7 +336,8 @@ def test_raw_op_checks_the_index_on_the_cpu(schedule):
     table = schedule.step_table("ddpm")
     x, out = _inputs(8)
     with pytest.raises(RuntimeError, match="outside the table"):
-        torch.ops.ddpm_fast.diffusion_step_(x, out, table.coefs.float(), table.noise_keys, torch.tensor([1000]), 0, 0)
+        torch.ops.ddpm_fast.diffusion_step_(x, out, table.coefs.float(), table.noise_keys, torch.tensor([1000]), 0, 0,
+                                            None, None, None)
 
 
 @pytest.mark.parametrize("index", [1000, -1])

@@ -18,12 +18,13 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.report import analysis, check, stages
-from benchmarks.report.environment import default_report_dir, environment, load_average
+from benchmarks.report.environment import default_report_dir, environment, fresh_environment, load_average
 from benchmarks.report.render import environment_line, render
 
 
@@ -76,11 +77,16 @@ def _run_stages(names: list[str], ctx: stages.Context, meta: dict, commit: str, 
     for name in names:
         print(f"[report] stage {name} (load average {load_average()})", flush=True)
         start, before = time.perf_counter(), load_average()
-        ctx.cap_until = time.time() + check.CAPS_S[name] if ctx.check and name in check.CAPS_S else None
+        ctx.cap_until = time.time() + check.cap_s(name) if ctx.check and name in check.CAPS_S else None
         problems = stages.run(name, ctx)
         meta["stages"][name] = dict(seconds=time.perf_counter() - start, load_before=before, load_after=load_average(),
                                     problems=problems, commit=commit, threads=torch.get_num_threads(),
                                     when=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
+        if name == "build":  # it installs the carried wheels: the versions the later stages run with
+            try:
+                meta["environment"] = fresh_environment()
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as error:
+                problems.append(f"the environment could not be read again after the build: {error}")
         failed |= bool(problems)
         for problem in problems:
             print(f"[report]   {problem}", flush=True)

@@ -25,22 +25,35 @@ STAGES = ("env", "build", "tests", "ops", "e2e")
 CAPS_S = {"env": 30, "build": 120, "tests": 180, "ops": 90, "e2e": 90}
 # the end-to-end figures: sampling runs (DDPM/DDIM and DPM-Solver++), no one-step timing
 BENCHMARKS = {"e2e": ["test_sampling.py", "test_dpm_solver.py"]}
-BUILD_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "16"}
+# the GPU machine's 16 cores; a rehearsal on a smaller machine passes its own MAX_JOBS
+BUILD_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": os.environ.get("MAX_JOBS", "16")}
 TEST_TIMEOUT_S = 90  # one test's limit where pytest-timeout is installed (the GPU image has it)
+# ~845 GPU tests, 60 distinct Triton compiles among the fp32 attention cases: on the GPU
+# machine's 16 cores, 12 pytest-xdist workers (the image has the plugin) leave the build's
+# and the driver's threads room and bring the stage under its 180 s cap
+WORKERS = 12
 ARCHIVE_EVERY_S = 10
 
 
 def test_args() -> list[str]:
     """pytest's arguments: the GPU tests, each one's time (verbose lines stream into tests.log;
-    --durations and junit.xml keep the times), and where the plugins are installed a limit per
-    test and GPU_CHECK_WORKERS processes (default 4; 0 runs them in one)."""
+    stream.py's tests.jsonl, --durations and junit.xml keep the times), and where the plugins are
+    installed a limit per test and GPU_CHECK_WORKERS processes (default WORKERS; 0 runs them in
+    one), the tests past 2³¹ elements (10–13 GB each) all in one of them (tests/conftest.py's
+    xdist_group), so that no two share the GPU's memory."""
     args = ["-m", "gpu and not interpreter", "-v", "--durations=25"]
     if importlib.util.find_spec("pytest_timeout"):
         args.append(f"--timeout={TEST_TIMEOUT_S}")
-    workers = int(os.environ.get("GPU_CHECK_WORKERS") or 4)
+    workers = int(os.environ.get("GPU_CHECK_WORKERS") or WORKERS)
     if workers and importlib.util.find_spec("xdist"):
-        args += ["-n", str(workers)]
+        args += ["-n", str(workers), "--dist", "loadgroup"]
     return args
+
+
+def cap_s(stage: str) -> float:
+    """A stage's cap; GPU_CHECK_CAP_SCALE stretches every cap for a rehearsal on a machine slower
+    than the GPU machine (2 CPU cores build the ops in minutes where 16 take one)."""
+    return CAPS_S[stage] * float(os.environ.get("GPU_CHECK_CAP_SCALE") or 1)
 
 
 class Archive:

@@ -3,10 +3,12 @@ load. Every value is read on the machine itself; nothing is assumed."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,3 +89,13 @@ def environment() -> dict[str, str]:
         "diffusers": diffusers_version,
         "nvcc": nvcc[-1] if nvcc else "not found",
     }
+
+
+def fresh_environment() -> dict[str, str]:
+    """environment() read by a new interpreter: after the build stage has installed the carried
+    wheels (diffusers), this process's imports and version caches predate them."""
+    code = "import json; from benchmarks.report.environment import environment; print(json.dumps(environment()))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise RuntimeError(f"reading the environment failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.splitlines()[-1])

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.report import analysis, check, junit, plot
+from benchmarks.report import analysis, check, junit, plot, stream
 from benchmarks.report.environment import ROOT
 
 BENCHMARKS = {
@@ -38,6 +38,7 @@ BENCHMARKS = {
 }
 ALL = ("env", "build", "tests", "peaks", "ops", "e2e", "breakdown", "plot")
 GRACE_S = 60  # past the budget, a stage still gets this long to finish its current benchmark
+INTERRUPT_GRACE_S = 10  # a stopped stage's command gets this long between SIGINT and SIGKILL
 
 
 def default_stages(on_gpu: bool) -> tuple[str, ...]:
@@ -79,8 +80,8 @@ def run(name: str, ctx: Context) -> list[str]:
 
 
 def _call(cmd: list[str], log: Path, ctx: Context, env: dict | None = None) -> int:
-    """Run cmd with output to log; past the deadline (plus grace) or the stage's cap its process
-    group is killed."""
+    """Run cmd with output to log; past the deadline (plus grace) or the stage's cap it is stopped
+    (stop()) and -9 returned."""
     timeout = None if ctx.kill_at() is None else max(1.0, ctx.kill_at() - time.time())
     with log.open("w") as f:
         f.write(f"$ {' '.join(cmd)}\n")
@@ -90,10 +91,54 @@ def _call(cmd: list[str], log: Path, ctx: Context, env: dict | None = None) -> i
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            f.write("\n[report] killed: the time budget or the stage's cap was used up\n")
+            stop(proc)
+            f.write("\n[report] stopped: the time budget or the stage's cap was used up\n")
             return -9
+
+
+def stop(proc: subprocess.Popen, grace_s: float = INTERRUPT_GRACE_S) -> None:
+    """Stop a stage's command as Ctrl-C would, then for good: SIGINT to its process group lets
+    pytest finish its reports (junit.xml, the benchmarks' tracebacks) within grace_s; then SIGKILL
+    to the group and to every descendant, wherever it went — ninja starts each compiler in a
+    process group of its own, so nvcc and cc1plus would outlive a signal to the group alone."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for _ in range(10):  # a dying parent may have started one more child: until none is left
+        survivors = descendants(proc.pid) + ([proc.pid] if proc.poll() is None else [])
+        if not survivors:
+            break
+        for pid in survivors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.1)
+    proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below pid (children, theirs, …), read from /proc, whatever their group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":  # a zombie is dead already
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
 
 
 def _build(ctx: Context) -> list[str]:
@@ -112,16 +157,21 @@ def _build(ctx: Context) -> list[str]:
     return problems
 
 
-def _tests(ctx: Context) -> list[str]:
-    xml = ctx.report_dir / "junit.xml"
+def _tests(ctx: Context, paths: tuple[str, ...] = ("tests",)) -> list[str]:
+    xml, streamed = ctx.report_dir / "junit.xml", outcomes(ctx, "tests")
+    xml.unlink(missing_ok=True)
+    streamed.unlink(missing_ok=True)
     selection = check.test_args() if ctx.check else ["-q"]
-    rc = _call([sys.executable, "-m", "pytest", "tests", *selection, "-rs", "-p", "no:cacheprovider",
-                f"--junitxml={xml}"],
-               ctx.report_dir / "tests.log", ctx, {"DDPM_FAST_REQUIRE_CUDA": "1"} if ctx.on_gpu else None)
-    summary = junit.summarize_junit(xml)
+    rc = _call([sys.executable, "-m", "pytest", *paths, *selection, "-rs", "-p", "no:cacheprovider",
+                "-p", "benchmarks.report.stream", f"--junitxml={xml}"],
+               ctx.report_dir / "tests.log", ctx,
+               {stream.ENV: str(streamed), **({"DDPM_FAST_REQUIRE_CUDA": "1"} if ctx.on_gpu else {})})
+    # the streamed outcomes hold every test that finished, a stage stopped at its cap included
+    summary = junit.summarize_stream(streamed)
     (ctx.report_dir / "tests.json").write_text(json.dumps(summary, indent=1))
-    cut = ["stage tests was cut off at its time cap: tests.log has the results streamed so far"] if rc == -9 else []
-    return cut + junit.problems(summary, rc, ctx.on_gpu)
+    cut = [f"stage tests was stopped at its time cap after {summary['tests']} tests: outcomes/tests.jsonl and "
+           f"tests.log have what finished"] if rc == -9 else []
+    return cut + junit.problems(summary, 0 if cut else rc, ctx.on_gpu)
 
 
 def _benchmarks(name: str, ctx: Context) -> list[str]:
@@ -130,9 +180,11 @@ def _benchmarks(name: str, ctx: Context) -> list[str]:
         results.unlink(missing_ok=True)  # else a stage run again resumes: its recorded benchmarks are skipped
     files = check.BENCHMARKS.get(name, BENCHMARKS[name]) if ctx.check else BENCHMARKS[name]
     cmd = [sys.executable, "-m", "pytest", *(f"benchmarks/{f}" for f in files), "--benchmark-only",
-           "-q", "-p", "no:cacheprovider", f"--results={results}"] + (["--quick"] if ctx.quick else [])
-    cmd += ["--check"] if ctx.check else []
-    env = {"DDPM_FAST_BENCH_DEADLINE": str(ctx.start_by())} if ctx.start_by() else {}
+           "-q", "-p", "no:cacheprovider", "-p", "benchmarks.report.stream", f"--results={results}"]
+    cmd += (["--quick"] if ctx.quick else []) + (["--check"] if ctx.check else [])
+    # each benchmark's outcome (a failure's traceback too) as it ends: a stopped stage keeps them
+    env = {stream.ENV: str(outcomes(ctx, name))}
+    env.update({"DDPM_FAST_BENCH_DEADLINE": str(ctx.start_by())} if ctx.start_by() else {})
     rc = _call(cmd, ctx.report_dir / f"{name}.log", ctx, env)
     if rc == -9:
         return [f"stage {name} was cut off at the time budget or its cap: run it again to resume (see {name}.log)"]
@@ -141,6 +193,14 @@ def _benchmarks(name: str, ctx: Context) -> list[str]:
     if ctx.start_by() and time.time() > ctx.start_by():
         return [f"stage {name} ran out of time budget, some benchmarks were skipped: run it again to resume"]
     return []
+
+
+def outcomes(ctx: Context, stage: str) -> Path:
+    """Where stream.py writes a stage's per-test outcomes: beside the records (the folder's *.jsonl,
+    which analysis.load reads), not among them."""
+    folder = ctx.report_dir / "outcomes"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{stage}.jsonl"
 
 
 def _plot(ctx: Context) -> list[str]:

@@ -93,6 +93,11 @@ HISTORY_BLOCKS = BLOCKS[:-1]
 # lanes for samples under 512 elements): every size is compiled for every target in CI and in the
 # kernel report, and a guided step's time is the network's, run on twice the batch.
 GUIDED_BLOCKS = (128,)
+# An explicit register limit for the guided variants: under Triton 3.6 ptxas trimmed the one with
+# both guidance inputs to an occupancy step on sm_120 by spilling 8 B a thread (40 B of stack: the
+# 32 B frame of the untaken Payne–Hanek path, plus the spill) at the same 48 registers; under a
+# limit it spills only what the limit forces, and 255 forces none (DESIGN §8).
+GUIDED_MAX_REGISTERS = 255
 # (history, uncond, grad): every combination of the optional inputs
 VARIANTS = tuple((history, uncond, grad) for history in (False, True) for uncond in (False, True)
                  for grad in (False, True))
@@ -112,6 +117,7 @@ def _name(out_type: str, block: int, history: bool, uncond: bool, grad: bool) ->
 def launch_configs(capability: tuple[int, int]) -> list[dict]:
     """Every config the launcher can choose (the same on every GPU: no shared memory, no dots)."""
     return [dict(kernel=diffusion_step_kernel, name=_name(name, block, *variant), num_warps=4, num_stages=1,
+                 **(dict(maxnreg=GUIDED_MAX_REGISTERS) if variant[1] or variant[2] else {}),
                  signature={"X": "*fp32", "Out": "*" + name, "History": "*fp32", "Uncond": "*" + name,
                             "Grad": "*fp32", "Coefs": "*fp32", "Keys": "*i64", "StepIndex": "*i64",
                             **dict.fromkeys(_INTS, "i64"), "BLOCK": "constexpr", "COLUMNS": "constexpr",
@@ -151,4 +157,4 @@ def diffusion_step(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Ten
         model_output if uncond_output is None else uncond_output, x if guidance_grad is None else guidance_grad,
         coefs, noise_keys, step_index, coefs.shape[0], seed,
         sample_offset, per_sample, blocks, C, H, W, *x_strides, *out_strides, **config["constexprs"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        **{option: config[option] for option in ("num_warps", "num_stages", "maxnreg") if option in config})

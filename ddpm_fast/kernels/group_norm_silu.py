@@ -9,7 +9,7 @@ it: x is read once, y written once (ONE_PASS). A larger group (LSUN-256: 4 chann
 positions; or more than CHUNK_ELEMENTS channels) is swept in BLOCK_C × BLOCK_P chunks three times: the
 sum, the squared deviations, the output.
 Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504). The add and the
-SiLU are run-time flags, not constexprs: a uniform branch costs nothing in this memory-bound
+SiLU are run-time flags (0 or 1), not constexprs: a uniform branch costs nothing in this memory-bound
 kernel, and it keeps the configs few enough to compile every one (DESIGN §5.5).
 """
 from __future__ import annotations
@@ -30,11 +30,19 @@ MIN_TILE_ELEMENTS = 128
 
 @triton.jit
 def _tile(n, c, c_mask, p, HW, W, sn, sc, sh, sw):
-    # offsets and mask of channels c × positions p of sample n under strides (sn, sc, sh, sw)
-    h = p // W
-    w = p % W
-    offsets = n * sn + c[:, None] * sc + h[None, :] * sh + w[None, :] * sw
+    # offsets and mask of channels c × positions p of sample n under strides (sn, sc, sh, sw), in
+    # int64 (DESIGN §5.5): c·sc alone passes 2³¹ in a large NCHW sample (c = 32,768, sc = 65,536)
+    h = (p // W).to(tl.int64)
+    w = (p % W).to(tl.int64)
+    offsets = n * sn + c.to(tl.int64)[:, None] * sc + h[None, :] * sh + w[None, :] * sw
     return offsets, c_mask[:, None] & (p[None, :] < HW)
+
+
+@triton.jit
+def _count(C, G, HW):
+    # (channels of a group, its elements as int64: C/G·H·W passes 2³¹ in a large group)
+    group_channels = C // G
+    return group_channels, group_channels.to(tl.int64) * HW
 
 
 @triton.jit
@@ -73,8 +81,7 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
                                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
-    group_channels = C // G
-    count = group_channels * HW
+    group_channels, count = _count(C, G, HW)
     if ONE_PASS:
         c, c_mask, weight, bias = _channels(pid, 0, Weight, Bias, C, G, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
@@ -135,8 +142,7 @@ def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Mean, Rstd, GradX, S
     # two sweeps of BLOCK_C × BLOCK_P chunks over the group (one chunk when the group fits)
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
-    group_channels = C // G
-    count = group_channels * HW
+    group_channels, count = _count(C, G, HW)
     mean = tl.load(Mean + pid)
     rstd = tl.load(Rstd + pid)
     dxhat_total = 0.0  # Σ dx̂ and Σ dx̂·x̂ over the group, dx̂ = dz·weight
@@ -196,7 +202,7 @@ MAX_REGISTERS = 255
 
 def _config(backward: bool, dtype: torch.dtype, block_c: int, block_p: int, one_pass: bool) -> dict:
     t = "*" + _TYPES[dtype]
-    flags = dict(HAS_ADD="u1", ACT="u1")  # Python bools, as the launchers pass them
+    flags = dict(HAS_ADD="i32", ACT="i32")  # 0 or 1, as the launchers pass them (_flags)
     if backward:
         kernel, name = group_norm_silu_bwd_kernel, "bwd"
         scalars = dict(GradY=t, X=t, Weight=t, Bias=t, Add=t, Mean="*fp32", Rstd="*fp32", GradX=t, SumDz="*fp32",
@@ -238,6 +244,12 @@ def select(shape: tuple[int, int, int, int], num_groups: int, dtype: torch.dtype
     return _config(backward, dtype, block_c, block_p, one_pass and not backward)
 
 
+def _flags(add: torch.Tensor | None, act: bool) -> tuple[int, int]:
+    # (HAS_ADD, ACT) as ints: Triton 3.6's interpreter cannot take a Python bool argument (it
+    # stores an i1 in an int32 array and raises), and a uniform branch on an int costs the same
+    return int(add is not None), int(act)
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None, y: torch.Tensor,
             mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, eps: float, act: bool) -> None:
     """Launch the forward kernel into y (x's dense layout), mean and rstd ([N, G] float32);
@@ -246,7 +258,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torc
     config = select(x.shape, num_groups, x.dtype, False, _capability(x))
     group_norm_silu_fwd_kernel[(N * num_groups,)](
         x, weight, bias, add if add is not None else x, y, mean, rstd, C, H * W, W, num_groups, eps,
-        *x.stride(), *y.stride(), add is not None, act, **config["constexprs"], num_warps=config["num_warps"],
+        *x.stride(), *y.stride(), *_flags(add, act), **config["constexprs"], num_warps=config["num_warps"],
         num_stages=config["num_stages"], maxnreg=config["maxnreg"])
 
 
@@ -259,6 +271,6 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     config = select(x.shape, num_groups, x.dtype, True, _capability(x))
     group_norm_silu_bwd_kernel[(N * num_groups,)](
         grad_y, x, weight, bias, add if add is not None else x, mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add,
-        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), add is not None, act,
+        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), *_flags(add, act),
         **config["constexprs"],
         num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"])

@@ -16,8 +16,8 @@ _H, _W, _GOUT, _GMEAN = (STEP_COLUMNS.index(name) for name in ("H", "w", "Gout",
 
 if _extension.AVAILABLE:
     @torch.library.register_fake("ddpm_fast::diffusion_step_")
-    def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset,
-                             history=None, uncond_output=None, guidance_grad=None) -> None:
+    def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
+                             uncond_output, guidance_grad) -> None:
         return None
 
 
@@ -139,31 +139,35 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 # A custom_op rather than a triton_op: its explicit fake kernel also holds under Triton's
 # interpreter (which would run a triton_op's kernel on fake tensors), and the kernel is opaque
-# to torch.compile either way since it mutates x.
+# to torch.compile either way since it mutates x. Every parameter is required, in this schema and
+# the C++ one (csrc/ops.cpp), defaults living only in the public diffusion_step_: torch 2.11's
+# custom_op bumps the version counter of each mutated argument by its schema index after the
+# dispatcher has dropped trailing arguments equal to their defaults (IndexError on history at
+# args[7] whenever a None is passed; fixed in torch 2.13). tests/test_step.py checks every schema.
 @torch.library.custom_op("ddpm_fast::diffusion_step_triton_", mutates_args={"x", "history"})
 def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
                            noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int,
-                           history: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
-                           guidance_grad: torch.Tensor | None = None) -> None:
+                           history: torch.Tensor | None, uncond_output: torch.Tensor | None,
+                           guidance_grad: torch.Tensor | None) -> None:
     from ..kernels import diffusion_step as kernels
     kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
                            uncond_output, guidance_grad)
 
 
 @diffusion_step_triton_.register_fake
-def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None, uncond_output=None,
-      guidance_grad=None) -> None:
+def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
+      guidance_grad) -> None:
     return None
 
 
-def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None, uncond_output=None,
-              guidance_grad=None) -> None:
+def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
+              guidance_grad) -> None:
     torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
                                         uncond_output, guidance_grad)
 
 
-def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history=None, uncond_output=None,
-               guidance_grad=None) -> None:
+def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
+               guidance_grad) -> None:
     index = int(step_index.reshape(()).item())
     z = reference_noise.draw(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
     x.copy_(reference_step(x, model_output, coefs[index], z, history, uncond_output, guidance_grad))
