@@ -10,6 +10,7 @@ from test_diffusers_parity import CIFAR10_CONFIG, SMALL_CONFIG, _in_float64, _ra
 
 diffusers = pytest.importorskip("diffusers")
 from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, accelerate  # noqa: E402
+from ddpm_fast.integrations.diffusers.scheduler import draw_seed  # noqa: E402
 
 scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
 
@@ -69,9 +70,10 @@ def test_blocks_the_fused_maths_does_not_cover_are_left_alone():
 
 def _contract_noise(monkeypatch, seed, timestep_of_call):
     """Make diffusers' DDPMScheduler draw ddpm_fast's noise for (seed, sample index, timestep),
-    so both steps see the same z."""
+    so both steps see the same z: the seed drawn from the step's generator as the fused step
+    draws it (DESIGN §9), `seed` for a step without one."""
     def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
-        z = df.randn(shape, seed=seed, step=timestep_of_call[0])
+        z = df.randn(shape, seed=seed if generator is None else draw_seed(generator), step=timestep_of_call[0])
         return z.to(device=device or "cpu", dtype=dtype or torch.float32)
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", randn_tensor)
 

@@ -234,11 +234,12 @@ def test_fused_scheduler_is_a_drop_in(digits, schedule, config):
     x_T = randn((N, 1, 16, 16), seed=SEED, step=T, sample_offset=0)
     expected = _diffusers_run(stock, model, steps, x_T.clone(), sde=sde, float64=False)
     ours.set_timesteps(steps)
+    ours.seed = SEED  # the SDE variant's z is the contract's for SEED, as _diffusers_run feeds diffusers
     assert ours.timesteps.tolist() == stock.timesteps.tolist()
     x = x_T.clone()
     with torch.inference_mode():
         for t in ours.timesteps:
-            x = ours.step(model(x, t.expand(N)), t, x, generator=torch.Generator().manual_seed(SEED)).prev_sample
+            x = ours.step(model(x, t.expand(N)), t, x).prev_sample
     assert relative_error(x, expected) <= 1e-4
 
 

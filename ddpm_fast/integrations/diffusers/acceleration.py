@@ -91,8 +91,6 @@ def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -
             if scheduler.problems():  # options the fused step does not cover: the stock scheduler stays
                 continue
             scheduler.impl = impl
-            if fused is FusedDDPMScheduler:
-                scheduler.return_pred_original_sample = False
             target.scheduler = scheduler
             if hasattr(target, "register_to_config"):  # saved as a stock pipeline: loads without ddpm_fast
                 target.register_to_config(scheduler=("diffusers", plain.__name__))
