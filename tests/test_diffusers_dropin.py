@@ -225,6 +225,11 @@ def test_pred_original_sample_is_returned_when_read_and_formed_only_then(monkeyp
     x.add_(1)  # the inputs x̂0 is formed from changed: refused, never a wrong x̂0
     with pytest.raises(RuntimeError, match="modified in place after step"):
         step.pred_original_sample
+    with torch.inference_mode():  # inference tensors keep no version counter: x̂0 is formed at once
+        x, out = x.clone() - 1, out.clone()
+        step = pipe.scheduler.step(out, 900, x)
+        x.add_(1)
+    assert relative_error(step.pred_original_sample, expected) < 1e-5
 
 
 def test_generator_lists_are_taken_where_no_noise_is_drawn():

@@ -14,7 +14,8 @@ stream.
 
 pred_original_sample (x̂0 of the step's row, DESIGN §2.3) is formed when it is first read, from
 the step's inputs, so a pipeline that reads only prev_sample pays nothing for it;
-return_dict=False forms it at once.
+return_dict=False, and inputs made under torch.inference_mode (which keep no version counter to
+tell whether they change before the read), form it at once.
 
 float64 inputs are stepped in float64 (the reference update, DESIGN §2.3), every other dtype by
 the fused op with x in float32. rescale_betas_zero_snr=True (ᾱ_T = 0) is supported with v- and
@@ -103,6 +104,9 @@ class FusedStep:
             return host.x0_hat(index, x, model_output).to(sample.dtype)
         if not return_dict:
             return prev_sample, form()
+        if model_output.is_inference() or sample.is_inference():
+            # no version counter tells whether they change before a later read: formed now
+            return self._output_class(prev_sample=prev_sample, pred_original_sample=form())
         return self._output_class.deferred(prev_sample, form, (model_output, sample))
 
     def to_json_string(self) -> str:
