@@ -37,7 +37,7 @@ GOLDEN = [
 ]
 COMPILED = ("cpu", "cuda")
 # Where a uniform falls below Box–Muller's clamp (1e-7), seed 0, key 0: (sample, quad, j) with u_j
-# < 1e-7. Quad 2,330,056 of sample 0 (u2 = 8.66e-8) is the one the mutation audit found; quad 0 of
+# < 1e-7. Quad 2,330,056 of sample 0 (u2 = 8.66e-8) is the first in sample 0's stream; quad 0 of
 # samples 8,966,016 (u0 = 7.45e-9) and 921,823 (u2 = 6.47e-8) came from a search of the samples
 # below 2^24 with the reference, and let a 4-element draw reach the clamp on every backend.
 LOW_UNIFORMS = [(0, 2_330_056, 2), (8_966_016, 0, 0), (921_823, 0, 2)]

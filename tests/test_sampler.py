@@ -130,7 +130,7 @@ def test_cuda_graph_loop_in_low_precision_without_host_syncs(dtype):
         graphed = sampler.sample(4, seed=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    # measured 1.3e-3 on a GPU (issue 26); about 4× that, where the bound was 5%
+    # measured 1.3e-3 on a GPU; the bound is about 4× that (it was 5%)
     assert graphed.dtype == torch.float32 and relative_error(graphed, reference) < 5e-3
 
 
