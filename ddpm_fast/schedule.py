@@ -149,16 +149,7 @@ class NoiseSchedule:
         for index, t in enumerate(kept):
             ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0  # ᾱ at the next kept timestep
             sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
-            # x̂0 = A·x + B·out and ε = Fx·x + Fo·out for each kind of network output
-            if prediction_type == "epsilon":
-                if sqrt_ab == 0.0:
-                    raise ValueError(f"ᾱ = 0 at timestep {t} (zero terminal SNR): epsilon prediction gives "
-                                     f"x̂0 = (x − ε)/0 there; use prediction_type 'v' or 'x0'")
-                A, B, Fx, Fo = 1.0 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, 0.0, 1.0
-            elif prediction_type == "x0":
-                A, B, Fx, Fo = 0.0, 1.0, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab
-            else:
-                A, B, Fx, Fo = sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab
+            A, B, Fx, Fo = output_coefs(ab[t], prediction_type, t)
             if method == "ddpm" and len(kept) == self.num_timesteps:  # μ̃_t(x_t, x̂0), eq. 7; σ² = β_t or β̃_t
                 C, D, E = self.posterior_mean_coef1[t].item(), self.posterior_mean_coef2[t].item(), 0.0
                 sigma = math.sqrt((self.betas if variance == "fixed_large" else self.posterior_variance)[t].item())
@@ -170,14 +161,8 @@ class NoiseSchedule:
                 beta = 1.0 - ab[t] / ab_s
                 C, D, E = beta * math.sqrt(ab_s) / (1.0 - ab[t]), (1.0 - ab_s) * math.sqrt(1.0 - beta) / (1.0 - ab[t]), 0.0
                 sigma = math.sqrt(beta if variance == "fixed_large" else beta * (1.0 - ab_s) / (1.0 - ab[t]))
-            else:  # DDIM eq. 12 towards the previous kept timestep s (ᾱ_s = 1 after the last)
-                sigma = eta * math.sqrt((1 - ab_s) / (1 - ab[t]) * (1 - ab[t] / ab_s))
-                c_eps = math.sqrt(max(1.0 - ab_s - sigma ** 2, 0.0))
-                if clip_denoised:  # ε re-derived from the clipped x̂0: ε' = (x − √ᾱ_t x̂0)/√(1−ᾱ_t)
-                    k = c_eps / sqrt_1m_ab
-                    C, D, E = math.sqrt(ab_s) - k * sqrt_ab, k, 0.0
-                else:
-                    C, D, E = math.sqrt(ab_s), c_eps * Fx, c_eps * Fo
+            else:  # DDIM towards the previous kept timestep s (ᾱ_s = 1 after the last)
+                C, D, E, sigma = ddim_coefs(ab[t], ab_s, eta, Fx, Fo, clip_denoised)
             vp.append((sqrt_ab, sqrt_1m_ab))
             variances.append(sigma ** 2)  # Σ_t of classifier guidance's mean shift, before the last step's σ = 0
             if t == 0:
@@ -204,6 +189,39 @@ class NoiseSchedule:
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, beta_1={self.betas[0].item():.3g}, "
                 f"beta_T={self.betas[-1].item():.3g})")
+
+
+def output_coefs(ab: float, prediction_type: str, t: int) -> tuple[float, float, float, float]:
+    """(A, B, Fx, Fo) at ᾱ_t = ab: x̂0 = A·x + B·out and ε = Fx·x + Fo·out for the kind of network
+    output (DESIGN §2.3's table)."""
+    sqrt_ab, sqrt_1m_ab = math.sqrt(ab), math.sqrt(1.0 - ab)
+    if prediction_type == "epsilon":
+        if sqrt_ab == 0.0:
+            raise ValueError(f"ᾱ = 0 at timestep {t} (zero terminal SNR): epsilon prediction gives "
+                             f"x̂0 = (x − ε)/0 there; use prediction_type 'v' or 'x0'")
+        return 1.0 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, 0.0, 1.0
+    if prediction_type == "x0":
+        return 0.0, 1.0, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab
+    return sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab
+
+
+def ddim_coefs(ab: float, ab_s: float, eta: float, Fx: float, Fo: float,
+               clipped_eps: bool) -> tuple[float, float, float, float]:
+    """(C, D, E, σ) of DDIM's step from ᾱ_t = ab to ᾱ_s = ab_s (Song et al. 2021, eq. 12; DESIGN
+    §2.3), ε = Fx·x + Fo·out, or with clipped_eps ε re-derived from the (clipped) x̂0:
+    ε' = (x − √ᾱ_t x̂0)/√(1−ᾱ_t)."""
+    sigma = eta * math.sqrt((1 - ab_s) / (1 - ab) * (1 - ab / ab_s))
+    c_eps = math.sqrt(max(1.0 - ab_s - sigma ** 2, 0.0))
+    if clipped_eps:
+        k = c_eps / math.sqrt(1.0 - ab)
+        return math.sqrt(ab_s) - k * math.sqrt(ab), k, 0.0, sigma
+    return math.sqrt(ab_s), c_eps * Fx, c_eps * Fo, sigma
+
+
+def unguided_table(rows: list[tuple[float, ...]], timesteps: list[int]) -> "StepTable":
+    """A table of rows (A, B, C, D, E, σ, clip, H) without guidance (w = Gout = Gmean = 0), each
+    row's noise keyed by its timestep (DESIGN §3.2)."""
+    return _table([(*row, 0.0, 0.0, 0.0) for row in rows], timesteps, timesteps)
 
 
 def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_variances: list[float] | None,

@@ -12,8 +12,17 @@ if not torch.cuda.is_available():
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from helpers import cuda_or_skip  # noqa: E402
+
+# Property-based tests (test_hostile_inputs.py) draw the same examples on every run and machine,
+# so a CI result is reproducible and a failure is a code change, not luck: examples come from a
+# hash of the test, with no example database. DDPM_FAST_HYPOTHESIS=explore (or pytest's
+# --hypothesis-profile=explore) draws fresh random examples to hunt for new failures locally.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("DDPM_FAST_HYPOTHESIS", "ci"))
 
 
 @pytest.fixture(params=["cpu", "cuda"])

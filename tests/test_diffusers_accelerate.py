@@ -10,6 +10,7 @@ from test_diffusers_parity import CIFAR10_CONFIG, SMALL_CONFIG, _in_float64, _ra
 
 diffusers = pytest.importorskip("diffusers")
 from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, accelerate  # noqa: E402
+from ddpm_fast.integrations.diffusers.scheduler import draw_seed  # noqa: E402
 
 scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
 
@@ -67,13 +68,14 @@ def test_blocks_the_fused_maths_does_not_cover_are_left_alone():
     assert relative_error(got, expected) < 1e-5
 
 
-def _contract_noise(monkeypatch, seed, timestep_of_call):
-    """Make diffusers' DDPMScheduler draw ddpm_fast's noise for (seed, sample index, timestep),
-    so both steps see the same z."""
+def _contract_noise(monkeypatch, seed, timestep_of_call, module=scheduling_ddpm):
+    """Make diffusers' DDPMScheduler (the scheduler of `module`) draw ddpm_fast's noise for (seed,
+    sample index, timestep), so both steps see the same z: the seed drawn from the step's
+    generator as the fused step draws it (DESIGN §9), `seed` for a step without one."""
     def randn_tensor(shape, generator=None, device=None, dtype=None, **kwargs):
-        z = df.randn(shape, seed=seed, step=timestep_of_call[0])
+        z = df.randn(shape, seed=seed if generator is None else draw_seed(generator), step=timestep_of_call[0])
         return z.to(device=device or "cpu", dtype=dtype or torch.float32)
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", randn_tensor)
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "fixed_small_log"])

@@ -1,7 +1,9 @@
 """The diffusers drop-in's gaps: a saved accelerated pipeline reloads; float64 and
-non-contiguous inputs; zero terminal SNR; diffusers' DDIM spacings by their names."""
+non-contiguous inputs; zero terminal SNR; diffusers' DDIM spacings by their names; generators
+(a reused one advances, lists where nothing is drawn) and x̂0 formed only when read."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,9 +13,12 @@ from test_diffusers_accelerate import _contract_noise
 from test_diffusers_parity import SMALL_CONFIG, _in_float64, _random_unet2d
 
 diffusers = pytest.importorskip("diffusers")
-from ddpm_fast.integrations.diffusers import FusedDDPMScheduler, accelerate  # noqa: E402
+from ddpm_fast.integrations.diffusers import (FusedDDPMScheduler, FusedDPMSolverMultistepScheduler,  # noqa: E402
+                                              accelerate)
+from ddpm_fast.integrations.diffusers.scheduler import draw_seed  # noqa: E402
 
 scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
+pipeline_ddpm = pytest.importorskip("diffusers.pipelines.ddpm.pipeline_ddpm")
 
 
 def test_a_saved_accelerated_pipeline_reloads_and_samples_identically(tmp_path):
@@ -90,7 +95,8 @@ def test_zero_terminal_snr_steps_like_diffusers(monkeypatch, prediction, varianc
         got32 = ours.step(out.float(), t, x.float(), generator=torch.Generator().manual_seed(11))
         if variance == "fixed_small" and t == timesteps[-1] and t > 0:
             # diffusers clamps the variance to 1e-20 where it is 0 (ᾱ_prev = 1): σ = 1e-10 instead of 0
-            got64.prev_sample += 1e-10 * df.randn(x.shape, seed=11, step=t, impl="reference").double()
+            seed = draw_seed(torch.Generator().manual_seed(11))  # the seed the steps drew
+            got64.prev_sample += 1e-10 * df.randn(x.shape, seed=seed, step=t, impl="reference").double()
         assert relative_error(got64.prev_sample, expected.prev_sample) < 1e-12, t
         assert relative_error(got32.prev_sample, expected.prev_sample) < 1e-5, t
         assert relative_error(got32.pred_original_sample, expected.pred_original_sample) < 1e-5, t
@@ -165,3 +171,84 @@ def test_full_loops_equal_stock_diffusers_fed_our_noise(monkeypatch, prediction,
             x = scheduler.step(out, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
         samples.append(x)
     assert relative_error(samples[1], samples[0]) < 1e-4
+
+
+def _accelerated_pipeline(scheduler):
+    pipe = diffusers.DDPMPipeline(unet=_random_unet2d(SMALL_CONFIG, seed=2), scheduler=scheduler)
+    assert accelerate(pipe)["scheduler"] == 1
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "sde-dpmsolver++"])
+def test_a_reused_generator_draws_new_noise_and_a_reseeded_one_the_same(monkeypatch, scheduler):
+    # DESIGN §9: each step draws its seed from the generator, so one generator reused for a second
+    # batch gives new noise, and the same seeded generator the same samples. x_T is held fixed,
+    # so the images differ only through the steps' noise.
+    stock = diffusers.DDPMScheduler(num_train_timesteps=1000) if scheduler == "ddpm" else (
+        diffusers.DPMSolverMultistepScheduler(algorithm_type=scheduler))
+    pipe = _accelerated_pipeline(stock)
+    x_T = df.randn((2, 1, 16, 16), seed=0, step=1000)
+    monkeypatch.setattr(pipeline_ddpm, "randn_tensor", lambda shape, generator=None, device=None, dtype=None: x_T)
+
+    def images(generator):
+        return pipe(batch_size=2, num_inference_steps=5, generator=generator, output_type="np").images
+    generator = torch.Generator().manual_seed(0)
+    first, second = images(generator), images(generator)
+    assert (images(torch.Generator().manual_seed(0)) == first).all()
+    # measured: 0.447 (DDPM), 0.0894 (SDE); exactly 0 when the seed was generator.initial_seed()
+    assert np.abs(second - first).mean() > 0.01
+
+
+def test_pred_original_sample_is_returned_when_read_and_formed_only_then(monkeypatch):
+    # diffusers' step returns x̂0; an accelerated pipeline, which reads only prev_sample, must not form it
+    pipe = _accelerated_pipeline(diffusers.DDPMScheduler(num_train_timesteps=1000))
+    formed = []
+    x0_hat = df.schedule.StepTable.x0_hat
+    monkeypatch.setattr(df.schedule.StepTable, "x0_hat", lambda *a, **k: formed.append(1) or x0_hat(*a, **k))
+    pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert formed == []
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    for scheduler in (theirs, pipe.scheduler):
+        scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(1)
+    x, out = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
+    expected = theirs.step(out, 900, x).pred_original_sample
+    step = pipe.scheduler.step(out, 900, x)
+    assert formed == [] and list(step.keys()) == ["prev_sample"]
+    assert relative_error(step.pred_original_sample, expected) < 1e-5 and formed == [1]
+    assert step["pred_original_sample"] is step[1] is step.to_tuple()[1] is step.pred_original_sample
+    for read in (lambda s: s[1], lambda s: s["pred_original_sample"], lambda s: s.to_tuple()[1]):
+        assert relative_error(read(pipe.scheduler.step(out, 900, x)), expected) < 1e-5
+    assert relative_error(pipe.scheduler.step(out, 900, x, return_dict=False)[1], expected) < 1e-5
+    step = pipe.scheduler.step(out, 900, x)
+    x.add_(1)  # the inputs x̂0 is formed from changed: refused, never a wrong x̂0
+    with pytest.raises(RuntimeError, match="modified in place after step"):
+        step.pred_original_sample
+    with torch.inference_mode():  # inference tensors keep no version counter: x̂0 is formed at once
+        x, out = x.clone() - 1, out.clone()
+        step = pipe.scheduler.step(out, 900, x)
+        x.add_(1)
+    assert relative_error(step.pred_original_sample, expected) < 1e-5
+
+
+def test_generator_lists_are_taken_where_no_noise_is_drawn():
+    # deterministic DPM-Solver++ draws nothing: a list of generators (diffusers' one per sample) is
+    # taken and the run is the one without; the steps that draw noise refuse it, naming why
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    runs = []
+    for generator in (None, generators):
+        ours = FusedDPMSolverMultistepScheduler(num_train_timesteps=1000)
+        ours.set_timesteps(4)
+        y = x
+        for t in ours.timesteps:
+            y = ours.step(0.1 * y, t, y, generator=generator).prev_sample
+        runs.append(y)
+    assert torch.equal(runs[0], runs[1])
+    pipe = _accelerated_pipeline(diffusers.DPMSolverMultistepScheduler())
+    assert pipe(batch_size=2, num_inference_steps=3, generator=generators, output_type="np").images.shape == (2, 16, 16, 1)
+    for noisy in (FusedDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), FusedDDPMScheduler()):
+        noisy.set_timesteps(4)
+        with pytest.raises(NotImplementedError, match="one generator per sample is not supported where the step draws"):
+            noisy.step(x, noisy.timesteps[0], x, generator=generators)

@@ -1,5 +1,6 @@
-"""The compiled library: built, loaded, every schema backed by a CPU kernel (and a CUDA kernel
-whenever the CUDA ops were built, GPU or not), and clear failures when it is missing or stale."""
+"""The compiled library: built, loaded, every schema backed by a CPU kernel and, in the sources,
+by a CUDA kernel (checked in the dispatcher too wherever the CUDA ops were built, GPU or not;
+skipped, by name, where they were not), and clear failures when it is missing or stale."""
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import _extension
+from helpers import REQUIRE_CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text())
@@ -24,19 +26,29 @@ def test_the_library_is_built_and_loaded():
     assert _extension.BUILD_INFO["TORCH_VERSION"] == torch.__version__
 
 
+def _cuda_built_or_skip() -> None:
+    """The CUDA dispatch checks run where the CUDA ops were built; elsewhere an honest skip (a
+    failure under DDPM_FAST_REQUIRE_CUDA=1, as for every CUDA test)."""
+    if not _extension.cuda_built():
+        if REQUIRE_CUDA:
+            pytest.fail("DDPM_FAST_REQUIRE_CUDA=1 but the CUDA ops were not built")
+        pytest.skip("the CUDA ops were not built here (no nvcc, a CPU-only torch, or DDPM_FAST_CUDA=0)")
+
+
 def test_cuda_ops_are_built_wherever_nvcc_is_found():
     # A build that silently skipped csrc/cuda would leave every CUDA kernel unchecked on CPU-only CI.
     nvcc = shutil.which("nvcc") or os.environ.get("CUDA_HOME")
-    if nvcc and torch.version.cuda and os.environ.get("DDPM_FAST_CUDA") != "0":
-        assert _extension.cuda_built(), "nvcc and a CUDA torch are present but the CUDA ops were not built"
+    if not (nvcc and torch.version.cuda):
+        pytest.skip(f"the CUDA ops cannot be built here: nvcc={nvcc}, torch.version.cuda={torch.version.cuda}")
+    if os.environ.get("DDPM_FAST_CUDA") == "0":
+        pytest.skip("DDPM_FAST_CUDA=0: the CUDA ops were not asked for")
+    assert _extension.cuda_built(), "nvcc and a CUDA torch are present but the CUDA ops were not built"
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_its_kernels(op):
     name = f"ddpm_fast::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{name} has no CPU kernel"
-    if _extension.cuda_built():
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"), f"{name} has no fake kernel"
 
 
@@ -56,6 +68,28 @@ def test_no_op_schema_has_default_arguments():
             assert not defaults, f"ddpm_fast::{name} has default arguments {defaults}: {schema}"
 
 
+def test_every_op_has_a_cuda_kernel_in_the_sources():
+    # On any machine, built or not: the kernels csrc/cuda/*.cu register, with the CUDA kernels
+    # ddpm_fast/ops registers in Python (a Triton kernel where there is no CUDA C++ one), cover
+    # every schema, and each CPU kernel file has its CUDA counterpart of the same stem.
+    cuda_sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    in_cuda = set()
+    for source in cuda_sources:
+        block = re.search(r"TORCH_LIBRARY_IMPL\(ddpm_fast, CUDA, m\) \{(.*?)\}", source.read_text(), re.S)
+        assert block, f"csrc/cuda/{source.name} registers no CUDA kernel"
+        in_cuda |= set(re.findall(r'm\.impl\(\s*"(\w+)"', block.group(1)))
+    in_python = {op for path in (ROOT / "ddpm_fast" / "ops").glob("*.py")
+                 for op in re.findall(r'torch\.library\.impl\(\s*"ddpm_fast::(\w+)",\s*"CUDA"\)', path.read_text())}
+    assert in_cuda | in_python == set(OPS) and not in_cuda & in_python, (in_cuda, in_python)
+    assert {p.stem for p in cuda_sources} == {p.stem for p in (ROOT / "csrc" / "cpu").glob("*.cpp")}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_its_cuda_kernel_where_built(op):
+    _cuda_built_or_skip()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_fast::{op}", "CUDA"), f"{op} has no CUDA kernel"
+
+
 def _registering_files(key: str) -> set:
     files = set()
     for op in OPS:
@@ -64,15 +98,22 @@ def _registering_files(key: str) -> set:
     return files
 
 
-def test_every_kernel_file_registers_kernels():
+def _assert_every_file_registers(key: str, folder: str, pattern: str) -> None:
     # A .cpp/.cu file that compiles but registers nothing fails here.
-    backends = [("CPU", "cpu", "*.cpp"), (r"Autograd\[alias\]", "autograd", "*.cpp")]
-    backends += [("CUDA", "cuda", "*.cu")] if _extension.cuda_built() else []
-    for key, folder, pattern in backends:
-        registered = _registering_files(key)
-        for source in sorted((ROOT / "csrc" / folder).glob(pattern)):
-            suffix = f"csrc/{folder}/{source.name}"
-            assert any(f.endswith(suffix) for f in registered), f"{suffix} registers no {key} kernel"
+    registered = _registering_files(key)
+    for source in sorted((ROOT / "csrc" / folder).glob(pattern)):
+        suffix = f"csrc/{folder}/{source.name}"
+        assert any(f.endswith(suffix) for f in registered), f"{suffix} registers no {key} kernel"
+
+
+def test_every_kernel_file_registers_kernels():
+    _assert_every_file_registers("CPU", "cpu", "*.cpp")
+    _assert_every_file_registers(r"Autograd\[alias\]", "autograd", "*.cpp")
+
+
+def test_every_cuda_kernel_file_registers_kernels_where_built():
+    _cuda_built_or_skip()
+    _assert_every_file_registers("CUDA", "cuda", "*.cu")
 
 
 def _run_package_copy(tmp_path: Path, with_library: bool, code: str, torch_version: str | None = None):

@@ -81,6 +81,11 @@ def _check_forward(impl, device, shape, groups, dtype, layout, with_add, act, se
         assert out.is_contiguous(memory_format=torch.channels_last)
     else:
         assert out.is_contiguous()
+    _assert_matches_reference(out, x, weight, bias, groups, add, act)
+
+
+def _assert_matches_reference(out, x, weight, bias, groups, add, act):
+    dtype = x.dtype
     expected = _reference(x, weight, bias, groups, add, act)
     err = relative_error(out, expected)
     if dtype == torch.float32:
@@ -110,6 +115,23 @@ def test_triton_matches_group_norm_silu(triton_device, case):
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
 def test_cuda_op_matches_group_norm_silu(case):
     _check_forward("cuda", cuda_or_skip(), *case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_groups_of_small_variance_where_eps_matters(fused, dtype, layout):
+    # group standard deviations 1e-3 (variance = eps = 1e-6), 3e-4 (below eps), 0 (a constant
+    # group: SiLU(bias), no NaN) and 1: where eps sits decides the output (1/√(σ² + eps) against
+    # 1/(σ + eps) differs by 41% at σ² = eps), which inputs of variance ≈ 4 cannot show
+    impl, device = fused
+    g = torch.Generator().manual_seed(0)
+    std = torch.tensor([1e-3, 3e-4, 0.0, 1.0]).repeat_interleave(2)
+    x = torch.randn(2, 8, 5, 7, generator=g) * std[None, :, None, None]
+    weight, bias = 1 + 0.5 * torch.randn(8, generator=g), 0.5 * torch.randn(8, generator=g)
+    x, weight, bias = _layout(x.to(dtype).to(device), layout), weight.to(dtype).to(device), bias.to(dtype).to(device)
+    out = group_norm_silu(x, weight, bias, 4, eps=1e-6, impl=impl)
+    assert torch.isfinite(out).all()
+    _assert_matches_reference(out, x, weight, bias, 4, None, True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

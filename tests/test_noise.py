@@ -1,5 +1,8 @@
 """The noise contract (DESIGN §3): Philox4x32-10 known answers, golden draws, and agreement of
 every backend with the reference — words and uniforms bit for bit, normals within 4 ulps."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import triton
@@ -18,10 +21,11 @@ KNOWN_ANSWERS = [
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
 # Committed draws: once released the stream never changes without bumping the version word.
-# They were produced by reference/noise.py itself, so on their own they only pin the stream
-# against change. What makes them right are the independent cross-checks below: the Philox words
-# against Random123's published vectors (KNOWN_ANSWERS) and Triton's own tl.philox, the uniforms
-# and normals against Triton's tl.uint_to_uniform_float / tl.pair_uniform_to_normal, and the
+# They were produced by reference/noise.py; test_golden_draws_are_the_spec_computed_independently
+# recomputes them with _spec_normals below, DESIGN §3.1 written again in plain Python integers
+# and numpy float32 (no torch, no reference code). Further cross-checks: the Philox words against
+# Random123's published vectors (KNOWN_ANSWERS) and Triton's own tl.philox, the uniforms and
+# normals against Triton's tl.uint_to_uniform_float / tl.pair_uniform_to_normal, and the
 # compiled CPU/CUDA kernels against the reference.
 GOLDEN = [
     (dict(shape=(2, 6), seed=0, step=1000, sample_offset=0),
@@ -32,6 +36,37 @@ GOLDEN = [
      [0.03860156983137131, -0.6872646808624268, 1.0860912799835205, 1.0765595436096191, 0.6583638191223145]),
 ]
 COMPILED = ("cpu", "cuda")
+# Where a uniform falls below Box–Muller's clamp (1e-7), seed 0, key 0: (sample, quad, j) with u_j
+# < 1e-7. Quad 2,330,056 of sample 0 (u2 = 8.66e-8) is the first in sample 0's stream; quad 0 of
+# samples 8,966,016 (u0 = 7.45e-9) and 921,823 (u2 = 6.47e-8) came from a search of the samples
+# below 2^24 with the reference, and let a 4-element draw reach the clamp on every backend.
+LOW_UNIFORMS = [(0, 2_330_056, 2), (8_966_016, 0, 0), (921_823, 0, 2)]
+
+
+def _spec_philox(counter: tuple[int, ...], k0: int, k1: int) -> list[int]:
+    """Philox4x32-10 as DESIGN §3.1 writes it, on Python integers."""
+    c0, c1, c2, c3 = counter
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return [c0, c1, c2, c3]
+
+
+def _spec_uniform(w: int) -> np.float32:
+    x = w - (1 << 32) if w >= 1 << 31 else w  # the word read as a signed int32
+    x = -x - 1 if x < 0 else x
+    return np.float32(x) * np.float32(4.6566127342e-10)
+
+
+def _spec_normals(seed: int, sample: int, key: int, quad: int) -> tuple[list[np.float32], list[float]]:
+    """The uniforms of one quad and its four normals by Box–Muller in float64, a clamped to 1e-7."""
+    u = [_spec_uniform(w) for w in _spec_philox((quad, sample, key, 0), seed & 0xFFFFFFFF, seed >> 32)]
+    normals = []
+    for a, b in ((u[0], u[1]), (u[2], u[3])):
+        r, theta = math.sqrt(-2 * math.log(max(float(a), 1e-7))), 2 * math.pi * float(b)
+        normals += [r * math.cos(theta), r * math.sin(theta)]
+    return u, normals
 
 
 def _impl(device):
@@ -75,6 +110,53 @@ def test_compiled_golden_draws(device, case, values):
     z = df.randn(case["shape"], seed=case["seed"], step=case["step"], sample_offset=case["sample_offset"],
                  device=device, impl=_impl(device))
     assert ulp_distance(z.flatten(), torch.tensor(values)).max() <= 4
+
+
+@pytest.mark.parametrize("case,values", GOLDEN)
+def test_golden_draws_are_the_spec_computed_independently(case, values):
+    per_sample = math.prod(case["shape"][1:])
+    expected = []
+    for b in range(case["shape"][0]):
+        quads = [_spec_normals(case["seed"], case["sample_offset"] + b, case["step"], q)[1]
+                 for q in range(-(-per_sample // 4))]
+        expected += [n for quad in quads for n in quad][:per_sample]
+    # float32 log/cos/sin against float64: measured at most 2.1e-7 apart
+    assert np.abs(np.array(values) - np.array(expected)).max() < 2e-6
+
+
+def test_the_spec_reaches_below_the_clamp_where_listed():
+    for sample, quad, j in LOW_UNIFORMS:
+        assert _spec_normals(0, sample, 0, quad)[0][j] < 1e-7
+    assert abs(_spec_normals(0, 0, 0, 2_330_056)[0][2] - 8.66e-8) < 1e-10
+
+
+def _check_clamped(z: torch.Tensor, sample: int, quad: int, j: int) -> None:
+    """z: the draw's four normals of `quad` (sample `sample`, seed 0, key 0), against the clamped
+    float64 formula; without the clamp r = √(−2 ln u) would be larger by more than 0.4%."""
+    u, expected = _spec_normals(0, sample, 0, quad)
+    r, theta = math.sqrt(-2 * math.log(float(u[j]))), 2 * math.pi * float(u[j + 1])
+    assert max(abs(r * math.cos(theta) - expected[j]), abs(r * math.sin(theta) - expected[j + 1])) > 0.01
+    # measured at most 9.3e-7 (CPU, reference); the 4-ulp spread of DESIGN §3.3 is 1.9e-6 at |z| < 8
+    assert np.abs(z.double().cpu().numpy() - np.array(expected)).max() < 5e-6, (sample, quad)
+
+
+@pytest.mark.parametrize("sample,quad,j", LOW_UNIFORMS)
+def test_uniforms_below_the_clamp_reference_and_compiled(device, sample, quad, j):
+    _check_clamped(ref.normal_quads(0, 0, torch.tensor([sample]), torch.tensor([quad]))[0], sample, quad, j)
+    z = df.randn((1, 4 * quad + 4), seed=0, step=0, sample_offset=sample, device=device, impl=_impl(device))
+    _check_clamped(z[0, 4 * quad:], sample, quad, j)
+
+
+@pytest.mark.parametrize("sample,quad,j", LOW_UNIFORMS[1:])
+def test_uniforms_below_the_clamp_in_the_fused_step(fused, sample, quad, j):
+    # a row that is z alone (σ = 1, every other coefficient 0): x_prev = z of key 0
+    impl, device = fused
+    coefs = torch.zeros(1, len(contract.STEP_COLUMNS), device=device)
+    coefs[0, contract.STEP_COLUMNS.index("sigma")] = 1.0
+    x = torch.ones(1, 1, 2, 2, device=device)
+    df.ops.diffusion_step_(x, torch.zeros_like(x), coefs, torch.zeros(1, dtype=torch.int64, device=device),
+                           torch.zeros(1, dtype=torch.int64, device=device), seed=0, sample_offset=sample, impl=impl)
+    _check_clamped(x.flatten(), sample, quad, j)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 3, 7, 9), (5, 4, 16, 16), (1, 3, 32, 33)])
@@ -204,15 +286,22 @@ def test_reference_matches_triton_philox(triton_device, seed, step, offset):
 
 
 def test_scalar_cpu_path_matches_too():
-    # The AVX2 path runs on every x86 CI machine; force the portable scalar path once.
+    # The AVX2 path runs on every x86 CI machine; force the portable scalar path once, with the
+    # draws that reach Box–Muller's clamp
+    import json
     import os
     import subprocess
     import sys
     code = ("import torch, ddpm_fast as df; from ddpm_fast.reference import noise as ref; "
             "from helpers import ulp_distance; "
             "z = df.randn((3, 3, 7, 9), seed=2 ** 40 + 7, step=3, sample_offset=5, impl='cpu'); "
-            "print(int(ulp_distance(z, ref.randn((3, 3, 7, 9), 2 ** 40 + 7, 3, 5)).max()))")
+            "print(int(ulp_distance(z, ref.randn((3, 3, 7, 9), 2 ** 40 + 7, 3, 5)).max())); "
+            f"print([df.randn((1, 4), seed=0, step=0, sample_offset=s, impl='cpu')[0].tolist() "
+            f"for s in {[sample for sample, _, _ in LOW_UNIFORMS[1:]]}])")
     env = {**os.environ, "DDPM_FAST_DISABLE_AVX2": "1", "PYTHONPATH": os.path.dirname(__file__)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.strip()) <= 4
+    ulps, low = result.stdout.strip().splitlines()
+    assert int(ulps) <= 4
+    for z, (sample, quad, j) in zip(json.loads(low), LOW_UNIFORMS[1:]):
+        _check_clamped(torch.tensor(z), sample, quad, j)

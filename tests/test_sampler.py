@@ -129,7 +129,8 @@ def test_cuda_graph_loop_in_low_precision_without_host_syncs(dtype):
     sampler.sample(4, seed=1)  # warm-up: cuDNN and Triton pick their kernels
     with _syncs_raise():
         graphed = sampler.sample(4, seed=1)
-    assert graphed.dtype == torch.float32 and relative_error(graphed, reference) < 0.05
+    # measured 1.3e-3 on a GPU; the bound is about 4× that (it was 5%)
+    assert graphed.dtype == torch.float32 and relative_error(graphed, reference) < 5e-3
 
 
 @contextlib.contextmanager
@@ -204,14 +205,27 @@ def test_low_precision_model_keeps_x_in_float32(dtype):
     reference = df.Sampler(_small_model(), df.NoiseSchedule.linear(20), method="ddim", steps=10).sample(4, seed=1)
     low = df.Sampler(model, df.NoiseSchedule.linear(20), method="ddim", steps=10, dtype=dtype).sample(4, seed=1)
     assert low.dtype == torch.float32 and next(model.parameters()).dtype == dtype
-    # DESIGN §6: half precision within 1e-2 (measured: bf16 1.3e-3, fp16 1.8e-4; a zero model scores 0.175)
-    assert ((low - reference).norm() / reference.norm()) < 1e-2
+    # measured on the CPU (torch 2.14): fp16 1.73e-4, bf16 1.21e-3 (a zero model scores 0.175); the
+    # bounds are about 3× those, well inside DESIGN §6's 1e-2
+    bound = {torch.float16: 5e-4, torch.bfloat16: 4e-3}[dtype]
+    assert ((low - reference).norm() / reference.norm()) < bound
 
 
 def test_float64_sampling():
-    out = df.Sampler(_small_model(), df.NoiseSchedule.linear(10), dtype=torch.float64,
-                     backend="reference").sample(2, seed=0)
-    assert out.dtype == torch.float64
+    # the values, not only the dtype: the paper's loop (p_sample, eq. 11 with the clip) run by hand
+    # in float64 on the same float64 network and the contract's noise
+    schedule, model = df.NoiseSchedule.linear(10), _small_model()
+    out = df.Sampler(model, schedule, dtype=torch.float64, backend="reference").sample(2, seed=0)
+    assert out.dtype == torch.float64 and next(model.parameters()).dtype == torch.float64
+    x = df.randn((2, 1, 8, 8), seed=0, step=10, impl="reference").double()
+    with torch.no_grad():
+        for i in reversed(range(10)):
+            t = torch.full((2,), i)
+            noise = df.randn(x.shape, seed=0, step=i, impl="reference").double() if i > 0 else None
+            x = D.p_sample(schedule, model.eval()(x, t), x, t, noise, clip_denoised=True, variance="fixed_large")
+    assert relative_error(out, x) < 1e-12
+    single = df.Sampler(_small_model(), schedule, backend="reference").sample(2, seed=0)
+    assert 0 < relative_error(single, out) < 1e-5  # the float32 run: the same samples, float32's rounding
 
 
 def test_default_dtype_is_the_models_own_and_leaves_it_alone():

@@ -1,7 +1,7 @@
 """ddpm_fast inside diffusers: convert UNet2DModel configs and weights (convert.py), run its
 attention blocks on our ops (attention.py), fuse a model or pipeline in place (acceleration.py:
-`accelerate`) and step with the fused update (scheduler.py: `FusedDDPMScheduler`; dpm_solver.py:
-`FusedDPMSolverMultistepScheduler`).
+`accelerate`) and step with the fused update (scheduler.py: `FusedDDPMScheduler`; ddim.py:
+`FusedDDIMScheduler`; dpm_solver.py: `FusedDPMSolverMultistepScheduler`).
 
     from ddpm_fast.integrations.diffusers import accelerate, FusedDDPMScheduler
 
@@ -17,7 +17,8 @@ _HOMES = {
     "convert_diffusers_state_dict": "convert",
     "AttnProcessor": "attention", "use_fast_attention": "attention",
     "accelerate": "acceleration", "FusedGroupNormSiLU": "acceleration",
-    "FusedDDPMScheduler": "scheduler", "FusedDPMSolverMultistepScheduler": "dpm_solver",
+    "FusedDDPMScheduler": "scheduler", "FusedDDIMScheduler": "ddim",
+    "FusedDPMSolverMultistepScheduler": "dpm_solver",
 }
 __all__ = sorted([*_HOMES, "from_diffusers", "load_diffusers_unet"])
 

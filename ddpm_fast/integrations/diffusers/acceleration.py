@@ -1,18 +1,19 @@
 """accelerate(): ddpm_fast's fused ops inside an existing diffusers UNet2DModel or pipeline, in place.
 
     from ddpm_fast.integrations.diffusers import accelerate
-    accelerate(pipeline)   # DDPMPipeline: its unet and its scheduler
+    accelerate(pipeline)   # DDPMPipeline, DDIMPipeline: its unet and its scheduler
     accelerate(unet2d)     # or just a UNet2DModel
 
 What changes: every ResnetBlock2D whose maths is the DDPM ResBlock's (SiLU, "default" time
 embedding) runs GroupNorm(+ time-embedding add)+SiLU as one fused op, twice per block; the
 final GroupNorm+SiLU likewise; every Attention module runs AttnProcessor (fused GroupNorm,
-ddpm_fast attention); a DDPMScheduler becomes a FusedDDPMScheduler, a DPMSolverMultistepScheduler
-a FusedDPMSolverMultistepScheduler (when its options are ones the fused step covers). Parameters, state-dict
+ddpm_fast attention); a DDPMScheduler becomes a FusedDDPMScheduler, a DDIMScheduler a
+FusedDDIMScheduler, a DPMSolverMultistepScheduler a FusedDPMSolverMultistepScheduler (when its
+options are ones the fused step covers). Parameters, state-dict
 keys and module types (by isinstance) are unchanged, so checkpoints and hooks keep working.
 Blocks whose options the fused maths does not cover are left as they are and counted.
-A pipeline saved after accelerate() is a stock diffusers pipeline (DDPMScheduler in its
-model_index.json and scheduler config): it loads with diffusers alone; accelerate() it again.
+A pipeline saved after accelerate() is a stock diffusers pipeline (the stock scheduler class in
+its model_index.json and scheduler config): it loads with diffusers alone; accelerate() it again.
 """
 from __future__ import annotations
 
@@ -72,9 +73,10 @@ def _fusable(block) -> bool:
 def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -> dict[str, int]:
     """Switch a diffusers UNet2DModel (or a pipeline's unet and scheduler) to ddpm_fast's
     fused ops, in place. Returns counts: resnets fused / left, final norm, attention, scheduler."""
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
     from diffusers.models.resnet import ResnetBlock2D
 
+    from .ddim import FusedDDIMScheduler
     from .dpm_solver import FusedDPMSolverMultistepScheduler
     from .scheduler import FusedDDPMScheduler
 
@@ -83,7 +85,7 @@ def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -
         counts = accelerate(target.unet, impl, precision)
         counts["scheduler"] = 0
         stock = type(target.scheduler)
-        for plain, fused in ((DDPMScheduler, FusedDDPMScheduler),
+        for plain, fused in ((DDPMScheduler, FusedDDPMScheduler), (DDIMScheduler, FusedDDIMScheduler),
                              (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler)):
             if stock is not plain:  # only exactly the stock class: a fused one, or another subclass, stays
                 continue
@@ -91,8 +93,6 @@ def accelerate(model_or_pipeline, impl: str = "auto", precision: str = "ieee") -
             if scheduler.problems():  # options the fused step does not cover: the stock scheduler stays
                 continue
             scheduler.impl = impl
-            if fused is FusedDDPMScheduler:
-                scheduler.return_pred_original_sample = False
             target.scheduler = scheduler
             if hasattr(target, "register_to_config"):  # saved as a stock pipeline: loads without ddpm_fast
                 target.register_to_config(scheduler=("diffusers", plain.__name__))

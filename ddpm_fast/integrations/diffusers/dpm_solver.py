@@ -11,7 +11,9 @@ linspace / leading / trailing spacings, Karras sigmas and λ-uniform steps (use_
 the scheduler's betas (diffusers keeps its tables in float32), and set_timesteps keeps those
 float64 timesteps (with Karras or λ-uniform steps a rounded timestep can differ by one from
 diffusers' float32 ones). The SDE variant's z follows ddpm_fast's noise contract, as for
-FusedDDPMScheduler (its module doc): keyed by (seed, sample_offset + batch index, timestep).
+FusedDDPMScheduler (scheduler.py's module doc: keyed by (seed, sample_offset + batch index,
+timestep), the seed drawn from the step's generator); the ODE variant draws nothing, so it takes
+any generator argument, a list of generators included.
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ class FusedDPMSolverMultistepScheduler(FusedStep, DPMSolverMultistepScheduler):
         if model_output.shape != sample.shape:
             raise ValueError(f"{name}: model_output must have the sample's shape {tuple(sample.shape)}, got "
                              f"{tuple(model_output.shape)}")
-        seed = self._noise_seed(generator)
+        # the ODE variant draws no noise: any generator argument, a list of them included, is accepted
+        seed = self._noise_seed(generator, draws=self.config.algorithm_type == "sde-dpmsolver++")
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self.step_index

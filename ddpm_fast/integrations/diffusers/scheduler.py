@@ -4,9 +4,18 @@ Same constructor, config, timesteps and step() signature as DDPMScheduler, so a 
 it unchanged (`accelerate(pipeline)` swaps it in). The maths differs only in precision: the
 coefficients come from NoiseSchedule.step_table in float64 over the scheduler's own betas and
 timesteps (diffusers keeps ᾱ in float32), and z follows ddpm_fast's noise contract (DESIGN §3)
-instead of the generator's stream: keyed by (seed, sample_offset + batch index, timestep), with
-seed = generator.initial_seed() when step() is given a generator, else `self.seed`, else one
-drawn from torch's global generator when set_timesteps starts a run.
+instead of the generator's stream: keyed by (seed, sample_offset + batch index, timestep). The seed
+(DESIGN §9): a step given a generator draws it from that generator (one int64, so the generator
+advances as diffusers' own noise draw advances it: the same seeded generator gives the same
+samples, the next call with it different ones); without one, `self.seed`, else one drawn from
+torch's global generator when set_timesteps starts a run. A list of generators (one per sample)
+is refused by a step that draws noise; the noise contract already gives every sample its own
+stream.
+
+pred_original_sample (x̂0 of the step's row, DESIGN §2.3) is formed when it is first read, from
+the step's inputs, so a pipeline that reads only prev_sample pays nothing for it;
+return_dict=False, and inputs made under torch.inference_mode (which keep no version counter to
+tell whether they change before the read), form it at once.
 
 float64 inputs are stepped in float64 (the reference update, DESIGN §2.3), every other dtype by
 the fused op with x in float32. rescale_betas_zero_snr=True (ᾱ_T = 0) is supported with v- and
@@ -23,7 +32,6 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from ...contract import SEED_RANGE
 from ...ops import diffusion_step_, randn
 from ...reference.diffusion_step import diffusion_step as reference_step
 from ...schedule import NoiseSchedule, StepTable
@@ -46,13 +54,18 @@ class FusedStep:
 
     def _new_run(self) -> None:
         self._on_device = {}
-        self._run_seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2^63): a valid seed
+        self._run_seed = draw_seed(None)
 
-    def _noise_seed(self, generator: torch.Generator | None) -> int:
+    def _noise_seed(self, generator: torch.Generator | list[torch.Generator] | None, draws: bool = True) -> int:
+        """The seed of this step's z (module doc). A step that draws no noise (draws=False) takes any
+        generator argument, a list included, and leaves it as it is."""
+        if not draws:
+            return 0
         if isinstance(generator, list):
-            raise NotImplementedError(f"{type(self).__name__}.step: one generator per sample is not supported; the "
-                                      f"noise contract already gives every sample its own stream (pass one generator)")
-        seed = generator.initial_seed() % SEED_RANGE if generator is not None else (
+            raise NotImplementedError(f"{type(self).__name__}.step: one generator per sample is not supported where "
+                                      f"the step draws noise; the noise contract already gives every sample its own "
+                                      f"stream (pass one generator)")
+        seed = draw_seed(generator) if generator is not None else (
             self.seed if self.seed is not None else self._run_seed)
         if seed is None:
             raise ValueError(f"{type(self).__name__}.step: no noise seed; pass a generator, set .seed or call "
@@ -83,12 +96,78 @@ class FusedStep:
                         sample_offset=self.sample_offset, history=history, impl=self.impl, check=False)
         return x.to(sample.dtype)
 
+    def _output(self, host: StepTable, index: int, model_output: torch.Tensor, sample: torch.Tensor,
+                prev_sample: torch.Tensor, return_dict: bool):
+        """diffusers' (prev_sample, pred_original_sample), x̂0 of row `index` formed when read."""
+        def form() -> torch.Tensor:
+            x = sample if sample.dtype == torch.float64 else sample.float()
+            return host.x0_hat(index, x, model_output).to(sample.dtype)
+        if not return_dict:
+            return prev_sample, form()
+        if model_output.is_inference() or sample.is_inference():
+            # no version counter tells whether they change before a later read: formed now
+            return self._output_class(prev_sample=prev_sample, pred_original_sample=form())
+        return self._output_class.deferred(prev_sample, form, (model_output, sample))
+
     def to_json_string(self) -> str:
         """The config as the stock diffusers scheduler writes it, under that class's name: a saved
         scheduler (save_pretrained, or a pipeline's) loads without ddpm_fast."""
         config = json.loads(super().to_json_string())
         config["_class_name"] = self._stock.__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One int64 in [0, 2^63) (a valid noise seed, DESIGN §3.2) from the generator, torch's global
+    one when None; the generator advances. A CUDA generator's draw costs one device read."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.empty((), dtype=torch.int64, device=device).random_(generator=generator))
+
+
+class DeferredX0:
+    """Mixed into a diffusers step output (fields prev_sample, pred_original_sample): x̂0 is formed
+    when first read (by attribute, key, index or to_tuple), so a pipeline that reads only
+    prev_sample pays nothing for it. Built by `deferred`; constructed directly it is the plain output."""
+    _form = None
+
+    @classmethod
+    def deferred(cls, prev_sample: torch.Tensor, form, inputs: tuple[torch.Tensor, ...]):
+        """form() gives x̂0 from `inputs`, which must not change in place before it is read."""
+        versions = tuple(x._version for x in inputs)
+
+        def checked_form() -> torch.Tensor:
+            if tuple(x._version for x in inputs) != versions:
+                raise RuntimeError("pred_original_sample: the step's sample or model_output was modified in place "
+                                   "after step(); read pred_original_sample first, or step with return_dict=False")
+            return form()
+        output = cls(prev_sample=prev_sample)
+        object.__setattr__(output, "_form", checked_form)
+        return output
+
+    @property
+    def pred_original_sample(self) -> torch.Tensor | None:
+        if self._form is not None:
+            form = self._form
+            object.__setattr__(self, "_form", None)
+            self["pred_original_sample"] = form()
+        return self.get("pred_original_sample")
+
+    @pred_original_sample.setter
+    def pred_original_sample(self, value: torch.Tensor | None) -> None:  # BaseOutput keeps fields as keys too
+        if value is not None:
+            dict.__setitem__(self, "pred_original_sample", value)
+
+    def __getitem__(self, key):
+        self.pred_original_sample  # noqa: B018 (formed before any access by key or index)
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        self.pred_original_sample  # noqa: B018
+        return super().to_tuple()
+
+
+class DDPMStepOutput(DeferredX0, DDPMSchedulerOutput):
+    pass
 
 
 def refuse(scheduler, problems: list[str]) -> None:
@@ -98,8 +177,7 @@ def refuse(scheduler, problems: list[str]) -> None:
 
 class FusedDDPMScheduler(FusedStep, DDPMScheduler):
     _stock = DDPMScheduler
-    # DDPMPipeline reads only prev_sample; accelerate(pipeline) turns this off to save a pass
-    return_pred_original_sample: bool = True
+    _output_class = DDPMStepOutput
     _host: tuple[StepTable, dict[int, int]] | None = None
 
     def set_timesteps(self, *args, **kwargs) -> None:
@@ -150,14 +228,6 @@ class FusedDDPMScheduler(FusedStep, DDPMScheduler):
         index = rows[t]
         if sample.dim() != 4:  # the op reads any layout of a 4-D tensor, other ranks contiguous
             sample, model_output = sample.contiguous(), model_output.contiguous()
-        pred_original_sample = None
-        if self.return_pred_original_sample:
-            pred_original_sample = host.x0_hat(index, sample if sample.dtype == torch.float64 else sample.float(),
-                                               model_output).to(sample.dtype)
-        return _output(self._apply(host, index, model_output, sample, seed), pred_original_sample, return_dict)
+        return self._output(host, index, model_output, sample, self._apply(host, index, model_output, sample, seed),
+                            return_dict)
 
-
-def _output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None, return_dict: bool):
-    if not return_dict:
-        return prev_sample, pred_original_sample
-    return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
