@@ -88,8 +88,8 @@ gpu-check:
 GPU_IMAGE_VENV := .venv-gpu-image
 GPU_IMAGE_PACKAGES := torch==2.11.0 triton==3.6.0 numpy==2.5.2 huggingface_hub==1.33.0 safetensors==0.8.0 \
 	tqdm Pillow ninja pybind11 setuptools wheel pytest pytest-benchmark pytest-timeout pytest-xdist hypothesis \
-	matplotlib scikit-learn
-$(GPU_IMAGE_VENV)/.installed:
+	matplotlib scikit-learn regex requests
+$(GPU_IMAGE_VENV)/.installed: Makefile
 	test -x $(GPU_IMAGE_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(GPU_IMAGE_VENV)
 	$(GPU_IMAGE_VENV)/bin/python -m pip install --progress-bar off $(foreach p,$(GPU_IMAGE_PACKAGES),'$(p)')
 	touch $@

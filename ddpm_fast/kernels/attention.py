@@ -85,19 +85,22 @@ def _tile(block_d: int, dtype: torch.dtype, precision: str | None,
     if dtype == torch.float32:
         if precision == "ieee":  # FMA dots: 16 rows keep every target free of spills
             return 16, 32, min(block_d, 32), (8 if block_d == 512 else 4), 1
-        if tcgen05 and block_d <= 256:
-            return 64, 32, min(block_d, 32), (8 if block_d == 256 else 4), 1
-        # mma.sync: tf32x3's hi/lo operands beside the accumulator allow ≤ 32 rows (16 at d = 512)
+        if tcgen05 and block_d <= 128:
+            return 64, 32, min(block_d, 32), 4, 1
+        # mma.sync: tf32x3's hi/lo operands beside the accumulator allow 32 rows by 16 keys up to
+        # d = 128 and 16 by 16 (8 warps) above, on every target with Triton 3.6 and 3.8 (32 keys,
+        # or 64 rows on sm_100 at d = 256, spilled 8–48 B a thread with Triton 3.6's ptxas)
         if block_d <= 128:
-            return 32, 32, min(block_d, 32), 4, 1
-        return (32 if block_d == 256 else 16), 32, 32, 8, 1
+            return 32, 16, min(block_d, 32), 4, 1
+        return 16, 16, 32, 8, 1
     # 16-bit: BLOCK_M = 64 lets sm_90 use wgmma and sm_100 tcgen05 (a warp group spans 64 rows);
-    # at d = 512 a 64-row accumulator spills, so BLOCK_M = 32 (mma.sync) there
+    # at d = 512 a 64-row accumulator spills, and 32 rows by 32 keys spilled 48 B with Triton
+    # 3.6, so 32 rows by 16 keys (mma.sync) there
     if block_d <= 32:
         return 64, 64, block_d, 4, 2
     if block_d <= 128:
         return 64, 64, 64, 8, 2
-    return (64 if block_d == 256 else 32), 32, 64, 8, 2
+    return (64, 32, 64, 8, 2) if block_d == 256 else (32, 16, 64, 8, 2)
 
 
 def _launch_config(block_d: int, dtype: torch.dtype, precision: str | None, capability: tuple[int, int]) -> dict:
