@@ -17,7 +17,6 @@ from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 from helpers import relative_error, ulp_distance
 
 SM90_OPTIN = 232_448  # the opt-in shared memory per block of sm_90 (DESIGN §5.5)
-GUARD = 37  # elements of guard band either side of a tensor
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +25,19 @@ def ops():
 
 
 class Guarded:
-    """t copied into a buffer with the given strides (default t's) and GUARD elements either side."""
+    """t copied into a buffer with the given strides (default t's) and guard bands either side, each
+    wider than twice the tensor's extent: an offset computed with another layout of the call lands in
+    the buffer, not outside the process's memory."""
 
     def __init__(self, t: torch.Tensor, strides=None):
         strides = t.stride() if strides is None else strides
         extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, strides))
-        self.buffer = torch.randn(extent + 2 * GUARD, generator=torch.Generator().manual_seed(extent)).to(t.dtype)
-        self.tensor = self.buffer.as_strided(t.shape, strides, GUARD)
+        guard = 2 * extent + 37
+        self.buffer = torch.randn(extent + 2 * guard, generator=torch.Generator().manual_seed(extent)).to(t.dtype)
+        self.tensor = self.buffer.as_strided(t.shape, strides, guard)
         self.tensor.copy_(t)
         covered = torch.zeros(self.buffer.numel(), dtype=torch.bool)
-        covered[torch.arange(self.buffer.numel()).as_strided(t.shape, strides, GUARD).flatten()] = True
+        covered[torch.arange(self.buffer.numel()).as_strided(t.shape, strides, guard).flatten()] = True
         self.outside, self.before = ~covered, self.buffer.clone()
 
     def untouched(self) -> bool:
@@ -110,10 +112,11 @@ def test_step_grid_stride_loop(ops):
     x, out = torch.randn(shape), torch.randn(shape)
     results = []
     for blocks in (0, 1, 2):
-        got = x.clone()
-        ops.diffusion_step_(got, out, table.coefs.float(), table.noise_keys, torch.tensor([10]), 5, 0, None, None,
-                            None, blocks, False)
-        results.append(got)
+        got = Guarded(x)
+        ops.diffusion_step_(got.tensor, out, table.coefs.float(), table.noise_keys, torch.tensor([10]), 5, 0, None,
+                            None, None, blocks, False)
+        assert got.untouched(), "a write outside the tensor"
+        results.append(got.tensor)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     z = ref_noise.randn(shape, 5, int(table.noise_keys[10])).double()
     assert relative_error(results[0], reference_step(x.double(), out.double(), table.coefs[10], z)) <= 1e-6
@@ -122,10 +125,10 @@ def test_step_grid_stride_loop(ops):
 def test_step_index_outside_the_table_writes_nan(ops):
     table = NoiseSchedule.linear(1000).step_table("ddpm")
     for index in (-1, 1000):
-        x = torch.zeros(2, 3, 3, 3)
-        ops.diffusion_step_(x, torch.zeros_like(x), table.coefs.float(), table.noise_keys, torch.tensor([index]), 0, 0,
-                            None, None, None, 0, False)
-        assert x.isnan().all()
+        x = Guarded(torch.zeros(2, 3, 3, 3))
+        ops.diffusion_step_(x.tensor, torch.zeros(2, 3, 3, 3), table.coefs.float(), table.noise_keys,
+                            torch.tensor([index]), 0, 0, None, None, None, 0, False)
+        assert x.tensor.isnan().all() and x.untouched()
 
 
 # -- randn_ and philox4x32_10 ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../cuda/diffusion_step.cuh"
@@ -18,6 +17,32 @@
 namespace ddpm_fast {
 namespace emulator {
 namespace {
+
+// A block's shared memory of `count` values: NaN bytes before each block (it is not cleared between
+// blocks on a GPU either: a read before a write shows), between guard bands that a write past either
+// end changes.
+template <typename A>
+class SharedMemory {
+ public:
+  explicit SharedMemory(size_t count) : bytes_((count + 2 * kGuard) * sizeof(A), kBand) {}
+  A* data() { return reinterpret_cast<A*>(bytes_.data()) + kGuard; }
+  // before each block: the previous one wrote only inside; then NaN inside
+  void reset() {
+    check();
+    std::fill(bytes_.begin() + kGuard * sizeof(A), bytes_.end() - kGuard * sizeof(A), 0xff);
+  }
+  void check() const {
+    const auto band = [](unsigned char b) { return b == kBand; };
+    TORCH_CHECK(std::all_of(bytes_.begin(), bytes_.begin() + kGuard * sizeof(A), band) &&
+                    std::all_of(bytes_.end() - kGuard * sizeof(A), bytes_.end(), band),
+                "emulated kernel: a write outside its shared memory");
+  }
+
+ private:
+  static constexpr size_t kGuard = 64;
+  static constexpr unsigned char kBand = 0xa5;
+  std::vector<unsigned char> bytes_;
+};
 
 // Runs body(thread) over a grid of `blocks` (or `requested` when > 0) × `threads`.
 template <class Body>
@@ -46,14 +71,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(const at::Tensor&
     TORCH_CHECK(static_bytes + plan.dynamic_bytes <= limit, "emulated launch refused: ", static_bytes,
                 " B static + ", plan.dynamic_bytes, " B dynamic shared memory exceeds ", limit, " B",
                 plan.opt_in ? " (the opt-in limit)" : " (not opted in)");
-    // shared memory is not cleared between blocks: NaN bytes show a read before a write
-    std::vector<A> cache(static_cast<size_t>(plan.dynamic_bytes) / sizeof(A)), scratch(kGroupNormWarps);
+    SharedMemory<A> cache(static_cast<size_t>(plan.dynamic_bytes) / sizeof(A)), scratch(kGroupNormWarps);
     run_grid(grid, blocks, kGroupNormThreads, reverse, [&](const HostThread& t) {
       group_norm_silu_block<Kernel::kNCHW, Kernel::kAct>(t, cache.data(), scratch.data(), args..., plan.cached);
     }, [&](unsigned int) {
-      std::memset(cache.data(), 0xff, cache.size() * sizeof(A));
-      std::memset(scratch.data(), 0xff, scratch.size() * sizeof(A));
+      cache.reset();
+      scratch.reset();
     });
+    cache.check();
+    scratch.check();
   });
 }
 
