@@ -17,6 +17,7 @@ from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 from helpers import relative_error, ulp_distance
 
 SM90_OPTIN = 232_448  # the opt-in shared memory per block of sm_90 (DESIGN §5.5)
+DEFAULT_SHARED = 48 * 1024  # what a kernel may use without opting in
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,27 @@ def test_group_norm_kernel_matches_the_reference(ops, case, layout, dtype):
     weight, bias = (torch.randn(shape[1], generator=g).to(dtype) for _ in range(2))
     add = torch.randn(shape[:2], generator=g).to(dtype) * scale if i % 2 == 0 else None
     _check_group_norm(ops, x, weight, bias, add, groups, 1e-6, i % 4 != 3, SM90_OPTIN, GN_DTYPES[dtype])
+
+
+@pytest.mark.parametrize("optin", [101_376, SM90_OPTIN])  # sm_86 and sm_90
+def test_group_norm_caches_a_48_kib_group(ops, optin):
+    # 5x3x64x64 with one group: 49,152 B of float32, beside the kernel's static shared memory: past the
+    # 48 KiB a launch may use without opting in (the launcher once launched it so: a failed launch)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 64, 64, generator=g)
+    weight, bias = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    _check_group_norm(ops, x, weight, bias, None, 1, 1e-6, True, optin, 1e-5)
+    assert ops.group_norm_shared_plan(49_152, 64, optin) == (True, 49_152, True)
+
+
+@pytest.mark.parametrize("static", [64, 128, 1_088, 1_152])
+@pytest.mark.parametrize("optin", [101_376, 166_912, SM90_OPTIN])  # sm_86/89/120, sm_80, sm_90/100
+def test_group_norm_shared_plan(ops, static, optin):
+    # the launch never asks for more than the runtime grants: static + dynamic within 48 KiB, or
+    # within the opt-in limit where it opts in; and every group that fits the opt-in limit is cached
+    edges = [DEFAULT_SHARED - static, optin - static]
+    for group in sorted({0, 4, 32_768, *(e + d for e in edges for d in (-4, 0, 4)), 2 * optin}):
+        cached, dynamic, opt_in = ops.group_norm_shared_plan(group, static, optin)
+        assert cached == (static + group <= optin) and dynamic == (group if cached else 0)
+        assert opt_in == (static + dynamic > DEFAULT_SHARED)
+        assert static + dynamic <= (optin if opt_in else DEFAULT_SHARED)
