@@ -2,7 +2,7 @@
 // csrc/cuda/<op>.cuh, the very code the CUDA launcher runs, with the launch emulated by HostGrid on
 // CPU tensors. Registered as torch.ops.ddpm_fast_emulator.*; built only by the tests (tests/emulator.py).
 // Every op takes `blocks` (0: the launcher's grid; fewer blocks run the grid-stride loops more than
-// once) and `reverse` (threads and blocks in reverse order, HostGrid); GroupNorm takes the device's
+// once) and `reverse` (blocks, warps and threads in reverse order, HostGrid); GroupNorm takes the device's
 // opt-in shared memory, and its launch is refused as the CUDA runtime would refuse it.
 #include <torch/library.h>
 
