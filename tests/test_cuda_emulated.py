@@ -61,6 +61,14 @@ def _both_orders(run):
     return forward
 
 
+@pytest.mark.parametrize("kind,match", [("barrier", "1 of 64 threads ended while the others wait at barrier 0"),
+                                        ("shuffle", "16 of 32 lanes wait at a shuffle"),
+                                        ("partial warp", "needs whole warps")])
+def test_emulator_refuses_what_is_undefined_on_a_gpu(ops, kind, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.misbehave(kind)
+
+
 # -- diffusion_step_ -----------------------------------------------------------------------------------
 STEP_SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (3, 3, 5, 7), (2, 1, 3, 3), (2, 4, 6, 5), (5, 3), (1, 13)]
 STEP_LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "contiguous"), ("strided", "channels_last"),

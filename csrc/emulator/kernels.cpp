@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "../cuda/diffusion_step.cuh"
@@ -105,6 +106,19 @@ at::Tensor philox4x32_10(const at::Tensor& counter, int64_t seed, int64_t blocks
   });
 }
 
+// Bodies that break the rules the emulator enforces, for its own test: a barrier thread 0 skips
+// ("barrier"), a shuffle half a warp skips ("shuffle"), a shuffle in a partial warp ("partial warp").
+void misbehave(const std::string& kind) {
+  const bool partial = kind == "partial warp";
+  TORCH_CHECK(partial || kind == "barrier" || kind == "shuffle", "unknown kind ", kind);
+  run_grid(1, 0, partial ? 48 : 64, false, [&](const HostThread& t) {
+    if (kind == "shuffle" && t.thread() % 32 >= 16) return;
+    t.shfl_down(1.0f, 1);
+    if (kind == "barrier" && t.thread() == 0) return;
+    t.sync();
+  });
+}
+
 // The launcher's shared-memory plan (group_norm_shared_plan) for tests/test_kernel_resources.py:
 // (cached, dynamic bytes, opt in).
 std::tuple<bool, int64_t, bool> group_norm_shared_plan_of(int64_t group_bytes, int64_t static_bytes,
@@ -128,6 +142,7 @@ TORCH_LIBRARY(ddpm_fast_emulator, m) {
         &diffusion_step_);
   m.def("randn_(Tensor(a!) out, int seed, int step, int sample_offset, int blocks, bool reverse) -> ()", &randn_);
   m.def("philox4x32_10(Tensor counter, int seed, int blocks, bool reverse) -> Tensor", &philox4x32_10);
+  m.def("misbehave(str kind) -> ()", &misbehave);
   m.def("group_norm_shared_plan(int group_bytes, int static_bytes, int optin_bytes) -> (bool, int, bool)",
         &group_norm_shared_plan_of);
 }
