@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import emulator  # noqa: E402
 from benchmarks import kernel_resources as kr  # noqa: E402
 from ddpm_fast import _extension  # noqa: E402
 from ddpm_fast.kernels import attention, diffusion_step, group_norm_silu  # noqa: E402
@@ -75,6 +76,26 @@ def test_cuda_kernels_within_target_resources(library):
     found = {(r["name"], r["target"]): kr.violations(r, by_name[r["target"]], kr.base_name(r["name"]))
              for r in records}
     assert {key: v for key, v in found.items() if v} == {}
+
+
+def test_group_norm_launch_shared_memory_within_limits(library):
+    # the launcher's plan (csrc/cuda/group_norm_silu.cuh, run by the emulator's build of it) beside each
+    # GroupNorm kernel's static shared memory in the cubins: static + dynamic within 48 KiB, or within
+    # the target's opt-in limit where the launcher opts in, for every group size up to the largest it
+    # caches. cuobjdump counts 1,088 B for the 64 B float32 scratch (1 KiB more: the size the runtime
+    # reserves a block on sm_80 and later); the plan holds for whichever the runtime reports.
+    plan = emulator.ops().group_norm_shared_plan
+    default = 48 * 1024
+    by_name = {t.name: t for t in kr.TARGETS}
+    records = [r for r in kr.cuda_usage(library[0]) if kr.base_name(r["name"]) == "group_norm_silu_kernel"]
+    assert records
+    for r in records:
+        static, optin = r["shared"], by_name[r["target"]].shared_optin
+        largest = optin - static  # the largest group it caches
+        for group in sorted({0, 4, default - static, default - static + 4, default, largest, largest + 4}):
+            cached, dynamic, opt_in = plan(group, static, optin)
+            assert static + dynamic <= (optin if opt_in else default), (r["name"], r["target"], group)
+        assert plan(largest, static, optin) == (True, largest, True)
 
 
 def test_cuda_library_carries_ptx_for_its_newest_target(library):
