@@ -107,7 +107,8 @@ def build(model: str, config: str, variant: str, batch: int) -> Workload:
     net.backend = BASELINE_BACKEND if variant == "reference sampler" else "auto"
     net = net.to(**place).eval()
     if variant == "reference sampler":
-        return Workload(None, *_sampling(net, dtype, batch, "reference"), False)
+        sample, prepare = _sampling(net, dtype, batch, "reference")
+        return Workload(None, sample, False, prepare)
     if variant == "ours + compile":
         net = net.compiled()
     return _ours(net, dtype, batch, graph=variant == "ours + CUDA graph")

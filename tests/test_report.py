@@ -299,3 +299,17 @@ def test_check_orders_ours_and_the_goal_baselines_first():
         return 1 if (test == "test_compiled_reference" and "z_given" not in params) or impl == "sdpa" else 2
     roles = [role(line) for line in found if "::" in line]
     assert roles == sorted(roles) and roles[0] == 0 and 1 in roles
+
+
+@pytest.mark.parametrize("variant", ["ours", "reference sampler"])
+def test_a_timed_sampling_run_builds_nothing(monkeypatch, variant):
+    # benchmarks/test_sampling.py prepares the timed run's sampler (its table on the device, on a GPU
+    # its graphs at the first call) before round 1; the timed call must find it built
+    from benchmarks import workloads
+    workload = workloads.build("digits", "fp32", variant, 1)
+    workload.prepare(3)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sampler was built inside the timed run")
+    monkeypatch.setattr(workloads, "_sampler", refuse)
+    assert workload.sample(3).shape == (1, 1, 16, 16)
