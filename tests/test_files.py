@@ -267,7 +267,8 @@ def test_a_failed_launch_leaves_nothing_that_blocks_the_next(tmp_path, capsys, m
 def test_a_work_folder_without_shards_and_a_killed_merges_temporary_are_cleaned_up(tmp_path, capsys):
     out = tmp_path / "s.npz"
     shards.work_folder(out).mkdir()
-    (shards.work_folder(out) / "manifest.json").write_text("{}")  # a launch killed before its first shard
+    (shards.work_folder(out) / "manifest.json").write_text(json.dumps({"format": shards.FORMAT}))  # a launch killed
+    # before its first shard (its manifest is renamed into place with the folder)
     (tmp_path / ".s.npz.0123456789abcdef.tmp").write_bytes(b"half an output")  # a merge killed before its rename
     assert main([*SAMPLE, "--out", str(out)]) == 0
     assert "holding no finished shard" in capsys.readouterr().err
@@ -321,3 +322,15 @@ def test_sampling_restores_each_modules_own_mode():
     df.Sampler(model, df.NoiseSchedule.linear(3), sample_shape=(1, 16, 16)).sample(1)
     assert model.training and not model.inner.training
     assert not any(m.training for m in model.inner.modules())
+
+
+def test_an_output_name_with_glob_characters_leaves_other_outputs_temporaries(tmp_path):
+    others = [tmp_path / ".o1.png.0123456789abcdef.tmp", tmp_path / ".oo.png.0123456789abcdef.tmp"]
+    for other in others:
+        other.write_bytes(b"another job's temporary")
+    for name in ("o[1].png", "o?.png", "*.png"):
+        assert _atomic.stale_temporaries(tmp_path / name) == []
+    assert main([*SAMPLE, "--out", str(tmp_path / "o[1].png")]) == 0
+    assert main([*SAMPLE, "--out", str(tmp_path / "*.png")]) == 0
+    assert all(other.read_bytes() == b"another job's temporary" for other in others)
+    assert _atomic.stale_temporaries(tmp_path / "o1.png") == [others[0]]

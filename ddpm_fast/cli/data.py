@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._atomic import open_regular
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -48,7 +50,7 @@ def image_folder_dataset(folder: str | Path, resolution: int, channels: int = 3)
     mode = {1: "L", 3: "RGB"}[channels]
     images = []
     for path in paths:
-        with Image.open(path) as image:
+        with open_regular(path) as file, Image.open(file) as image:
             image = image.convert(mode)
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2

@@ -20,13 +20,14 @@ import torch
 
 from .. import NoiseSchedule, Sampler, UNet
 from ..classifier import NoisyClassifier
-from ..checkpoints import UnverifiedFileWarning
+from .._atomic import must_write, read_regular, write_bytes
+from ..checkpoints import Notice
 from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
-from .images import GRID_WIDTH, check_output, save_trajectory
-from .shards import finished_manifest, sample_to_file, state_dict_sha256
+from .images import GRID_WIDTH, check_output, finished_manifest, trajectory_png
+from .shards import sample_to_file, state_dict_sha256
 from .train import EMA_WEIGHTS, TrainConfig, train
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,11 +46,9 @@ def _load_model(name: str, quiet: bool = False) -> UNet:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    check_output(args.out)  # before minutes of sampling, not after
-    if args.trajectory:
-        check_output(args.trajectory, suffixes=(".png",), folders=False)
-        if Path(args.trajectory).resolve() == Path(args.out).resolve():
-            raise ValueError(f"--trajectory and --out are both {args.out}: give the trajectory a file of its own")
+    out = check_output(args.out)  # before minutes of sampling, not after
+    if args.trajectory and check_output(args.trajectory, suffixes=(".png",), folders=False) == out:
+        raise ValueError(f"--trajectory and --out are both {args.out}: give the trajectory a file of its own")
     if args.dtype != "float32" and torch.device(args.device).type == "cpu":
         print(f"note: --dtype {args.dtype} on the CPU is emulated by PyTorch and runs many times slower than float32 "
               f"(it is for GPUs)", file=sys.stderr)
@@ -65,7 +64,9 @@ def _sample(args: argparse.Namespace) -> int:
                           finite_check_every=args.check_finite, compile=args.compile,
                           guidance_scale=args.guidance_scale, classifier=classifier,
                           classifier_scale=args.classifier_scale)
-        start, manifest = time.perf_counter(), finished_manifest(args.out)
+        # the trajectory (a few samples) first: one refused (another file there) stops the job before its work
+        trajectory = _trajectory(args, sampler, labels) if args.trajectory and world.rank == 0 else None
+        start, manifest = time.perf_counter(), finished_manifest(out)
         earlier = manifest.stat().st_ino if manifest.is_file() else None  # a finished job writes a new one
         path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
                               micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
@@ -77,14 +78,21 @@ def _sample(args: argparse.Namespace) -> int:
     if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
         print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}, "
               f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
-    if args.trajectory:
-        existed = Path(args.trajectory).exists()
-        frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)),
-                                    labels=None if labels is None else labels[:8])
-        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite, width=args.grid_width)
-        done = "kept the identical" if existed and not args.overwrite else "wrote the"
-        print(f"{done} x̂0 trajectory of {frames.shape[1]} samples to {path}")
+    if trajectory is not None:
+        Path(args.trajectory).parent.mkdir(parents=True, exist_ok=True)
+        done = "wrote the" if write_bytes(args.trajectory, trajectory, args.overwrite) else "kept the identical"
+        print(f"{done} x̂0 trajectory of {min(args.num, 8)} samples to {args.trajectory}")
     return 0
+
+
+def _trajectory(args: argparse.Namespace, sampler: Sampler, labels: list[int] | None) -> bytes:
+    """The PNG of x̂0 over time of the first samples (at most 8), refused now if --trajectory
+    holds another file and --overwrite is absent."""
+    frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)),
+                                labels=None if labels is None else labels[:8])
+    png = trajectory_png(frames, width=args.grid_width)
+    must_write(args.trajectory, png, args.overwrite)
+    return png
 
 
 def _labels(args: argparse.Namespace, model: UNet, classifier) -> tuple[list[int] | None, int | None]:
@@ -188,7 +196,7 @@ def _convert(args: argparse.Namespace) -> int:
     check_output(args.out, suffixes=(".safetensors",), folders=False)  # before reading a large source
     config = None
     if args.config:
-        config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(open(args.config).read())
+        config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(read_regular(args.config))
     model = UNet.from_pretrained(args.source, config=config)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     done = "wrote" if model.save_pretrained(args.out, overwrite=args.overwrite) else "kept the identical"
@@ -377,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, UnverifiedFileWarning):
+    if issubclass(category, Notice):
         print(f"note: {message}", file=sys.stderr)
     else:
         _show_warning(message, category, filename, lineno, file, line)
