@@ -99,7 +99,12 @@ def read_torch_weights(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated files and pickled code both end here
-        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
+        # one line of our own: torch's message spans lines and advises weights_only=False, which would run the code
+        if str(error).startswith("Weights only load failed"):
+            raise ValueError(f"{path} holds pickled code or objects other than tensors: refused, never run "
+                             f"(weights-only loading)") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {first}") from None
 
 
 def read_safetensors(path: Path, ours: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -134,13 +139,21 @@ def read_safetensors(path: Path, ours: bool = False) -> tuple[dict[str, torch.Te
 def build_checked(cls, config: dict, state_dict: dict[str, torch.Tensor], source: str):
     """cls(**config) holding `state_dict`. The shapes are compared on the meta device first, so
     a config asking for absurd sizes is refused without allocating them."""
+    skeleton(cls, config, source).check_state_dict(state_dict, source)
+    return cls(**config).load_checked(state_dict, source)
+
+
+def skeleton(cls, config: dict, source: str):
+    """cls(**config) on the meta device: its shapes without allocating them. Arguments that are
+    not cls's, or sizes no tensor can have, are a ValueError naming `source`."""
     try:
         with torch.device("meta"):
-            skeleton = cls(**config)
+            return cls(**config)
     except TypeError as error:  # an unknown or missing argument
-        raise ValueError(f"{source}: its configuration are not {cls.__name__} arguments: {error}") from error
-    skeleton.check_state_dict(state_dict, source)
-    return cls(**config).load_checked(state_dict, source)
+        raise ValueError(f"{source}: its configuration are not {cls.__name__} arguments: {error}") from None
+    except RuntimeError as error:  # "Storage size calculation overflowed"
+        raise ValueError(f"{source}: its configuration asks for tensors too large to exist "
+                         f"({str(error).strip().splitlines()[0]}): {config}") from None
 
 
 def from_diffusers(cls, model):

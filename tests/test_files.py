@@ -334,3 +334,16 @@ def test_an_output_name_with_glob_characters_leaves_other_outputs_temporaries(tm
     assert main([*SAMPLE, "--out", str(tmp_path / "*.png")]) == 0
     assert all(other.read_bytes() == b"another job's temporary" for other in others)
     assert _atomic.stale_temporaries(tmp_path / "o1.png") == [others[0]]
+
+
+def test_a_model_on_the_meta_device_an_integer_output_and_a_complex_schedule_are_refused():
+    with torch.device("meta"):
+        ghost = df.UNet.small()
+    with pytest.raises(ValueError, match="has parameters on the meta device, which hold no values"):
+        df.Sampler(ghost, df.NoiseSchedule.linear(5))
+    counts = df.Sampler(lambda x, t: (100 * x).long(), df.NoiseSchedule.linear(5), sample_shape=(1, 4, 4))
+    with pytest.raises(TypeError, match=r"the model must return a floating-point tensor \(its prediction\), got "
+                                        r"torch.int64"):
+        counts.sample(1)
+    with pytest.raises(TypeError, match="betas must be real numbers, got torch.complex128"):
+        df.NoiseSchedule(torch.linspace(1e-4, 0.02, 10, dtype=torch.complex128))

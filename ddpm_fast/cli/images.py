@@ -36,17 +36,32 @@ def grid_image(images: np.ndarray, nrow: int | None = None, padding: int = 2, wi
     least `width` pixels wide (nearest neighbour: each pixel a k×k block, so nothing is blurred
     or invented; 0: the native size)."""
     n, h, w, c = images.shape
-    for name, value, low in (("nrow", nrow, 1), ("width", width, 0)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise ValueError(f"grid {name} must be an int >= {low}, got {value!r}")
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow, k = grid_layout(n, h, w, nrow, padding, width)
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = image
-    k = max(1, math.ceil(width / grid.shape[1]))
     return grid.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def grid_layout(n: int, h: int, w: int, nrow: int | None = None, padding: int = 2,
+                width: int = GRID_WIDTH) -> tuple[int, int]:
+    """(images a row, enlargement factor) of grid_image's picture of n h×w images, checked before
+    any work: a picture larger than PIL opens (Image.MAX_IMAGE_PIXELS, its decompression-bomb
+    limit) is refused, since no one could view it."""
+    from PIL import Image
+    for name, value, low in (("nrow", nrow, 1), ("width", width, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"grid {name} must be an int >= {low}, got {value!r}")
+    nrow = nrow or math.ceil(math.sqrt(n))
+    native = (math.ceil(n / nrow) * (h + padding) + padding, nrow * (w + padding) + padding)
+    k = max(1, math.ceil(width / native[1]))
+    if native[0] * native[1] * k * k > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"a grid of {n} samples {k * native[1]:,} px wide is {native[0] * native[1] * k * k:,} pixels, "
+                         f"more than image viewers open ({Image.MAX_IMAGE_PIXELS:,}, PIL's limit): lower --grid-width "
+                         f"or write a .npz or a folder")
+    return nrow, k
 
 
 def write_png(image: np.ndarray, path: str | Path, overwrite: bool = True) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .. import NoiseSchedule, Sampler, UNet
+from .. import NoiseSchedule, Sampler, UNet, _startup
 from ..classifier import NoisyClassifier
 from .._atomic import must_write, read_regular, write_bytes
-from ..checkpoints import Notice
+from ..checkpoints import Notice, skeleton
 from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
@@ -168,6 +169,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.p_uncond is not None and args.num_classes is None:
         raise ValueError("--p-uncond applies to class-conditional training only: add --num-classes K")
     config = _train_config(args, **({} if args.p_uncond is None else {"p_uncond": args.p_uncond}))
+    _check_network(UNet, args, out_ch=args.channels, num_classes=args.num_classes)
     if args.num_classes is None:
         data, labels = (digits_dataset(args.resolution) if args.dataset == "digits"
                         else image_folder_dataset(args.dataset, args.resolution, args.channels)), None
@@ -181,8 +183,25 @@ def _train(args: argparse.Namespace) -> int:
     return _run_training(model, data, labels, config, args)
 
 
+def _check_network(cls, args: argparse.Namespace, **extra) -> None:
+    """The network's flags checked on the meta device before the data set is read or a weight
+    allocated: arguments the network refuses, and a network too large for the device to train
+    (its weights, their EMA and Adam's two moments: 4 copies)."""
+    network = skeleton(cls, {**extra, **_network(args)}, "the network flags (--ch, --ch-mult, --resolution, ...)")
+    parameters = sum(p.numel() for p in network.parameters())
+    needed = 4 * sum(p.numel() * p.element_size() for p in network.parameters())
+    device = torch.device(args.device)
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ValueError(f"the network flags make a {cls.__name__} of {parameters:,} parameters, which need "
+                         f"{needed / 2 ** 30:,.1f} GiB to train (weights, EMA, Adam's moments), more than the "
+                         f"{memory / 2 ** 30:,.1f} GiB of --device {args.device}")
+
+
 def _train_classifier(args: argparse.Namespace) -> int:
     config = _train_config(args)
+    _check_network(NoisyClassifier, args, num_classes=DIGITS_CLASSES)
     data, labels = _labelled_digits(args, "train-classifier")
     torch.manual_seed(args.seed)
     return _run_training(NoisyClassifier(DIGITS_CLASSES, **_network(args)), data, labels, config, args)
@@ -245,7 +264,7 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if device is None or device.type not in ("cpu", "cuda") or device.type == "cpu" and device.index not in (None, 0):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has no usable CUDA GPU "
@@ -395,15 +414,16 @@ _show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    _startup.started()  # Ctrl-C from here on: the KeyboardInterrupt below
     try:
+        args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return args.run(args)
     except ReportedOnRankZero:
         return 2  # rank 0 printed it
     except KeyboardInterrupt:
-        print("ddpm-fast: interrupted (what was finished is kept: --resume continues a sampling job or a training "
+        print(f"{_startup.INTERRUPTED} (what was finished is kept: --resume continues a sampling job or a training "
               "run)", file=sys.stderr)
         return 130
     except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
@@ -411,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         text = str(error)
-        if not isinstance(error, MemoryError) and "alloc" not in text and "out of memory" not in text:
+        if not isinstance(error, MemoryError) and not any(
+                words in text for words in ("alloc", "out of memory", "Storage size calculation overflowed")):
             raise
         print(f"ddpm-fast: error: out of memory ({text.strip().splitlines()[-1] if text.strip() else 'MemoryError'}): "
               f"use a smaller --batch-size (or --timesteps)", file=sys.stderr)

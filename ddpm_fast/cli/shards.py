@@ -45,10 +45,11 @@ from .._atomic import (NotARegularFile, exclusive, file_sha256, open_regular, re
 from ..contract import NOISE_STREAM_VERSION, check_samples
 from ..sampler import Sampler
 from .distributed import World
-from .images import (GRID_WIDTH, finished_manifest, output_kind, output_target, sample_file, sample_files, to_uint8,
+from .images import (GRID_WIDTH, finished_manifest, grid_layout, output_kind, output_target, sample_file, sample_files, to_uint8,
                      work_folder, write_npz, write_samples)
 
 FORMAT = "ddpm_fast.sampling-job/1"
+MAX_SHARDS = 2 ** 20  # shard files in one work folder; the job lists them
 MANIFEST = "manifest.json"
 
 
@@ -104,6 +105,10 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if shard_size % micro_batch:
         raise ValueError(f"the shard size must be a multiple of the micro-batch {micro_batch}, got {shard_size}")
+    if -(-num_samples // shard_size) > MAX_SHARDS:
+        raise ValueError(f"{num_samples} samples in shards of {shard_size} make {-(-num_samples // shard_size):,} "
+                         f"shards, more than {MAX_SHARDS:,} (a file each in the work folder): pass a larger "
+                         f"--shard-size or --batch-size")
     check_samples(seed, 0, num_samples)  # the seed, and sample indices below 2^32
     if sampler.sample_shape[0] not in (1, 3):
         raise ValueError(f"images need 1 or 3 channels, the sampler draws {sampler.sample_shape}")
@@ -121,6 +126,7 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
             raise ValueError(f"labels must hold one class per sample ({num_samples}), got {len(labels)}")
         settings.update(labels_sha256=hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest())
     if output_kind(out) == "grid":  # the picture's layout is part of the job; other outputs have none
+        grid_layout(num_samples, *sampler.sample_shape[1:], nrow, width=grid_width)  # refused now, not after the work
         settings.update(grid_nrow=nrow, grid_width=grid_width)
     with _Job(out, settings, world) as job:
         todo = world.on_rank0(lambda: job.prepare(resume, overwrite))
