@@ -38,7 +38,8 @@ def test_a_link_planted_at_the_old_temporary_name_is_never_followed(tmp_path, ou
         (work / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
     assert main([*SAMPLE, "--out", str(work / out)]) == 0
     assert victim.read_text() == "precious"
-    assert shards.finished_manifest(work / out).is_file()
+    manifest = json.loads(shards.finished_manifest(work / out).read_text())
+    assert manifest["complete"] and manifest["output_sha256"] == _atomic.file_sha256(work / out)
 
 
 def test_a_colliding_temporary_name_is_refused_not_followed(tmp_path, monkeypatch):
