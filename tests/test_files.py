@@ -216,17 +216,23 @@ def test_flipped_bytes_in_a_model_or_a_checkpoint_are_refused(tmp_path, capsys):
               progress=False)
 
 
-def test_files_without_a_checksum_load_with_a_notice(tmp_path, capsys):
+@pytest.mark.parametrize("checksums,warning,note", [
+    ((), "records no sha256", "loaded unverified"),  # written before either checksum
+    ((_atomic.CHECKSUM_KEY,), "its tensors were verified, its configuration was not", "configuration was not"),
+])
+def test_files_without_a_checksum_load_with_a_notice(tmp_path, capsys, checksums, warning, note):
     from safetensors.torch import save_file
     model = _tiny()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"),
-              metadata={"ddpm_fast_config": json.dumps(model.config)})
-    with pytest.warns(UnverifiedFileWarning, match="records no sha256"):
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    recorded = {_atomic.CHECKSUM_KEY: _atomic.tensors_sha256(tensors)}
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              metadata={"ddpm_fast_config": json.dumps(model.config), **{k: recorded[k] for k in checksums}})
+    with pytest.warns(UnverifiedFileWarning, match=warning):
         df.UNet.from_pretrained(tmp_path / "old.safetensors")
     assert main(["sample", "--model", str(tmp_path / "old.safetensors"), "--num", "1", "--timesteps", "3", "--quiet",
                  "--out", str(tmp_path / "s.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("note: ") and "loaded unverified" in err[0]
+    assert len(err) == 1 and err[0].startswith("note: ") and note in err[0]
 
 
 def test_the_bundled_weights_carry_their_checksum():
