@@ -101,8 +101,8 @@ def read_torch_weights(path: Path):
     except Exception as error:  # truncated files and pickled code both end here
         # one line of our own: torch's message spans lines and advises weights_only=False, which would run the code
         if str(error).startswith("Weights only load failed"):
-            raise ValueError(f"{path} holds pickled code or objects other than tensors: refused, never run "
-                             f"(weights-only loading)") from None
+            raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: it holds pickled code or "
+                             f"objects other than tensors, refused and never run") from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {first}") from None
 

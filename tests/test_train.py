@@ -185,11 +185,12 @@ def test_a_run_killed_before_its_ema_file_is_mended_on_resume_or_rerun(tmp_path,
     config = TrainConfig(steps=4, batch_size=4, warmup=1, timesteps=20, checkpoint_every=2)
     train(_tiny_model(), data, config, run, resume=True, progress=False)
     err = capsys.readouterr().err
-    assert "held other weights, not the EMA weights of checkpoint.safetensors at step 4: written again" in err
+    assert "model.safetensors was not the EMA weights of checkpoint.safetensors at step 4" in err
     assert (run / EMA_WEIGHTS).read_bytes() == expected
     (run / EMA_WEIGHTS).unlink()  # a finished run rerun without its model file
     _run(tmp_path, 4, "killed")
-    assert "held nothing" in capsys.readouterr().err and (run / EMA_WEIGHTS).read_bytes() == expected
+    assert "model.safetensors was missing: written again" in capsys.readouterr().err
+    assert (run / EMA_WEIGHTS).read_bytes() == expected
     _run(tmp_path, 4, "killed")  # all is well: nothing said, nothing written
     assert "written again" not in capsys.readouterr().err
 

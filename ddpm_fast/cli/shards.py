@@ -105,11 +105,11 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if shard_size % micro_batch:
         raise ValueError(f"the shard size must be a multiple of the micro-batch {micro_batch}, got {shard_size}")
+    check_samples(seed, 0, num_samples)  # the seed, and sample indices below 2^32
     if -(-num_samples // shard_size) > MAX_SHARDS:
         raise ValueError(f"{num_samples} samples in shards of {shard_size} make {-(-num_samples // shard_size):,} "
                          f"shards, more than {MAX_SHARDS:,} (a file each in the work folder): pass a larger "
                          f"--shard-size or --batch-size")
-    check_samples(seed, 0, num_samples)  # the seed, and sample indices below 2^32
     if sampler.sample_shape[0] not in (1, 3):
         raise ValueError(f"images need 1 or 3 channels, the sampler draws {sampler.sample_shape}")
     output_kind(out)  # a bad --out fails now, not after hours of sampling

@@ -204,9 +204,11 @@ def _restore_ema_file(out_dir: Path, ema: Model, step: int) -> None:
     path, data = out_dir / EMA_WEIGHTS, pretrained_bytes(ema)
     if holds(path, data):
         return
-    state = "other weights" if path.exists() or path.is_symlink() else "nothing"
+    present = path.exists() or path.is_symlink()
     write_bytes(path, data)
-    print(f"note: {path} held {state}, not the EMA weights of {CHECKPOINT} at step {step}: written again",
+    print(f"note: {path} " + (f"was not the EMA weights of {CHECKPOINT} at step {step} (a run killed between the two "
+                              f"files, or a file of an older version): written again" if present else
+                              f"was missing: written again from the EMA weights of {CHECKPOINT} at step {step}"),
           file=sys.stderr)
 
 
