@@ -180,6 +180,8 @@ def test_a_run_killed_before_its_ema_file_is_mended_on_resume_or_rerun(tmp_path,
             _run(tmp_path, 4, "killed")
     run = tmp_path / "killed"
     assert (run / EMA_WEIGHTS).read_bytes() != expected  # step 2's EMA beside step 4's checkpoint
+    # two identical runs write identical bytes (safetensors' metadata in a fixed order)
+    assert (run / CHECKPOINT).read_bytes() == (tmp_path / "whole" / CHECKPOINT).read_bytes()
     capsys.readouterr()
     data = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     config = TrainConfig(steps=4, batch_size=4, warmup=1, timesteps=20, checkpoint_every=2)
@@ -193,6 +195,13 @@ def test_a_run_killed_before_its_ema_file_is_mended_on_resume_or_rerun(tmp_path,
     assert (run / EMA_WEIGHTS).read_bytes() == expected
     _run(tmp_path, 4, "killed")  # all is well: nothing said, nothing written
     assert "written again" not in capsys.readouterr().err
+
+
+def test_a_fifo_in_place_of_the_checkpoint_is_refused_by_name(tmp_path):
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / CHECKPOINT)
+    with pytest.raises(ValueError, match="checkpoint.safetensors is a FIFO, not a regular file: refused"):
+        _run(tmp_path, 2, "run")
 
 
 def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
