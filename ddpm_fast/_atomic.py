@@ -5,7 +5,8 @@ atomic_write is the one way this package writes a file: whoever reads it — a u
 tool, a resumed job — finds the old content or the whole new one, never half of it, however
 the writer dies; and anyone able to write into the target folder cannot redirect the write
 elsewhere (the temporary file is created with O_CREAT | O_EXCL | O_NOFOLLOW under a random
-name, and the writer is handed the open file, never a path to reopen).
+name, and the writer is handed the open file, never a path to reopen). What the package reads
+back it opens with open_regular: a FIFO planted in its place is refused by name, never waited on.
 """
 from __future__ import annotations
 
