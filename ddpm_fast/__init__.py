@@ -4,6 +4,7 @@
     sampler = df.Sampler(df.UNet.from_pretrained(...), df.NoiseSchedule.linear(1000))
     x0 = sampler.sample(16, seed=0)
 """
+from . import _startup  # first: the ddpm-fast command's Ctrl-C while importing torch (ddpm_fast/_startup.py)
 from . import ops, reference
 from ._extension import CompiledOpsUnavailable
 from .ops import randn

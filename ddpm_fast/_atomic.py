@@ -5,18 +5,21 @@ atomic_write is the one way this package writes a file: whoever reads it — a u
 tool, a resumed job — finds the old content or the whole new one, never half of it, however
 the writer dies; and anyone able to write into the target folder cannot redirect the write
 elsewhere (the temporary file is created with O_CREAT | O_EXCL | O_NOFOLLOW under a random
-name, and the writer is handed the open file, never a path to reopen).
+name, and the writer is handed the open file, never a path to reopen). What the package reads
+back it opens with open_regular: a FIFO planted in its place is refused by name, never waited on.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping
 
@@ -34,7 +37,8 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     """The temporary files and folders atomic writes of `path` (and of `path`.anything, such as
     its manifest) leave behind when their writer is killed."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.name else []
+    # the name escaped: an output named "a[1].png" or "*.png" must not match other outputs' temporaries
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.name else []
 
 
 def remove(path: Path) -> None:
@@ -84,24 +88,70 @@ def _fsync_folder(folder: Path) -> None:
 def write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> bool:
     """Write `data` to `path` atomically. With overwrite=False an existing file is left alone:
     holding exactly `data` it is kept (returns False: nothing written), holding anything else
-    it is refused with a FileExistsError that names --overwrite."""
-    path = Path(path)
-    if not overwrite and (path.exists() or path.is_symlink()):
-        if path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data:
-            return False
-        raise FileExistsError(errno.EEXIST, "exists with other content: pass --overwrite to replace it", str(path))
+    it is refused (must_write)."""
+    if not must_write(path, data, overwrite):
+        return False
     with atomic_write(path) as file:
         file.write(data)
     return True
+
+
+def must_write(path: str | Path, data: bytes, overwrite: bool) -> bool:
+    """Whether write_bytes(path, data, overwrite) writes: False when overwrite=False and `path`
+    holds exactly `data` already; a FileExistsError naming --overwrite when it holds anything
+    else (asked before the work that makes `data`, where that is cheaper)."""
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return True
+    if holds(path, data):
+        return False
+    raise FileExistsError(errno.EEXIST, "exists with other content: pass --overwrite to replace it", str(path))
+
+
+def holds(path: Path, data: bytes) -> bool:
+    """Whether `path` is a regular file (not a link) holding exactly `data`."""
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data
 
 
 def write_json(path: str | Path, content: dict) -> None:
     write_bytes(path, (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
 
 
+class NotARegularFile(ValueError):
+    """A path the package would read is a FIFO, a device, a socket or a folder."""
+
+
+def check_regular(path: str | Path, mode: int | None = None) -> None:
+    """Raise NotARegularFile, naming `path`, unless it is a regular file (a link to one is
+    followed). A FIFO planted where a file is expected would block its reader forever."""
+    mode = os.stat(path).st_mode if mode is None else mode
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"),
+                                             (stat.S_ISSOCK, "a socket")) if test(mode)), "a device")
+        raise NotARegularFile(f"{path} is {kind}, not a regular file: refused")
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open `path` for reading in binary if it is a regular file, else raise NotARegularFile —
+    at once: the file is opened without blocking (O_NONBLOCK) and checked before it is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        check_regular(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path) -> bytes:
+    with open_regular(path) as file:
+        return file.read()
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -119,17 +169,38 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 CHECKSUM_KEY = "ddpm_fast_tensors_sha256"
+METADATA_CHECKSUM_KEY = "ddpm_fast_metadata_sha256"
+
+
+def metadata_sha256(metadata: Mapping[str, str]) -> str:
+    """sha256 of every metadata entry but METADATA_CHECKSUM_KEY's own, in key order: with
+    CHECKSUM_KEY among them, it covers the configuration and the tensors alike."""
+    entries = {k: v for k, v in metadata.items() if k != METADATA_CHECKSUM_KEY}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """safetensors' format with the sha256 of the tensor data (tensors_sha256, CHECKSUM_KEY) and
+    of the metadata (metadata_sha256, METADATA_CHECKSUM_KEY) in the metadata, which the loaders
+    verify. The same tensors and metadata always give the same bytes: safetensors writes the
+    metadata in a varying order (a hash map's), so the header is written again in key order."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)}
+    metadata[METADATA_CHECKSUM_KEY] = metadata_sha256(metadata)
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data stay 8-byte aligned, as safetensors pads them
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
                      overwrite: bool = True) -> bool:
-    """safetensors' format, atomically (as write_bytes, whose `overwrite` it takes), with the
-    sha256 of the tensor data (tensors_sha256) in the metadata under CHECKSUM_KEY, which the
-    loaders verify."""
-    from safetensors.torch import save
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return write_bytes(path, save(tensors, metadata={**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)}),
-                       overwrite)
+    """safetensors_bytes written atomically (as write_bytes, whose `overwrite` it takes)."""
+    return write_bytes(path, safetensors_bytes(tensors, metadata), overwrite)
 
 
 class Busy(ValueError):

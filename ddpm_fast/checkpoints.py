@@ -8,33 +8,49 @@ not import the model modules, which import it (DESIGN §4: no import cycles).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
 import torch
 
-from ._atomic import CHECKSUM_KEY, save_safetensors, tensors_sha256
+from ._atomic import (CHECKSUM_KEY, METADATA_CHECKSUM_KEY, check_regular, metadata_sha256, safetensors_bytes,
+                      tensors_sha256, write_bytes)
 from .integrations.diffusers.convert import convert_diffusers_state_dict, unet_config_from_diffusers
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
 CONFIG_KEY = "ddpm_fast_config"
 
 
-class UnverifiedFileWarning(UserWarning):
-    """A file of ours written before its tensor data carried a checksum: loaded unverified."""
+class Notice(UserWarning):
+    """Something the user should know that is not an error (the CLI prints it as one `note:` line)."""
+
+
+class UnverifiedFileWarning(Notice):
+    """A file of ours written before its tensor data, or its metadata, carried a checksum:
+    loaded with what was not covered unverified."""
 
 
 def save_pretrained(model, path: str | Path, overwrite: bool = True) -> bool:
     """Write model's weights as safetensors with its constructor arguments (model.config) and the
-    sha256 of its tensor data in the metadata, atomically (_atomic.save_safetensors)."""
-    return save_safetensors(model.state_dict(), path, metadata={CONFIG_KEY: json.dumps(model.config)},
-                            overwrite=overwrite)
+    sha256 of its tensor data and of its metadata in the metadata, atomically
+    (_atomic.save_safetensors)."""
+    return write_bytes(path, pretrained_bytes(model), overwrite)
+
+
+def pretrained_bytes(model) -> bytes:
+    """The bytes save_pretrained writes: the same model always gives the same bytes."""
+    return safetensors_bytes(model.state_dict(), {CONFIG_KEY: json.dumps(model.config)})
 
 
 def load_pretrained(cls, name_or_path: str | Path, config: dict | None = None):
     """cls loaded from a bundled model's name, our .safetensors file, a diffusers UNet2DModel
     folder, or a .pt/.pth/.ckpt state dict (torch.load(weights_only=True)); `config` gives the
-    constructor arguments of a bare state dict."""
+    constructor arguments of a bare state dict. A bundled name wins over a local file or folder of
+    that name, which a path (./digits) loads."""
+    bundled = _bundled_name(name_or_path)
+    if bundled is not None:
+        return _load_safetensors(cls, bundled)
     path = Path(name_or_path)
     if path.is_dir():
         return load_diffusers_folder(cls, path)
@@ -47,10 +63,25 @@ def load_pretrained(cls, name_or_path: str | Path, config: dict | None = None):
 
 def load_safetensors(cls, name_or_path: str | Path):
     """cls loaded from a bundled model's name or our .safetensors file (nothing else)."""
+    bundled = _bundled_name(name_or_path)
+    if bundled is not None:
+        return _load_safetensors(cls, bundled)
     path = Path(name_or_path)
     if path.suffix == ".safetensors" and path.is_file():
         return _load_safetensors(cls, path)
     return _load_safetensors(cls, _bundled(name_or_path, "nor a .safetensors file"))
+
+
+def _bundled_name(name: str | Path) -> Path | None:
+    """The bundled file a bare name (a str without a folder) names, or None. A local file or
+    folder of that name is not loaded, and a Notice says so: a path (./digits) loads it."""
+    bundled = BUNDLED_DIR / f"{name}.safetensors"
+    if not isinstance(name, str) or "/" in name or os.sep in name or not bundled.is_file():
+        return None
+    if Path(name).exists():
+        warnings.warn(f"{name!r} loads the bundled model {name}, not the local {name} in {Path.cwd()}: pass ./{name} "
+                      f"to load that one", Notice, stacklevel=3)
+    return bundled
 
 
 def _bundled(name: str | Path, alternatives: str) -> Path:
@@ -68,14 +99,21 @@ def read_torch_weights(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated files and pickled code both end here
-        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {error}") from error
+        # one line of our own: torch's message spans lines and advises weights_only=False, which would run the code
+        if str(error).startswith("Weights only load failed"):
+            raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: it holds pickled code or "
+                             f"objects other than tensors, refused and never run") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {first}") from None
 
 
 def read_safetensors(path: Path, ours: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; a truncated or corrupt one is a ValueError.
-    The sha256 of the tensor data, where the metadata records one (CHECKSUM_KEY), must match;
-    a file of ours (`ours`) without one loads with an UnverifiedFileWarning."""
+    The sha256 of the tensor data (CHECKSUM_KEY) and of the metadata (METADATA_CHECKSUM_KEY),
+    where recorded, must match; a file of ours (`ours`) without them loads with an
+    UnverifiedFileWarning saying what was not verified."""
     from safetensors import safe_open
+    check_regular(path)  # safetensors would block on a FIFO
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -87,19 +125,35 @@ def read_safetensors(path: Path, ours: bool = False) -> tuple[dict[str, torch.Te
     elif ours:
         warnings.warn(f"{path} records no sha256 of its tensor data (written by an older ddpm_fast): loaded "
                       f"unverified; save it again to add one", UnverifiedFileWarning, stacklevel=2)
+    if METADATA_CHECKSUM_KEY in metadata:
+        if metadata_sha256(metadata) != metadata[METADATA_CHECKSUM_KEY]:
+            raise ValueError(f"{path} is corrupt: its metadata (the configuration) do not match the sha256 they "
+                             f"record")
+    elif ours and CHECKSUM_KEY in metadata:
+        warnings.warn(f"{path} records no sha256 of its metadata (written by an older ddpm_fast): its tensors were "
+                      f"verified, its configuration was not; save it again to cover both", UnverifiedFileWarning,
+                      stacklevel=2)
     return tensors, metadata
 
 
 def build_checked(cls, config: dict, state_dict: dict[str, torch.Tensor], source: str):
     """cls(**config) holding `state_dict`. The shapes are compared on the meta device first, so
     a config asking for absurd sizes is refused without allocating them."""
+    skeleton(cls, config, source).check_state_dict(state_dict, source)
+    return cls(**config).load_checked(state_dict, source)
+
+
+def skeleton(cls, config: dict, source: str):
+    """cls(**config) on the meta device: its shapes without allocating them. Arguments that are
+    not cls's, or sizes no tensor can have, are a ValueError naming `source`."""
     try:
         with torch.device("meta"):
-            skeleton = cls(**config)
+            return cls(**config)
     except TypeError as error:  # an unknown or missing argument
-        raise ValueError(f"{source}: its configuration are not {cls.__name__} arguments: {error}") from error
-    skeleton.check_state_dict(state_dict, source)
-    return cls(**config).load_checked(state_dict, source)
+        raise ValueError(f"{source}: its configuration are not {cls.__name__} arguments: {error}") from None
+    except RuntimeError as error:  # "Storage size calculation overflowed"
+        raise ValueError(f"{source}: its configuration asks for tensors too large to exist "
+                         f"({str(error).strip().splitlines()[0]}): {config}") from None
 
 
 def from_diffusers(cls, model):

@@ -81,6 +81,9 @@ class Sampler:
                  classifier_scale: float | None = None):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if isinstance(model, torch.nn.Module) and any(p.is_meta for p in model.parameters()):
+            raise ValueError(f"the model ({type(model).__name__}) has parameters on the meta device, which hold no "
+                             f"values: load its weights first (model.to_empty(device=...) and load_state_dict)")
         network = model.model if isinstance(model, CompiledUNet) else model
         self.num_classes = network.num_classes if isinstance(network, UNet) else None
         scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
@@ -367,6 +370,8 @@ class Sampler:
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise ValueError(f"the model must return a tensor of the input's shape {tuple(x.shape)}, "
                              f"got {getattr(out, 'shape', type(out).__name__)}")
+        if not out.is_floating_point():
+            raise TypeError(f"the model must return a floating-point tensor (its prediction), got {out.dtype}")
         return out
 
     @contextlib.contextmanager

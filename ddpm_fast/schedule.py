@@ -23,7 +23,10 @@ class NoiseSchedule:
 
     def __init__(self, betas: torch.Tensor, zero_terminal_snr: bool = False):
         """zero_terminal_snr=True admits β_T = 1 (ᾱ_T = 0), as diffusers' rescale_betas_zero_snr gives."""
-        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        betas = torch.as_tensor(betas)
+        if betas.is_complex() or betas.dtype == torch.bool:
+            raise TypeError(f"betas must be real numbers, got {betas.dtype}")
+        betas = betas.to(torch.float64).cpu()
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a 1-D tensor with T >= 1 entries, got shape {tuple(betas.shape)}")
         # β_T = 1 (ᾱ_T = 0, zero terminal SNR: Lin et al. 2024) only when asked for, at the last timestep

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm_fast as df
+from ddpm_fast.classifier import NoisyClassifier
 from ddpm_fast.cli import main
-from ddpm_fast.cli.images import save_grid, to_uint8
+from ddpm_fast.cli.images import grid_image, save_grid, to_uint8, trajectory_png
 
 
 def test_sample_writes_a_grid(tmp_path, capsys):
@@ -32,7 +34,9 @@ def test_sample_ddim_and_errors(tmp_path, capsys):
     out = tmp_path / "ddim.png"
     assert main(["sample", "--num", "2", "--method", "ddim", "--steps", "5", "--eta", "1.0", "--out", str(out),
                  "--quiet"]) == 0
-    assert out.exists()
+    torch.manual_seed(0)  # --model random-small
+    x0 = df.Sampler(df.UNet.small(), df.NoiseSchedule.linear(1000), method="ddim", steps=5, eta=1.0).sample(2)
+    assert np.array_equal(np.asarray(Image.open(out)), grid_image(to_uint8(x0))[..., 0])  # the samples asked for
     assert main(["sample", "--model", str(tmp_path / "nothing.safetensors"), "--out", str(out)]) == 2
     assert "neither a bundled model" in capsys.readouterr().err
     assert main(["sample", "--eta", "2", "--method", "ddim", "--steps", "5", "--out", str(out)]) == 2
@@ -121,4 +125,6 @@ def test_sample_with_labels_and_guidance(tmp_path, capsys):
     assert main(["sample", "--model", "digits", "--label", "4", "--classifier", "digits-classifier",
                  "--classifier-scale", "3", "--num", "2", "--method", "ddim", "--steps", "2", "--out",
                  str(tmp_path / "four.png"), "--trajectory", str(traj), "--quiet"]) == 0
-    assert traj.is_file()
+    sampler = df.Sampler(df.UNet.from_pretrained("digits"), df.NoiseSchedule.linear(1000), method="ddim", steps=2,
+                         classifier=NoisyClassifier.from_pretrained("digits-classifier"), classifier_scale=3.0)
+    assert traj.read_bytes() == trajectory_png(sampler.trajectory(2, frames=2, labels=[4, 4]))

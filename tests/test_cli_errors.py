@@ -57,6 +57,35 @@ def _disk_full(monkeypatch):
     monkeypatch.setattr(_atomic.os, "fsync", full)
 
 
+def _bomb_folder(tmp):
+    from PIL import Image
+    (tmp / "images").mkdir()
+    Image.new("L", (64, 64)).save(tmp / "images" / "bomb.png")  # a bomb once the limit is lowered below
+    return tmp / "images"
+
+
+def _small_pixel_limit(monkeypatch):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64² = 4,096 > 2 × 1,000: PIL's DecompressionBombError
+
+
+def _pickled_code(tmp):
+    import os
+    torch.save({"state_dict": {}, "config": {}, "run": os.system}, tmp / "evil.pt")
+    return tmp / "evil.pt"
+
+
+def _huge_config(tmp):
+    model = df.UNet.small()
+    torch.save({"state_dict": model.state_dict(), "config": {**model.config, "ch": 2 ** 40}}, tmp / "huge.pt")
+    return tmp / "huge.pt"
+
+
+def _world_without_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+
+
 def _ctrl_c(monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -71,7 +100,32 @@ CASES = {
     "checkpoint-every 0": ([*TR, "--checkpoint-every", "0", "--out", "{tmp}/r"], None, None, 2,
                            "checkpoint_every must be a positive int, got 0"),
     "batch too large to allocate": (["sample", "--model", "digits", "--num", "4000000000", "--batch-size",
-                                     "4000000000", "--timesteps", "3", "--quiet"], None, None, 2, "out of memory"),
+                                     "4000000000", "--timesteps", "3", "--quiet", "--out", "{tmp}/s.npz"], None, None,
+                                    2, "out of memory"),
+    "train batch 2**62": ([*TR, "--steps", "1", "--batch-size", str(2 ** 62), "--out", "{tmp}/r"], None, None, 2,
+                          "out of memory"),
+    "train ch 2**40": ([*TR, "--ch", str(2 ** 40), "--out", "{tmp}/r"], None, None, 2,
+                       "the network flags (--ch, --ch-mult, --resolution, ...): its configuration asks for tensors too "
+                       "large to exist"),
+    "train resolution 0": ([*TR, "--resolution", "0", "--out", "{tmp}/r"], None, None, 2,
+                           "resolution must be a positive int, got 0"),
+    "train resolution -8": ([*TR, "--resolution", "-8", "--out", "{tmp}/r"], None, None, 2,
+                            "resolution must be a positive int, got -8"),
+    "train diverges": ([*TR, "--steps", "3", "--lr", "1e30", "--out", "{tmp}/r"], None, None, 2,
+                       "training diverged at step 2: the loss is nan"),
+    "train on a decompression bomb": ([*TR, "--dataset", "{made}", "--out", "{tmp}/r"], _bomb_folder,
+                                      _small_pixel_limit, 2, "bomb.png is not a readable image: Image size (4096 pixels)"),
+    "convert a config of ch 2**40": (["convert", "{made}", "{tmp}/m.safetensors"], _huge_config, None, 2,
+                                     "huge.pt: its configuration asks for tensors too large to exist"),
+    "convert pickled code": (["convert", "{made}", "{tmp}/m.safetensors"], _pickled_code, None, 2,
+                             "evil.pt is not a readable weights-only PyTorch checkpoint: it holds pickled code"),
+    "WORLD_SIZE=2 without RANK": ([*D], None, _world_without_rank, 2, "WORLD_SIZE=2 asks for a job of 2 processes, "
+                                                                       "but RANK is not set: start it with torchrun"),
+    "grid-width 2**62": ([*D, "--grid-width", str(2 ** 62), "--out", "{tmp}/o.png"], None, None, 2,
+                         "pixels, more than image viewers open"),
+    "device cpu:7": ([*D, "--device", "cpu:7"], None, None, 2, "expected cpu, cuda or cuda:N, got 'cpu:7'"),
+    "num 2**32 a shard each": ([*D, "--num", str(2 ** 32), "--batch-size", "1"], None, None, 2,
+                               "4294967296 samples in shards of 1 make 4,294,967,296 shards, more than 1,048,576"),
     "train batch too large": ([*TR, "--steps", "1", "--batch-size", str(10 ** 13), "--out", "{tmp}/r"], None, None, 2,
                               "out of memory"),
     "timesteps beyond the noise keys": ([*D, "--timesteps", str(2 ** 33)], None, None, 2, "T must be an int in [1, 2^32)"),
@@ -133,5 +187,28 @@ def test_one_line_and_no_traceback(name, tmp_path, capsys, monkeypatch):
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
     assert got == status and len(err) == 1, err
     assert says.replace("{tmp}", str(tmp_path)) in err[0] and "Traceback" not in err[0], err
+    assert "weights_only=False" not in err[0] and "will likely succeed" not in err[0]  # torch's advice, never relayed
     assert not (tmp_path / "never.png").exists() and not list(tmp_path.glob("*.parts"))
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.lock"))
+
+
+def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
+    # -X importtime reports each module as it finishes: SIGINT goes right after ddpm_fast._startup,
+    # while torch is still being imported
+    import signal
+    import subprocess
+    import sys
+    done = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "ddpm_fast.cli", "sample", "--quiet", "--out",
+                             str(tmp_path / "s.png")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it
+    lines = []
+    for line in done.stderr:
+        lines.append(line)
+        if line.rstrip().endswith("ddpm_fast._startup"):
+            done.send_signal(signal.SIGINT)
+            break
+    lines += done.stderr.readlines()
+    assert done.wait() == 130
+    ours = [line for line in lines if not line.startswith("import time:")]
+    assert ours == ["ddpm-fast: interrupted while starting: nothing was done\n"], ours
+    assert list(tmp_path.iterdir()) == []

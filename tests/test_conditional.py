@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ddpm_fast import UNet
+from ddpm_fast.checkpoints import read_safetensors
 from ddpm_fast.classifier import NoisyClassifier
 from ddpm_fast.cli import main
 from ddpm_fast.cli.train import CHECKPOINT, EMA_WEIGHTS, TrainConfig, train
@@ -148,7 +149,7 @@ def test_cli_trains_both_models(tmp_path, capsys):
     assert main(["train", "--num-classes", "10", "--p-uncond", "0.2", "--out", str(tmp_path / "cond"),
                  "--steps", "2", *TINY_RUN]) == 0
     model = UNet.from_pretrained(tmp_path / "cond" / EMA_WEIGHTS)
-    assert model.num_classes == 10 and (tmp_path / "cond" / CHECKPOINT).is_file()
+    assert model.num_classes == 10 and read_safetensors(tmp_path / "cond" / CHECKPOINT)[1]["step"] == "2"
     assert main(["train-classifier", "--out", str(tmp_path / "clf"), "--steps", "2", *TINY_RUN]) == 0
     assert NoisyClassifier.from_pretrained(tmp_path / "clf" / EMA_WEIGHTS).config["num_classes"] == 10
     capsys.readouterr()

@@ -38,7 +38,8 @@ def test_a_link_planted_at_the_old_temporary_name_is_never_followed(tmp_path, ou
         (work / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
     assert main([*SAMPLE, "--out", str(work / out)]) == 0
     assert victim.read_text() == "precious"
-    assert shards.finished_manifest(work / out).is_file()
+    manifest = json.loads(shards.finished_manifest(work / out).read_text())
+    assert manifest["complete"] and manifest["output_sha256"] == _atomic.file_sha256(work / out)
 
 
 def test_a_colliding_temporary_name_is_refused_not_followed(tmp_path, monkeypatch):
@@ -215,17 +216,23 @@ def test_flipped_bytes_in_a_model_or_a_checkpoint_are_refused(tmp_path, capsys):
               progress=False)
 
 
-def test_files_without_a_checksum_load_with_a_notice(tmp_path, capsys):
+@pytest.mark.parametrize("checksums,warning,note", [
+    ((), "records no sha256", "loaded unverified"),  # written before either checksum
+    ((_atomic.CHECKSUM_KEY,), "its tensors were verified, its configuration was not", "configuration was not"),
+])
+def test_files_without_a_checksum_load_with_a_notice(tmp_path, capsys, checksums, warning, note):
     from safetensors.torch import save_file
     model = _tiny()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"),
-              metadata={"ddpm_fast_config": json.dumps(model.config)})
-    with pytest.warns(UnverifiedFileWarning, match="records no sha256"):
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    recorded = {_atomic.CHECKSUM_KEY: _atomic.tensors_sha256(tensors)}
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              metadata={"ddpm_fast_config": json.dumps(model.config), **{k: recorded[k] for k in checksums}})
+    with pytest.warns(UnverifiedFileWarning, match=warning):
         df.UNet.from_pretrained(tmp_path / "old.safetensors")
     assert main(["sample", "--model", str(tmp_path / "old.safetensors"), "--num", "1", "--timesteps", "3", "--quiet",
                  "--out", str(tmp_path / "s.png")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("note: ") and "loaded unverified" in err[0]
+    assert len(err) == 1 and err[0].startswith("note: ") and note in err[0]
 
 
 def test_the_bundled_weights_carry_their_checksum():
@@ -267,7 +274,8 @@ def test_a_failed_launch_leaves_nothing_that_blocks_the_next(tmp_path, capsys, m
 def test_a_work_folder_without_shards_and_a_killed_merges_temporary_are_cleaned_up(tmp_path, capsys):
     out = tmp_path / "s.npz"
     shards.work_folder(out).mkdir()
-    (shards.work_folder(out) / "manifest.json").write_text("{}")  # a launch killed before its first shard
+    (shards.work_folder(out) / "manifest.json").write_text(json.dumps({"format": shards.FORMAT}))  # a launch killed
+    # before its first shard (its manifest is renamed into place with the folder)
     (tmp_path / ".s.npz.0123456789abcdef.tmp").write_bytes(b"half an output")  # a merge killed before its rename
     assert main([*SAMPLE, "--out", str(out)]) == 0
     assert "holding no finished shard" in capsys.readouterr().err
@@ -321,3 +329,28 @@ def test_sampling_restores_each_modules_own_mode():
     df.Sampler(model, df.NoiseSchedule.linear(3), sample_shape=(1, 16, 16)).sample(1)
     assert model.training and not model.inner.training
     assert not any(m.training for m in model.inner.modules())
+
+
+def test_an_output_name_with_glob_characters_leaves_other_outputs_temporaries(tmp_path):
+    others = [tmp_path / ".o1.png.0123456789abcdef.tmp", tmp_path / ".oo.png.0123456789abcdef.tmp"]
+    for other in others:
+        other.write_bytes(b"another job's temporary")
+    for name in ("o[1].png", "o?.png", "*.png"):
+        assert _atomic.stale_temporaries(tmp_path / name) == []
+    assert main([*SAMPLE, "--out", str(tmp_path / "o[1].png")]) == 0
+    assert main([*SAMPLE, "--out", str(tmp_path / "*.png")]) == 0
+    assert all(other.read_bytes() == b"another job's temporary" for other in others)
+    assert _atomic.stale_temporaries(tmp_path / "o1.png") == [others[0]]
+
+
+def test_a_model_on_the_meta_device_an_integer_output_and_a_complex_schedule_are_refused():
+    with torch.device("meta"):
+        ghost = df.UNet.small()
+    with pytest.raises(ValueError, match="has parameters on the meta device, which hold no values"):
+        df.Sampler(ghost, df.NoiseSchedule.linear(5))
+    counts = df.Sampler(lambda x, t: (100 * x).long(), df.NoiseSchedule.linear(5), sample_shape=(1, 4, 4))
+    with pytest.raises(TypeError, match=r"the model must return a floating-point tensor \(its prediction\), got "
+                                        r"torch.int64"):
+        counts.sample(1)
+    with pytest.raises(TypeError, match="betas must be real numbers, got torch.complex128"):
+        df.NoiseSchedule(torch.linspace(1e-4, 0.02, 10, dtype=torch.complex128))

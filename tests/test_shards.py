@@ -132,6 +132,16 @@ def test_a_truncated_shard_is_refused(tmp_path):
         _run(tmp_path / "s.npz", resume=True)
 
 
+def test_a_fifo_in_place_of_a_shard_is_refused_without_blocking(tmp_path):
+    import os
+    folder = _interrupted(tmp_path / "s.npz", after_shards=1)
+    shard = next(folder.glob("samples-*.npz"))
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(ValueError, match=f"{shard.name} is a FIFO, not a regular file: refused"):
+        _run(tmp_path / "s.npz", resume=True)
+
+
 def test_the_merge_refuses_a_gap(tmp_path, monkeypatch):
     draw = shards._Job.draw
 

@@ -155,3 +155,61 @@ def test_weights_files_are_written_whole_and_readable_like_other_files(tmp_path)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
     assert df.UNet.from_pretrained(tmp_path / "m.safetensors").config == model.config
+
+
+def _run(tmp, steps, name, **kwargs):
+    data = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    config = TrainConfig(**{**dict(steps=steps, batch_size=4, warmup=1, timesteps=20, checkpoint_every=2), **kwargs})
+    return train(_tiny_model(), data, config, tmp / name, progress=False)
+
+
+def test_a_run_killed_before_its_ema_file_is_mended_on_resume_or_rerun(tmp_path, monkeypatch, capsys):
+    from ddpm_fast.checkpoints import pretrained_bytes
+    expected = pretrained_bytes(_run(tmp_path, 4, "whole"))
+    assert (tmp_path / "whole" / EMA_WEIGHTS).read_bytes() == expected
+    save, calls = df.UNet.save_pretrained, []
+
+    def killed_at_the_second(self, path, overwrite=True):
+        calls.append(path)
+        if len(calls) == 2:  # step 4's checkpoint is written, its model.safetensors not
+            raise KeyboardInterrupt
+        return save(self, path, overwrite)
+    with monkeypatch.context() as m:
+        m.setattr(df.UNet, "save_pretrained", killed_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, 4, "killed")
+    run = tmp_path / "killed"
+    assert (run / EMA_WEIGHTS).read_bytes() != expected  # step 2's EMA beside step 4's checkpoint
+    # two identical runs write identical bytes (safetensors' metadata in a fixed order)
+    assert (run / CHECKPOINT).read_bytes() == (tmp_path / "whole" / CHECKPOINT).read_bytes()
+    capsys.readouterr()
+    data = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    config = TrainConfig(steps=4, batch_size=4, warmup=1, timesteps=20, checkpoint_every=2)
+    train(_tiny_model(), data, config, run, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "model.safetensors was not the EMA weights of checkpoint.safetensors at step 4" in err
+    assert (run / EMA_WEIGHTS).read_bytes() == expected
+    (run / EMA_WEIGHTS).unlink()  # a finished run rerun without its model file
+    _run(tmp_path, 4, "killed")
+    assert "model.safetensors was missing: written again" in capsys.readouterr().err
+    assert (run / EMA_WEIGHTS).read_bytes() == expected
+    _run(tmp_path, 4, "killed")  # all is well: nothing said, nothing written
+    assert "written again" not in capsys.readouterr().err
+
+
+def test_a_fifo_in_place_of_the_checkpoint_is_refused_by_name(tmp_path):
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / CHECKPOINT)
+    with pytest.raises(ValueError, match="checkpoint.safetensors is a FIFO, not a regular file: refused"):
+        _run(tmp_path, 2, "run")
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Adam's first step moves each weight by about lr: 1e30 still finite, the next step's loss not
+    with pytest.raises(FloatingPointError, match=r"training diverged at step 2: the loss is nan and [\d,]+ weights are "
+                                                 r"not finite; .*checkpoint.safetensors keeps step 1, the last good one"):
+        _run(tmp_path, 40, "run", lr=1e30, checkpoint_every=1)
+    from ddpm_fast.checkpoints import read_safetensors
+    tensors, metadata = read_safetensors(tmp_path / "run" / CHECKPOINT)
+    assert all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
+    assert df.UNet.from_pretrained(tmp_path / "run" / EMA_WEIGHTS).conv_out.weight.isfinite().all()

@@ -74,12 +74,12 @@ def world_from_env(device: str | torch.device) -> World:
     """This process's place in the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK and the
     rendezvous variables), or a world of one. `device` "cuda" becomes cuda:LOCAL_RANK."""
     device = torch.device(device)
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = _environment_int("WORLD_SIZE", "1")
     if size <= 1:
         return World(device=device)
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={size} but this torch build has no torch.distributed")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _environment_int("RANK", None, size), _environment_int("LOCAL_RANK", "0")
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"under torchrun pass --device cuda (rank {rank} takes cuda:LOCAL_RANK), got {device}")
@@ -89,3 +89,18 @@ def world_from_env(device: str | torch.device) -> World:
         return World(rank, size, device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device, owns_group=True)
+
+
+def _environment_int(name: str, default: str | None, size: int | None = None) -> int:
+    """An integer torchrun sets (in [0, size) when size is given), or a ValueError naming it."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise ValueError(f"WORLD_SIZE={size} asks for a job of {size} processes, but {name} is not set: start it with "
+                         f"torchrun, which sets RANK, LOCAL_RANK and the rendezvous variables, or unset WORLD_SIZE")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or (size is not None and value >= size):
+        raise ValueError(f"{name} must be an integer >= 0{f' below WORLD_SIZE={size}' if size else ''}, got {text!r}")
+    return value

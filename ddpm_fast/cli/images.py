@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .._atomic import atomic_write, write_bytes
+from .._atomic import atomic_write, temporary_name, write_bytes
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip archive can hold
 GRID_WIDTH = 512  # px: grids are enlarged to at least this width (a 16×16-digit grid is 144 px natively)
@@ -36,29 +36,49 @@ def grid_image(images: np.ndarray, nrow: int | None = None, padding: int = 2, wi
     least `width` pixels wide (nearest neighbour: each pixel a k×k block, so nothing is blurred
     or invented; 0: the native size)."""
     n, h, w, c = images.shape
-    for name, value, low in (("nrow", nrow, 1), ("width", width, 0)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise ValueError(f"grid {name} must be an int >= {low}, got {value!r}")
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow, k = grid_layout(n, h, w, nrow, padding, width)
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[top:top + h, left:left + w] = image
-    k = max(1, math.ceil(width / grid.shape[1]))
     return grid.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def grid_layout(n: int, h: int, w: int, nrow: int | None = None, padding: int = 2,
+                width: int = GRID_WIDTH) -> tuple[int, int]:
+    """(images a row, enlargement factor) of grid_image's picture of n h×w images, checked before
+    any work: a picture larger than PIL opens (Image.MAX_IMAGE_PIXELS, its decompression-bomb
+    limit) is refused, since no one could view it."""
+    from PIL import Image
+    for name, value, low in (("nrow", nrow, 1), ("width", width, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"grid {name} must be an int >= {low}, got {value!r}")
+    nrow = nrow or math.ceil(math.sqrt(n))
+    native = (math.ceil(n / nrow) * (h + padding) + padding, nrow * (w + padding) + padding)
+    k = max(1, math.ceil(width / native[1]))
+    if native[0] * native[1] * k * k > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"a grid of {n} samples {k * native[1]:,} px wide is {native[0] * native[1] * k * k:,} pixels, "
+                         f"more than image viewers open ({Image.MAX_IMAGE_PIXELS:,}, PIL's limit): lower --grid-width "
+                         f"or write a .npz or a folder")
+    return nrow, k
 
 
 def write_png(image: np.ndarray, path: str | Path, overwrite: bool = True) -> Path:
     """uint8 [H, W, 1 or 3] → a PNG file (grey or RGB). overwrite=False keeps an existing file
     holding the same picture and refuses one holding another (_atomic.write_bytes)."""
-    from PIL import Image
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, png_bytes(image), overwrite)
+    return path
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 1 or 3] → the bytes of a PNG file (grey or RGB)."""
+    from PIL import Image
     encoded = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(encoded, format="PNG")
-    write_bytes(path, encoded.getvalue(), overwrite)
-    return path
+    return encoded.getvalue()
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2,
@@ -82,12 +102,37 @@ def output_kind(out: str | Path) -> str:
     raise ValueError(f"output must be {OUTPUT_KINDS}, got {str(out)!r}")
 
 
-def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz"), folders: bool = True) -> Path:
-    """Raise now, with the reason, if `out` is not a kind of output we write (of `suffixes`, or
-    a folder when `folders`) or its folder cannot be created and written; return it as a Path."""
+def output_target(out: str | Path) -> Path:
+    """The absolute path of the file or folder `out` names (a trailing / dropped): the one target
+    every check looks at and every write goes to. The root folder is refused: the job's work
+    folder and manifest go beside its output, and "$UNSET_VARIABLE/" is a likely typo."""
     if not str(out):
         raise ValueError("an output name is needed, got an empty one")
-    path = Path(out)
+    target = Path(os.path.abspath(out))
+    if not target.name:
+        raise ValueError(f"output {str(out)!r} is the root folder (an unset variable in \"$DIR/\"?): name a folder "
+                         f"of its own")
+    return target
+
+
+def work_folder(out: str | Path) -> Path:
+    """OUT.parts: where a sampling job keeps its shards until they are merged (shards.py)."""
+    target = output_target(out)
+    return target.with_name(f"{target.name}.parts")
+
+
+def finished_manifest(out: str | Path) -> Path:
+    """OUT.manifest.json: the record of a finished sampling job (shards.py)."""
+    target = output_target(out)
+    return target.with_name(f"{target.name}.manifest.json")
+
+
+def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz"), folders: bool = True) -> Path:
+    """Raise now, with the reason, if `out` is not a kind of output we write (of `suffixes`, or
+    a folder when `folders`: a sampling job's output, with its manifest beside it), if a name the
+    job will create is too long for the file system, or if its folder cannot be created and
+    written; return its output_target."""
+    path = output_target(out)
     folder = str(out).endswith(("/", "\\")) or path.is_dir()
     if folder and not folders:
         raise IsADirectoryError(f"{str(out)!r} is a folder: expected a {' or '.join(suffixes)} file")
@@ -99,17 +144,23 @@ def check_output(out: str | Path, suffixes: tuple[str, ...] = (".png", ".npz"), 
         raise NotADirectoryError(f"cannot write {str(out)!r}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {str(out)!r}: no write permission in {existing}")
+    longest = temporary_name(finished_manifest(path) if folders else path).name  # the manifest's temporary file
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    if len(longest.encode()) > limit:
+        raise ValueError(f"output name {path.name!r} is too long: the job also writes {longest!r}, "
+                         f"{len(longest.encode())} bytes, and this file system allows {limit} a name")
     return path
 
 
 def write_samples(chunks: Iterable[tuple[int, np.ndarray]], out: str | Path, shape: tuple[int, ...],
-                  nrow: int | None = None, grid_width: int = GRID_WIDTH) -> Path:
+                  nrow: int | None = None, grid_width: int = GRID_WIDTH, kind: str | None = None) -> Path:
     """Write uint8 [N, H, W, C] samples, given in order as (first global index, uint8 [n, H, W, C])
     chunks, where FID tools read them: `*.png` one grid (`nrow` images a row, at least
     `grid_width` pixels wide: grid_image); `*.npz` arr_0 = uint8 [N, H, W, C] (the
     common evaluators' format); a folder one PNG per sample named by its global index (what
-    clean-fid and torch-fidelity read). The chunks are streamed: only a grid holds them all."""
-    kind, path = output_kind(out), Path(out)
+    clean-fid and torch-fidelity read). The chunks are streamed: only a grid holds them all.
+    `kind`: output_kind(out) of the name as the user gave it, for an output_target `out`."""
+    kind, path = kind or output_kind(out), Path(out)
     if kind == "npz":
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_npz_members(path, {"arr_0": (tuple(shape), (images for _, images in chunks))})
@@ -166,8 +217,8 @@ def _write_npz_members(path: Path, members: dict[str, tuple[tuple[int, ...], Ite
     return path
 
 
-def save_trajectory(frames: torch.Tensor, path: str | Path, overwrite: bool = True, width: int = GRID_WIDTH) -> Path:
-    """[frames, N, C, H, W] → one PNG: a row per sample, x̂0 over time from left to right."""
+def trajectory_png(frames: torch.Tensor, width: int = GRID_WIDTH) -> bytes:
+    """[frames, N, C, H, W] → one PNG's bytes: a row per sample, x̂0 over time from left to right."""
     n_frames, n = frames.shape[:2]
-    return save_grid(frames.transpose(0, 1).reshape(n * n_frames, *frames.shape[2:]), path, nrow=n_frames,
-                     overwrite=overwrite, width=width)
+    images = to_uint8(frames.transpose(0, 1).reshape(n * n_frames, *frames.shape[2:]))
+    return png_bytes(grid_image(images, nrow=n_frames, width=width))

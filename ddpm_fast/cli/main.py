@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import torch
 
-from .. import NoiseSchedule, Sampler, UNet
+from .. import NoiseSchedule, Sampler, UNet, _startup
 from ..classifier import NoisyClassifier
-from ..checkpoints import UnverifiedFileWarning
+from .._atomic import must_write, read_regular, write_bytes
+from ..checkpoints import Notice, skeleton
 from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
-from .images import GRID_WIDTH, check_output, save_trajectory
-from .shards import finished_manifest, sample_to_file, state_dict_sha256
+from .images import GRID_WIDTH, check_output, finished_manifest, trajectory_png
+from .shards import sample_to_file, state_dict_sha256
 from .train import EMA_WEIGHTS, TrainConfig, train
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,11 +47,9 @@ def _load_model(name: str, quiet: bool = False) -> UNet:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    check_output(args.out)  # before minutes of sampling, not after
-    if args.trajectory:
-        check_output(args.trajectory, suffixes=(".png",), folders=False)
-        if Path(args.trajectory).resolve() == Path(args.out).resolve():
-            raise ValueError(f"--trajectory and --out are both {args.out}: give the trajectory a file of its own")
+    out = check_output(args.out)  # before minutes of sampling, not after
+    if args.trajectory and check_output(args.trajectory, suffixes=(".png",), folders=False) == out:
+        raise ValueError(f"--trajectory and --out are both {args.out}: give the trajectory a file of its own")
     if args.dtype != "float32" and torch.device(args.device).type == "cpu":
         print(f"note: --dtype {args.dtype} on the CPU is emulated by PyTorch and runs many times slower than float32 "
               f"(it is for GPUs)", file=sys.stderr)
@@ -65,7 +65,9 @@ def _sample(args: argparse.Namespace) -> int:
                           finite_check_every=args.check_finite, compile=args.compile,
                           guidance_scale=args.guidance_scale, classifier=classifier,
                           classifier_scale=args.classifier_scale)
-        start, manifest = time.perf_counter(), finished_manifest(args.out)
+        # the trajectory (a few samples) first: one refused (another file there) stops the job before its work
+        trajectory = _trajectory(args, sampler, labels) if args.trajectory and world.rank == 0 else None
+        start, manifest = time.perf_counter(), finished_manifest(out)
         earlier = manifest.stat().st_ino if manifest.is_file() else None  # a finished job writes a new one
         path = sample_to_file(sampler, args.out, args.num, seed=args.seed,
                               micro_batch=min(args.num, MICRO_BATCH) if args.batch_size is None else args.batch_size,
@@ -77,14 +79,21 @@ def _sample(args: argparse.Namespace) -> int:
     if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
         print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}, "
               f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
-    if args.trajectory:
-        existed = Path(args.trajectory).exists()
-        frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)),
-                                    labels=None if labels is None else labels[:8])
-        path = save_trajectory(frames, args.trajectory, overwrite=args.overwrite, width=args.grid_width)
-        done = "kept the identical" if existed and not args.overwrite else "wrote the"
-        print(f"{done} x̂0 trajectory of {frames.shape[1]} samples to {path}")
+    if trajectory is not None:
+        Path(args.trajectory).parent.mkdir(parents=True, exist_ok=True)
+        done = "wrote the" if write_bytes(args.trajectory, trajectory, args.overwrite) else "kept the identical"
+        print(f"{done} x̂0 trajectory of {min(args.num, 8)} samples to {args.trajectory}")
     return 0
+
+
+def _trajectory(args: argparse.Namespace, sampler: Sampler, labels: list[int] | None) -> bytes:
+    """The PNG of x̂0 over time of the first samples (at most 8), refused now if --trajectory
+    holds another file and --overwrite is absent."""
+    frames = sampler.trajectory(min(args.num, 8), seed=args.seed, frames=min(12, len(sampler.timesteps)),
+                                labels=None if labels is None else labels[:8])
+    png = trajectory_png(frames, width=args.grid_width)
+    must_write(args.trajectory, png, args.overwrite)
+    return png
 
 
 def _labels(args: argparse.Namespace, model: UNet, classifier) -> tuple[list[int] | None, int | None]:
@@ -160,6 +169,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.p_uncond is not None and args.num_classes is None:
         raise ValueError("--p-uncond applies to class-conditional training only: add --num-classes K")
     config = _train_config(args, **({} if args.p_uncond is None else {"p_uncond": args.p_uncond}))
+    _check_network(UNet, args, out_ch=args.channels, num_classes=args.num_classes)
     if args.num_classes is None:
         data, labels = (digits_dataset(args.resolution) if args.dataset == "digits"
                         else image_folder_dataset(args.dataset, args.resolution, args.channels)), None
@@ -173,8 +183,25 @@ def _train(args: argparse.Namespace) -> int:
     return _run_training(model, data, labels, config, args)
 
 
+def _check_network(cls, args: argparse.Namespace, **extra) -> None:
+    """The network's flags checked on the meta device before the data set is read or a weight
+    allocated: arguments the network refuses, and a network too large for the device to train
+    (its weights, their EMA and Adam's two moments: 4 copies)."""
+    network = skeleton(cls, {**extra, **_network(args)}, "the network flags (--ch, --ch-mult, --resolution, ...)")
+    parameters = sum(p.numel() for p in network.parameters())
+    needed = 4 * sum(p.numel() * p.element_size() for p in network.parameters())
+    device = torch.device(args.device)
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise ValueError(f"the network flags make a {cls.__name__} of {parameters:,} parameters, which need "
+                         f"{needed / 2 ** 30:,.1f} GiB to train (weights, EMA, Adam's moments), more than the "
+                         f"{memory / 2 ** 30:,.1f} GiB of --device {args.device}")
+
+
 def _train_classifier(args: argparse.Namespace) -> int:
     config = _train_config(args)
+    _check_network(NoisyClassifier, args, num_classes=DIGITS_CLASSES)
     data, labels = _labelled_digits(args, "train-classifier")
     torch.manual_seed(args.seed)
     return _run_training(NoisyClassifier(DIGITS_CLASSES, **_network(args)), data, labels, config, args)
@@ -188,7 +215,7 @@ def _convert(args: argparse.Namespace) -> int:
     check_output(args.out, suffixes=(".safetensors",), folders=False)  # before reading a large source
     config = None
     if args.config:
-        config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(open(args.config).read())
+        config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(read_regular(args.config))
     model = UNet.from_pretrained(args.source, config=config)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     done = "wrote" if model.save_pretrained(args.out, overwrite=args.overwrite) else "kept the identical"
@@ -237,7 +264,7 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if device is None or device.type not in ("cpu", "cuda") or device.type == "cpu" and device.index not in (None, 0):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r} asked for, but this machine has no usable CUDA GPU "
@@ -377,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, UnverifiedFileWarning):
+    if issubclass(category, Notice):
         print(f"note: {message}", file=sys.stderr)
     else:
         _show_warning(message, category, filename, lineno, file, line)
@@ -387,15 +414,16 @@ _show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    _startup.started()  # Ctrl-C from here on: the KeyboardInterrupt below
     try:
+        args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return args.run(args)
     except ReportedOnRankZero:
         return 2  # rank 0 printed it
     except KeyboardInterrupt:
-        print("ddpm-fast: interrupted (what was finished is kept: --resume continues a sampling job or a training "
+        print(f"{_startup.INTERRUPTED} (what was finished is kept: --resume continues a sampling job or a training "
               "run)", file=sys.stderr)
         return 130
     except (ValueError, OSError, NotImplementedError, FloatingPointError) as error:
@@ -403,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         text = str(error)
-        if not isinstance(error, MemoryError) and "alloc" not in text and "out of memory" not in text:
+        if not isinstance(error, MemoryError) and not any(
+                words in text for words in ("alloc", "out of memory", "Storage size calculation overflowed")):
             raise
         print(f"ddpm-fast: error: out of memory ({text.strip().splitlines()[-1] if text.strip() else 'MemoryError'}): "
               f"use a smaller --batch-size (or --timesteps)", file=sys.stderr)

@@ -40,13 +40,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._atomic import exclusive, file_sha256, remove, stale_temporaries, tensors_sha256, write_json
+from .._atomic import (NotARegularFile, exclusive, file_sha256, open_regular, read_regular, remove, stale_temporaries,
+                      tensors_sha256, write_json)
 from ..contract import NOISE_STREAM_VERSION, check_samples
 from ..sampler import Sampler
 from .distributed import World
-from .images import GRID_WIDTH, output_kind, sample_file, sample_files, to_uint8, write_npz, write_samples
+from .images import (GRID_WIDTH, finished_manifest, grid_layout, output_kind, output_target, sample_file, sample_files, to_uint8,
+                     work_folder, write_npz, write_samples)
 
 FORMAT = "ddpm_fast.sampling-job/1"
+MAX_SHARDS = 2 ** 20  # shard files in one work folder; the job lists them
 MANIFEST = "manifest.json"
 
 
@@ -78,14 +81,6 @@ class ShardPlan:
         return k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples)
 
 
-def work_folder(out: str | Path) -> Path:
-    return Path(str(out).rstrip("/\\") + ".parts")
-
-
-def finished_manifest(out: str | Path) -> Path:
-    return Path(str(out).rstrip("/\\") + ".manifest.json")
-
-
 def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed: int = 0, micro_batch: int,
                    shard_size: int | None = None, model_sha256: str | None = None, world: World | None = None,
                    resume: bool = False, overwrite: bool = False, progress: bool = False, nrow: int | None = None,
@@ -111,6 +106,10 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
     if shard_size % micro_batch:
         raise ValueError(f"the shard size must be a multiple of the micro-batch {micro_batch}, got {shard_size}")
     check_samples(seed, 0, num_samples)  # the seed, and sample indices below 2^32
+    if -(-num_samples // shard_size) > MAX_SHARDS:
+        raise ValueError(f"{num_samples} samples in shards of {shard_size} make {-(-num_samples // shard_size):,} "
+                         f"shards, more than {MAX_SHARDS:,} (a file each in the work folder): pass a larger "
+                         f"--shard-size or --batch-size")
     if sampler.sample_shape[0] not in (1, 3):
         raise ValueError(f"images need 1 or 3 channels, the sampler draws {sampler.sample_shape}")
     output_kind(out)  # a bad --out fails now, not after hours of sampling
@@ -127,6 +126,7 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
             raise ValueError(f"labels must hold one class per sample ({num_samples}), got {len(labels)}")
         settings.update(labels_sha256=hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest())
     if output_kind(out) == "grid":  # the picture's layout is part of the job; other outputs have none
+        grid_layout(num_samples, *sampler.sample_shape[1:], nrow, width=grid_width)  # refused now, not after the work
         settings.update(grid_nrow=nrow, grid_width=grid_width)
     with _Job(out, settings, world) as job:
         todo = world.on_rank0(lambda: job.prepare(resume, overwrite))
@@ -159,8 +159,8 @@ class _Job:
         self.done: set[int] = set()
         self.launches: list[dict] = []
         self.kind = output_kind(out)
-        self.target = Path(str(out).rstrip("/\\"))  # the output's file or folder
-        self.locked = False
+        self.target = output_target(out)  # the output's file or folder, checked and written alike
+        self.owned = False  # the work folder is this job's (created by it, or holding its format's manifest)
         self._lock = contextlib.ExitStack()
 
     def __enter__(self) -> "_Job":
@@ -170,7 +170,7 @@ class _Job:
         """Rank 0 releases the output's lock; a launch that fails leaves no work folder that
         holds no finished shard (nothing to resume, and it would block the next run)."""
         try:
-            if error is not None and self.locked and self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+            if error is not None and self.owned and self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
                 shutil.rmtree(self.folder)
         finally:
             self._lock.close()
@@ -182,7 +182,10 @@ class _Job:
         launch = dict(world_size=self.world.size, threads=self.world.threads, device=self.world.device.type,
                       torch=torch.__version__, deterministic_algorithms=torch.are_deterministic_algorithms_enabled())
         self._lock.enter_context(exclusive(self.target, "the output"))
-        self.locked = True
+        if (self.folder.exists() or self.folder.is_symlink()) and not _is_work_folder(self.folder):
+            raise ValueError(f"{self.folder} is in the way: it is not the work folder of a sampling job (it holds no "
+                             f"{FORMAT} manifest), and is never removed: move it, or choose another output")
+        self.owned = True
         stale = stale_temporaries(self.target)  # left by writers killed before their rename
         if self.kind == "dir" and self.target.is_dir():
             stale += sorted(self.target.glob(".[0-9]*.png.*.tmp"))
@@ -243,8 +246,8 @@ class _Job:
             self._read_shard(k, path)
         shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
         chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, images=True)) for k, path in sorted(files.items()))
-        path = write_samples(chunks, self.out, shape, self.settings.get("grid_nrow"),
-                             self.settings.get("grid_width", GRID_WIDTH))
+        path = write_samples(chunks, self.target, shape, self.settings.get("grid_nrow"),
+                             self.settings.get("grid_width", GRID_WIDTH), self.kind)
         write_json(finished_manifest(self.out), dict(self._manifest(complete=True), output_sha256=self._output_sha256()))
         for shard in files.values():
             shard.unlink()
@@ -257,12 +260,12 @@ class _Job:
         and the output's sha256); otherwise, without overwrite, refuse to replace what is there."""
         path, out = finished_manifest(self.out), self.target
         present = any(out.iterdir()) if self.kind == "dir" and out.is_dir() else out.exists() or out.is_symlink()
+        manifest = _job_manifest(path)
         if not present:
+            if (path.exists() or path.is_symlink()) and manifest is None and not overwrite:
+                raise ValueError(f"{path} exists and is not a {FORMAT} manifest: pass --overwrite to replace it")
             return False
-        manifest = None
-        with contextlib.suppress(OSError, ValueError):
-            manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete") \
+        if manifest is None or not manifest.get("complete") \
                 or manifest.get("output_sha256") != self._output_sha256():
             if overwrite:
                 return False
@@ -297,7 +300,7 @@ class _Job:
 
     def _read_manifest(self, path: Path) -> dict:
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(read_regular(path))
         except (OSError, ValueError) as error:
             raise ValueError(f"--resume: cannot read the manifest {path}: {error}") from error
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -348,7 +351,7 @@ class _Job:
         """Shard k's indices (or images), after checking it belongs to this job."""
         start, stop = self.plan.bounds(k)
         try:
-            with np.load(path) as f:  # allow_pickle=False: a shard is data, never code
+            with open_regular(path) as file, np.load(file) as f:  # allow_pickle=False: a shard is data, never code
                 tag, indices = str(f["settings_sha256"]), f["indices"]
                 pictures = f["images"] if images else None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # truncated, not npz
@@ -365,6 +368,25 @@ class _Job:
             raise ValueError(f"shard {path} must hold uint8 images {(stop - start, h, w, c)}, "
                              f"holds {pictures.dtype} {pictures.shape}")
         return pictures
+
+
+def _job_manifest(path: Path) -> dict | None:
+    """The manifest at `path` when it is one of a sampling job's (its format), else None; a FIFO
+    or other non-file there is refused by name (NotARegularFile)."""
+    try:
+        manifest = json.loads(read_regular(path))
+    except NotARegularFile:
+        raise
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def _is_work_folder(folder: Path) -> bool:
+    """Whether `folder` is a job's work folder (a real folder holding a manifest of the format):
+    only such a folder is ever removed or resumed, never a user's own that happens to be named
+    OUT.parts."""
+    return folder.is_dir() and not folder.is_symlink() and _job_manifest(folder / MANIFEST) is not None
 
 
 def _umask() -> int:

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._atomic import exclusive, save_safetensors, tensors_sha256
-from ..checkpoints import read_safetensors
+from .._atomic import exclusive, holds, save_safetensors, tensors_sha256, write_bytes
+from ..checkpoints import pretrained_bytes, read_safetensors
 from ..contract import SEED_RANGE, UINT32_RANGE, check_int_range
 from ..classifier import NoisyClassifier
 from ..reference.diffusion import q_sample, training_losses
@@ -152,9 +152,11 @@ def _train(model: Model, data: torch.Tensor, labels: torch.Tensor | None, config
     start = 0
     if saved is not None:
         start = _restore(out_dir / CHECKPOINT, saved, model, ema, optimizer, generator, config, data_sha256)
+        _restore_ema_file(out_dir, ema, start)
         if start == config.steps:
             print(f"note: {out_dir / CHECKPOINT} is already at step {start} with these settings: nothing to train",
                   file=sys.stderr)
+    checkpointed = start
     model.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress, desc="train")
     for step in bar:
@@ -173,10 +175,41 @@ def _train(model: Model, data: torch.Tensor, labels: torch.Tensor | None, config
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - config.ema_decay)
+        _stop_unless_finite(step + 1, loss, model, config, out_dir, checkpointed)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             _save_checkpoint(out_dir, step + 1, model, ema, optimizer, generator, config, data_sha256)
+            checkpointed = step + 1
     return ema
+
+
+def _stop_unless_finite(step: int, loss: torch.Tensor, model: Model, config: TrainConfig, out_dir: Path,
+                        checkpointed: int) -> None:
+    """A diverging run (a learning rate too large, data holding NaN) stops at the first step whose
+    loss or weights are not finite, before a checkpoint could save them: the last checkpoint
+    stays the last good one. One device read a step, which the progress bar's loss needs anyway."""
+    weights = torch.stack([p.isfinite().all() for p in model.parameters()])
+    if bool(loss.isfinite() & weights.all()):
+        return
+    bad = sum(int((~p.isfinite()).sum()) for p in model.parameters())
+    kept = f"{out_dir / CHECKPOINT} keeps step {checkpointed}, the last good one" if checkpointed else \
+        "no checkpoint was written"
+    raise FloatingPointError(f"training diverged at step {step}: the loss is {loss.item()} and {bad:,} weights are "
+                             f"not finite; {kept}; lower the learning rate (lr {config.lr:g})")
+
+
+def _restore_ema_file(out_dir: Path, ema: Model, step: int) -> None:
+    """model.safetensors written again when it is not the checkpoint's EMA: a run killed between
+    the checkpoint and model.safetensors left the older one; a user may have deleted it."""
+    path, data = out_dir / EMA_WEIGHTS, pretrained_bytes(ema)
+    if holds(path, data):
+        return
+    present = path.exists() or path.is_symlink()
+    write_bytes(path, data)
+    print(f"note: {path} " + (f"was not the EMA weights of {CHECKPOINT} at step {step} (a run killed between the two "
+                              f"files, or a file of an older version): written again" if present else
+                              f"was missing: written again from the EMA weights of {CHECKPOINT} at step {step}"),
+          file=sys.stderr)
 
 
 def _save_checkpoint(out_dir: Path, step: int, model: Model, ema: Model, optimizer: torch.optim.Optimizer,
