@@ -222,10 +222,18 @@ def _layout_conversions(model, x, t):
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
 def test_forward_keeps_one_layout_on_the_cpu(backend, memory_format):
-    # NCHW or channels_last from the first convolution to the last, the attention blocks included
-    model = UNet(**SMALL, backend=backend).eval().to(memory_format=memory_format)
-    x = torch.randn(2, 2, 8, 8).contiguous(memory_format=memory_format)
-    assert _layout_conversions(model, x, torch.tensor([3, 7])) == []
+    # NCHW or channels_last from the first convolution to the last, the attention blocks included.
+    # Two threads: with one, PyTorch runs a 1×1 convolution below batch 16 through its slow im2col
+    # path (thnn_conv2d), whose own copies would count here whatever the layouts (CI runs with
+    # the default threads, OMP_NUM_THREADS=1 runs elsewhere)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = UNet(**SMALL, backend=backend).eval().to(memory_format=memory_format)
+        x = torch.randn(2, 2, 8, 8).contiguous(memory_format=memory_format)
+        assert _layout_conversions(model, x, torch.tensor([3, 7])) == []
+    finally:
+        torch.set_num_threads(threads)
     with torch.inference_mode():
         assert model(x, torch.tensor([3, 7])).is_contiguous(memory_format=memory_format)
 
