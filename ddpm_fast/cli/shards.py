@@ -35,6 +35,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -128,20 +129,32 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
         settings.update(labels_sha256=hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest())
     if output_kind(out) == "grid":  # the picture's layout is part of the job; other outputs have none
         settings.update(grid_nrow=nrow, grid_width=grid_width)
-    with _Job(out, settings, world) as job:
+    job = _Job(out, settings, world)
+    return run_shards(job, resume, overwrite, progress, unit="step", units=lambda n: -(-n // micro_batch) *
+                      len(sampler.table), desc=lambda n: f"{sampler.method} [{settings['backend']}], {n} of "
+                      f"{num_samples} samples, {world.size} process{'es' * (world.size > 1)}",
+                      work=lambda k, bar: job.draw(sampler, k, bar, labels))
+
+
+def run_shards(job: "_Job", resume: bool, overwrite: bool, progress: bool, unit: str, units: Callable[[int], int],
+               desc: Callable[[int], str], work: Callable[[int, tqdm], None]) -> Path:
+    """Run a job's shards on every rank of its world: rank 0 prepares (or finds it finished: a
+    no-op), the shards left are dealt round-robin, `work(k, bar)` makes shard k, rank 0 records
+    each round in the manifest and finally merges. The bar counts `units(n)` for a shard of n
+    items (this rank's share), described by `desc(items left)`. Returns the output's path."""
+    world = job.world
+    with job:
         todo = world.on_rank0(lambda: job.prepare(resume, overwrite))
         if todo is None:
-            return Path(out)
+            return Path(job.out)
         sizes = [stop - start for start, stop in map(job.plan.bounds, todo)]
-        steps = sum(-(-n // micro_batch) for n in sizes[world.rank::world.size]) * len(sampler.table)  # this rank's
-        with tqdm(total=steps, disable=not progress or world.rank != 0, unit="step",
-                  desc=f"{sampler.method} [{settings['backend']}], {sum(sizes)} of {num_samples} samples, "
-                       f"{world.size} process{'es' * (world.size > 1)}") as bar:
+        with tqdm(total=sum(map(units, sizes[world.rank::world.size])), disable=not progress or world.rank != 0,
+                  unit=unit, desc=desc(sum(sizes))) as bar:
             for first in range(0, len(todo), world.size):
                 round_ = todo[first:first + world.size]
                 k = round_[world.rank] if world.rank < len(round_) else None
                 if k is not None:
-                    job.draw(sampler, k, bar, labels)
+                    work(k, bar)
                 finished = [k for k in world.all_gather(k) if k is not None]
                 if world.rank == 0:
                     job.record(finished)
@@ -149,7 +162,12 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
 
 
 class _Job:
-    """The work folder of one output: what rank 0 reads and writes, and the shards every rank writes."""
+    """The work folder of one output: what rank 0 reads and writes, and the shards every rank writes.
+    This one draws samples; another kind of job (cli/nll.py) sets FORMAT, SHARD_PREFIX and PAYLOAD
+    and overrides draw, _check_payload and _write_output."""
+    FORMAT = FORMAT
+    SHARD_PREFIX = "samples"  # shard files PREFIX-START-STOP.npz
+    PAYLOAD = ("images",)     # a shard's arrays beside indices and settings_sha256
 
     def __init__(self, out: str | Path, settings: dict, world: World):
         self.out, self.settings, self.world = out, settings, world  # out as given: a trailing / means a folder
@@ -170,7 +188,7 @@ class _Job:
         """Rank 0 releases the output's lock; a launch that fails leaves no work folder that
         holds no finished shard (nothing to resume, and it would block the next run)."""
         try:
-            if error is not None and self.locked and self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+            if error is not None and self.locked and self.folder.is_dir() and not any(self.folder.glob(f"{self.SHARD_PREFIX}-*.npz")):
                 shutil.rmtree(self.folder)
         finally:
             self._lock.close()
@@ -188,7 +206,7 @@ class _Job:
             stale += sorted(self.target.glob(".[0-9]*.png.*.tmp"))
         for path in stale:
             remove(path)
-        if self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+        if self.folder.is_dir() and not any(self.folder.glob(f"{self.SHARD_PREFIX}-*.npz")):
             print(f"note: removing {self.folder}: an earlier launch left it holding no finished shard", file=sys.stderr)
             shutil.rmtree(self.folder)
         if self.folder.is_dir():
@@ -241,16 +259,19 @@ class _Job:
                              f"run again with --resume to draw them")
         for k, path in files.items():  # all checked before a byte of the output is written
             self._read_shard(k, path)
-        shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
-        chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, images=True)) for k, path in sorted(files.items()))
-        path = write_samples(chunks, self.out, shape, self.settings.get("grid_nrow"),
-                             self.settings.get("grid_width", GRID_WIDTH))
+        path = self._write_output(files)
         write_json(finished_manifest(self.out), dict(self._manifest(complete=True), output_sha256=self._output_sha256()))
         for shard in files.values():
             shard.unlink()
         (self.folder / MANIFEST).unlink()
         self.folder.rmdir()
         return path
+
+    def _write_output(self, files: dict[int, Path]) -> Path:
+        shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
+        chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, payload=True)) for k, path in sorted(files.items()))
+        return write_samples(chunks, self.out, shape, self.settings.get("grid_nrow"),
+                             self.settings.get("grid_width", GRID_WIDTH))
 
     def _finished_before(self, resume: bool, overwrite: bool) -> bool:
         """Whether the output holds this very job, finished (its manifest records these settings
@@ -262,7 +283,7 @@ class _Job:
         manifest = None
         with contextlib.suppress(OSError, ValueError):
             manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("complete") \
+        if not isinstance(manifest, dict) or manifest.get("format") != self.FORMAT or not manifest.get("complete") \
                 or manifest.get("output_sha256") != self._output_sha256():
             if overwrite:
                 return False
@@ -300,8 +321,8 @@ class _Job:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise ValueError(f"--resume: cannot read the manifest {path}: {error}") from error
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"--resume: {path} is not a {FORMAT} manifest")
+        if not isinstance(manifest, dict) or manifest.get("format") != self.FORMAT:
+            raise ValueError(f"--resume: {path} is not a {self.FORMAT} manifest")
         changes = self._changes(manifest)
         if changes:
             raise ValueError(f"--resume refused: {path} records a job with other settings (then → now): {changes}; "
@@ -316,7 +337,7 @@ class _Job:
                 ranges[-1][1] = stop
             else:
                 ranges.append([start, stop])
-        return dict(format=FORMAT, settings=self.settings, settings_sha256=self.digest, complete=complete,
+        return dict(format=self.FORMAT, settings=self.settings, settings_sha256=self.digest, complete=complete,
                     completed=[[0, self.plan.num_samples]] if complete else ranges, launches=self.launches)
 
     def _write_manifest(self, folder: Path | None = None) -> None:
@@ -326,7 +347,7 @@ class _Job:
 
     def shard_path(self, k: int) -> Path:
         start, stop = self.plan.bounds(k)
-        return self.folder / f"samples-{start:010d}-{stop:010d}.npz"
+        return self.folder / f"{self.SHARD_PREFIX}-{start:010d}-{stop:010d}.npz"
 
     def draw(self, sampler: Sampler, k: int, bar, labels: list[int] | None) -> None:
         start, stop = self.plan.bounds(k)
@@ -338,19 +359,20 @@ class _Job:
 
     def _shard_files(self) -> dict[int, Path]:
         expected = {self.shard_path(k).name: k for k in range(len(self.plan))}
-        found = {path.name: path for path in self.folder.glob("samples-*.npz")}
+        found = {path.name: path for path in self.folder.glob(f"{self.SHARD_PREFIX}-*.npz")}
         unexpected = sorted(found.keys() - expected.keys())
         if unexpected:
             raise ValueError(f"{self.folder} holds shards of no shard of this job's plan: {unexpected[:4]}")
         return {expected[name]: path for name, path in found.items()}
 
-    def _read_shard(self, k: int, path: Path, images: bool = False) -> np.ndarray:
-        """Shard k's indices (or images), after checking it belongs to this job."""
+    def _read_shard(self, k: int, path: Path, payload: bool = False):
+        """Shard k's indices (or, with payload, its PAYLOAD checked by _check_payload), after
+        checking it belongs to this job."""
         start, stop = self.plan.bounds(k)
         try:
             with np.load(path) as f:  # allow_pickle=False: a shard is data, never code
                 tag, indices = str(f["settings_sha256"]), f["indices"]
-                pictures = f["images"] if images else None
+                arrays = {name: f[name] for name in self.PAYLOAD} if payload else None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # truncated, not npz
             raise ValueError(f"shard {path} is unreadable ({error}): delete it and resume to draw it again") from error
         if tag != self.digest:
@@ -358,11 +380,13 @@ class _Job:
         if indices.shape != (stop - start,) or not (indices == np.arange(start, stop)).all():
             raise ValueError(f"shard {path} must hold the samples {start} .. {stop - 1}, holds indices "
                              f"{indices[:8].tolist()}{' ...' if indices.size > 8 else ''}")
-        if pictures is None:
-            return indices
+        return indices if arrays is None else self._check_payload(path, stop - start, arrays)
+
+    def _check_payload(self, path: Path, n: int, arrays: dict[str, np.ndarray]):
+        pictures = arrays["images"]
         c, h, w = self.settings["sample_shape"]
-        if pictures.dtype != np.uint8 or pictures.shape != (stop - start, h, w, c):
-            raise ValueError(f"shard {path} must hold uint8 images {(stop - start, h, w, c)}, "
+        if pictures.dtype != np.uint8 or pictures.shape != (n, h, w, c):
+            raise ValueError(f"shard {path} must hold uint8 images {(n, h, w, c)}, "
                              f"holds {pictures.dtype} {pictures.shape}")
         return pictures
 

@@ -93,8 +93,8 @@ def vb_terms_kernel(X0, Noise, Out, Row, Result, per_sample, C, H, W, sxb, sxc, 
         d = out - (P * x0 + Q * noise)
         x0_hat = x0 + B * d  # = A·x_t + B·out
         err = -B * d  # x_0 − x̂0 without cancellation where nothing is clipped
-        err = tl.where((clip != 0.0) & (x0_hat < -1.0), x0 + 1.0, err)
-        err = tl.where((clip != 0.0) & (x0_hat > 1.0), x0 - 1.0, err)
+        clipped = tl.where(x0_hat < -1.0, x0 + 1.0, tl.where(x0_hat > 1.0, x0 - 1.0, err))
+        err = tl.where(clip != 0.0, clipped, err)
         sse += tl.where(mask, err * err, 0.0)
         sqe += tl.where(mask, d * d, 0.0)
         if decoder != 0.0:  # eq. 13: x_0's bin (edge bins to ±∞) under N(μ, σ_1²), x_0 − μ = c1·err
