@@ -23,7 +23,8 @@ from .images import check_output, write_npz
 from .nll_figures import save_progressive_grid, save_rate_distortion
 from .shards import _Job, run_shards, state_dict_sha256
 
-PROGRESSIVE_TIMESTEPS = (999, 750, 500, 350, 250, 150, 100, 50, 25, 10, 0)  # x̂_0 columns of the grid (0-based t)
+# the grid's x̂_0 columns, as fractions of T − 1 (999, 750, 500, 350, 250, 150, 100, 50, 25, 10, 0 at T = 1000)
+PROGRESSIVE_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.025, 0.01, 0.0)
 _ARRAYS = ("prior", "terms", "distortion", "mse")
 
 
@@ -34,7 +35,8 @@ def add_parser(commands) -> None:
     data.add_argument("--dataset", choices=["digits"], help="a bundled data set (default: digits)")
     data.add_argument("--data", metavar="FOLDER", help="a folder of images (resized to the model's size)")
     nll.add_argument("--num", "--num-images", dest="num", type=int, default=None,
-                     help="the first N images in the data set's order (default: all)")
+                     help="the first N images in the data set's order (default: all; spell it --num-images after "
+                          "torchrun, whose parser takes --num for its --numa-binding)")
     nll.add_argument("--timesteps-subset", type=int, default=None, metavar="K",
                      help="an estimate over K of the T timesteps (log-spaced, trapezoid-weighted; labelled as an "
                           "estimate) instead of the full T-term bound")
@@ -104,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote the rate-distortion figure to {save_rate_distortion(bound, args.curve, args.model)}")
         if args.progressive:
             shown = list(range(min(8, len(images))))
-            frames = evaluator.denoised(images[shown], PROGRESSIVE_TIMESTEPS, seed=args.seed,
+            steps = sorted({round(f * (args.timesteps - 1)) for f in PROGRESSIVE_FRACTIONS}, reverse=True)
+            frames = evaluator.denoised(images[shown], steps, seed=args.seed,
                                         labels=None if labels is None else labels[shown])
-            path = save_progressive_grid(images[shown], frames, PROGRESSIVE_TIMESTEPS, args.progressive)
+            path = save_progressive_grid(images[shown], frames, args.progressive)
             print(f"wrote the progressive-decompression grid to {path}")
     return 0
 

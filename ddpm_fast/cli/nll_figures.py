@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,9 +42,9 @@ def save_rate_distortion(bound: Bound, path: str | Path, title: str) -> Path:
     return path
 
 
-def save_progressive_grid(x0: torch.Tensor, frames: torch.Tensor, timesteps: Sequence[int], path: str | Path) -> Path:
-    """One row an image: x̂_0 from x_t at each of `timesteps` (0-based, shown left to right as the
-    receiver gets them), then x_0 itself in the last column."""
+def save_progressive_grid(x0: torch.Tensor, frames: torch.Tensor, path: str | Path) -> Path:
+    """One row an image: its frames (x̂_0 from x_t at descending t, as the receiver gets them: an
+    Evaluator.denoised), then x_0 itself in the last column."""
     rows = torch.cat([frames, x0[:, None].to(frames.dtype)], dim=1)  # [N, K + 1, C, H, W]
     n, k = rows.shape[:2]
     pictures = to_uint8(rows.reshape(n * k, *rows.shape[2:]))
