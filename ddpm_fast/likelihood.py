@@ -206,7 +206,7 @@ class Evaluator:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         backend = self.resolved_backend
         terms = TERM_IMPLEMENTATIONS[backend]
-        noise_impl = "reference" if backend in ("reference", "triton") and self.device.type == "cpu" else "auto"
+        noise_impl = "reference" if backend == "reference" else "auto"
         rows = self.table.to(self.device)
         results = torch.empty(n, len(steps), 3, dtype=torch.float64)
         bar = progress if isinstance(progress, tqdm) else tqdm(total=n * len(steps), disable=not progress,
