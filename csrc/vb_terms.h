@@ -29,14 +29,24 @@ DDPM_FAST_HD TermCoefs term_row(const double* row) {
   return {row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]};
 }
 
-// One element's (err, d) of the header comment.
-DDPM_FAST_HD void term_errors(const TermCoefs& k, double x0, double noise, double out, double& err, double& d) {
+// One element's (err, d) of the header comment, the clip a compile-time flag (the CPU's dense loop
+// then has no branch and vectorises) or, below, the row's.
+template <bool kClip>
+DDPM_FAST_HD void term_errors_with(const TermCoefs& k, double x0, double noise, double out, double& err, double& d) {
   d = out - (k.P * x0 + k.Q * noise);
   err = -k.B * d;
-  if (k.clip != 0.0) {
+  if constexpr (kClip) {
     const double x0_hat = x0 + k.B * d;
-    if (x0_hat < -1.0) err = x0 + 1.0;  // comparisons: a NaN x̂0 keeps err NaN
-    if (x0_hat > 1.0) err = x0 - 1.0;
+    err = x0_hat < -1.0 ? x0 + 1.0 : err;  // comparisons: a NaN x̂0 keeps err NaN
+    err = x0_hat > 1.0 ? x0 - 1.0 : err;
+  }
+}
+
+DDPM_FAST_HD void term_errors(const TermCoefs& k, double x0, double noise, double out, double& err, double& d) {
+  if (k.clip != 0.0) {
+    term_errors_with<true>(k, x0, noise, out, err, d);
+  } else {
+    term_errors_with<false>(k, x0, noise, out, err, d);
   }
 }
 

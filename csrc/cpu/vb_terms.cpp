@@ -1,10 +1,12 @@
 // CPU kernel of the bound's per-timestep term (DESIGN §2.6): at::parallel_for over samples, each
-// sample's sums in double in a fixed order, so a sample's result never depends on the batch or
-// the thread count.
+// sample's sums in double in an order fixed by its size, so a sample's result never depends on the
+// batch or the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 
 #include "../vb_terms.h"
@@ -13,37 +15,54 @@
 namespace ddpm_fast {
 namespace {
 
-// kLanes partial sums a quantity (element e in lane e mod kLanes), added up in a fixed order at the end:
-// the lanes let the compiler vectorise the sums, which a single accumulator would serialise.
-constexpr int64_t kLanes = 8;
+// A KL row of a dense sample with a float32 output: no transcendental function, a few multiply-adds an
+// element, so one loop that OpenMP's simd reduction vectorises (its order of summation is fixed by the
+// sample's size), compiled for several targets.
+template <bool kClip>
+__attribute__((always_inline)) inline void dense_kl_loop(const TermCoefs& k, const float* __restrict__ x0, const float* __restrict__ noise,
+                   const float* __restrict__ out, int64_t n, double& sse_total, double& sqe_total) {
+  double sse = 0.0, sqe = 0.0;
+#pragma omp simd reduction(+ : sse, sqe)
+  for (int64_t e = 0; e < n; ++e) {
+    double err, d;
+    term_errors_with<kClip>(k, x0[e], noise[e], out[e], err, d);
+    sse += err * err;
+    sqe += d * d;
+  }
+  sse_total = sse;
+  sqe_total = sqe;
+}
 
-// Compile-time flags for the NCHW-contiguous case and the decoder row, so that the common loop
-// (contiguous, a KL row: a few multiply-adds an element) vectorises.
+DDPM_FAST_VECTOR_CLONES void dense_kl_sums(const TermCoefs& k, const float* x0, const float* noise, const float* out,
+                                           int64_t n, double& sse, double& sqe) {
+  if (k.clip != 0.0) {
+    dense_kl_loop<true>(k, x0, noise, out, n, sse, sqe);
+  } else {
+    dense_kl_loop<false>(k, x0, noise, out, n, sse, sqe);
+  }
+}
+
+// Any layout, or the decoder row (its normal tails branch): one element after another.
 template <typename out_t, bool kContiguous, bool kDecoder>
 void sample_sums(const TermCoefs& k, const float* x0, const float* noise, const out_t* out, const Layout4d& lx,
                  const Layout4d& ln, const Layout4d& lo, int64_t b, int64_t per_sample, double* result) {
-  double sse[kLanes] = {}, sqe[kLanes] = {}, nll[kLanes] = {};
-  const auto add = [&](int64_t e, int64_t lane) {
-    const int64_t ox = kContiguous ? b * per_sample + e : lx.offset(b, e);
-    const int64_t on = kContiguous ? ox : ln.offset(b, e);
-    const int64_t oo = kContiguous ? ox : lo.offset(b, e);
-    double err, d;
-    term_errors(k, x0[ox], noise[on], static_cast<float>(out[oo]), err, d);
-    sse[lane] += err * err;
-    sqe[lane] += d * d;
-    if constexpr (kDecoder) nll[lane] += decoder_nll(k, x0[ox], err);
-  };
-  const int64_t whole = per_sample - per_sample % kLanes;
-  for (int64_t e = 0; e < whole; e += kLanes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) add(e + lane, lane);
+  double sse = 0.0, sqe = 0.0, nll = 0.0;
+  if constexpr (kContiguous && !kDecoder && std::is_same_v<out_t, float>) {
+    const int64_t first = b * per_sample;
+    dense_kl_sums(k, x0 + first, noise + first, out + first, per_sample, sse, sqe);
+  } else {
+    for (int64_t e = 0; e < per_sample; ++e) {
+      const int64_t ox = kContiguous ? b * per_sample + e : lx.offset(b, e);
+      const int64_t on = kContiguous ? ox : ln.offset(b, e);
+      const int64_t oo = kContiguous ? ox : lo.offset(b, e);
+      double err, d;
+      term_errors(k, x0[ox], noise[on], static_cast<float>(out[oo]), err, d);
+      sse += err * err;
+      sqe += d * d;
+      if constexpr (kDecoder) nll += decoder_nll(k, x0[ox], err);
+    }
   }
-  for (int64_t e = whole; e < per_sample; ++e) add(e, e - whole);
-  for (int64_t lane = 1; lane < kLanes; ++lane) {
-    sse[0] += sse[lane];
-    sqe[0] += sqe[lane];
-    nll[0] += nll[lane];
-  }
-  term_outputs(k, per_sample, sse[0], sqe[0], nll[0], result);
+  term_outputs(k, per_sample, sse, sqe, nll, result);
 }
 
 at::Tensor vb_terms_cpu(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& out, const at::Tensor& row) {
