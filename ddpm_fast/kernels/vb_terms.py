@@ -16,9 +16,12 @@ from ..contract import BIN_HALF_WIDTH, EDGE_BIN
 from . import TYPES as _TYPES, capability as _capability
 from .diffusion_step import _dims
 
-INV_SQRT2 = 0.70710678118654752
-LN2 = 0.69314718055994531
-TWO_OVER_SQRT_PI = 1.12837916709551257
+# globals a @triton.jit function reads must be constexprs (the interpreter would accept plain floats)
+INV_SQRT2 = tl.constexpr(0.70710678118654752)
+LN2 = tl.constexpr(0.69314718055994531)
+TWO_OVER_SQRT_PI = tl.constexpr(1.12837916709551257)
+_EDGE_BIN = tl.constexpr(EDGE_BIN)
+_BIN_HALF_WIDTH = tl.constexpr(BIN_HALF_WIDTH)
 
 
 @triton.jit
@@ -99,8 +102,8 @@ def vb_terms_kernel(X0, Noise, Out, Row, Result, per_sample, C, H, W, sxb, sxc, 
         sqe += tl.where(mask, d * d, 0.0)
         if decoder != 0.0:  # eq. 13: x_0's bin (edge bins to ±∞) under N(μ, σ_1²), x_0 − μ = c1·err
             u = c1 * err
-            lo = tl.where(x0 < -EDGE_BIN, -float("inf"), ((u - BIN_HALF_WIDTH) * inv_sigma).to(tl.float32))
-            hi = tl.where(x0 > EDGE_BIN, float("inf"), ((u + BIN_HALF_WIDTH) * inv_sigma).to(tl.float32))
+            lo = tl.where(x0 < -_EDGE_BIN, -float("inf"), ((u - _BIN_HALF_WIDTH) * inv_sigma).to(tl.float32))
+            hi = tl.where(x0 > _EDGE_BIN, float("inf"), ((u + _BIN_HALF_WIDTH) * inv_sigma).to(tl.float32))
             nll += tl.where(mask, -_log_normal_mass(lo, hi), 0.0).to(tl.float64)
     sse_total = tl.sum(sse, axis=0)
     scale = c1 * inv_sigma
