@@ -23,7 +23,7 @@ from .images import check_output, write_npz
 from .nll_figures import save_progressive_grid, save_rate_distortion
 from .shards import _Job, run_shards, state_dict_sha256
 
-# the grid's x̂_0 columns, as fractions of T − 1 (999, 750, 500, 350, 250, 150, 100, 50, 25, 10, 0 at T = 1000)
+# the grid's x̂_0 columns, as fractions of T − 1 (0-based 999, 749, 500, 350, 250, 150, 100, 50, 25, 10, 0 at T = 1000)
 PROGRESSIVE_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.025, 0.01, 0.0)
 _ARRAYS = ("prior", "terms", "distortion", "mse")
 
