@@ -115,6 +115,9 @@ def vb_terms_kernel(X0, Noise, Out, Row, Result, per_sample, C, H, W, sxb, sxc, 
 
 
 BLOCKS = (128, 256, 512, 1024)  # elements a tile; one sample a program
+# An explicit register limit: without one, ptxas trimmed the float32 512-element tile to an occupancy
+# step on sm_89 by spilling 8 B to the stack (DESIGN §8); under maxnreg it spills only what the limit forces.
+MAX_REGISTERS = 255
 _INTS = ("per_sample", "C", "H", "W", "sxb", "sxc", "sxh", "sxw", "snb", "snc", "snh", "snw", "sob", "soc", "soh",
          "sow")
 
@@ -123,6 +126,7 @@ _INTS = ("per_sample", "C", "H", "W", "sxb", "sxc", "sxh", "sxw", "snb", "snc", 
 def launch_configs(capability: tuple[int, int]) -> list[dict]:
     """Every config the launcher can choose (the same on every GPU: no shared memory, no dots)."""
     return [dict(kernel=vb_terms_kernel, name=f"vb_terms_{name}_block{block}", num_warps=4, num_stages=1,
+                 maxnreg=MAX_REGISTERS,
                  signature={"X0": "*fp32", "Noise": "*fp32", "Out": "*" + name, "Row": "*fp64", "Result": "*fp64",
                             **dict.fromkeys(_INTS, "i64"), "BLOCK": "constexpr"},
                  constexprs=dict(BLOCK=block))
@@ -148,4 +152,4 @@ def vb_terms(x_start: torch.Tensor, noise: torch.Tensor, model_output: torch.Ten
     C, H, W, *x_strides = _dims(x_start)
     vb_terms_kernel[(batch,)](x_start, noise, model_output, row, result, per_sample, C, H, W, *x_strides,
                               *_dims(noise)[3:], *_dims(model_output)[3:], **config["constexprs"],
-                              num_warps=config["num_warps"], num_stages=config["num_stages"])
+                              num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"])
