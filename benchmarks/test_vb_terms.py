@@ -66,21 +66,14 @@ def _group(shape, t):
     return f"vb_terms {'decoder' if t == 0 else 'KL'} {'x'.join(map(str, shape))} float32"
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
 @ROWS
 @SHAPES
-def test_eager_reference(measure, shape, t):
+def test_unfused_terms(measure, shape, t, compiled):
     next_set, work = _setup(shape, t)
-    terms = _terms(t)
-    measure(_group(shape, t), "eager", lambda: terms(*next_set()), **work)
-
-
-@ROWS
-@SHAPES
-def test_compiled_reference(measure, shape, t):
-    next_set, work = _setup(shape, t)
-    terms = torch.compile(_terms(t), fullgraph=True)
+    terms = torch.compile(_terms(t), fullgraph=True) if compiled else _terms(t)
     terms(*next_set())  # compile outside the timing
-    measure(_group(shape, t), "torch.compile", lambda: terms(*next_set()), **work)
+    measure(_group(shape, t), "torch.compile" if compiled else "eager", lambda: terms(*next_set()), **work)
 
 
 @pytest.mark.parametrize("impl", FUSED)

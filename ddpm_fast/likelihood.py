@@ -177,10 +177,9 @@ class Evaluator:
 
     @property
     def device(self) -> torch.device:
-        if isinstance(self.model, torch.nn.Module):
-            for tensor in self.model.parameters():
-                return tensor.device
-        return torch.device("cpu")
+        """The model's device (its first parameter's; the CPU for a callable without parameters)."""
+        parameters = self.model.parameters() if isinstance(self.model, torch.nn.Module) else iter(())
+        return next((tensor.device for tensor in parameters), torch.device("cpu"))
 
     @property
     def resolved_backend(self) -> str:
