@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .contract import (BACKENDS, NLL_NOISE_KEY_BASE, NUM_TERM_COLUMNS, PREDICTION_TYPES, SIGMA1_CONVENTIONS,
+from .contract import (BACKENDS, NLL_NOISE_KEY_BASE, PREDICTION_TYPES, SIGMA1_CONVENTIONS,
                        UINT32_RANGE, VARIANCES, check_choice, check_samples)
 from .ops import randn
 from .ops.vb_terms import IMPLEMENTATIONS as TERM_IMPLEMENTATIONS
@@ -59,7 +59,6 @@ def term_table(schedule: NoiseSchedule, variance: str = "fixed_large", clip_deno
     if not torch.isfinite(table).all():
         raise ValueError(f"the bound is not finite for this schedule with {prediction_type}-prediction "
                          f"(ᾱ_T = {float(a[-1])}: zero terminal SNR leaves x̂_0 undefined)")
-    assert table.shape[1] == NUM_TERM_COLUMNS
     return table
 
 
@@ -101,7 +100,6 @@ class Bound:
     mse: torch.Tensor        # float64 [N, K]: mean (out − target)² over the dimensions
     quantised: int = 0       # images that were not on the 8-bit grid and were moved onto it
     estimate: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def bpd(self) -> torch.Tensor:
@@ -194,7 +192,7 @@ class Evaluator:
         sample_offset + N − 1 of `seed`'s noise. timesteps: None for the full T-term bound, or K
         for a strided estimate over K timesteps (strided_timesteps). labels: one class (or ∅ =
         num_classes) for all, or one per image, for a class-conditional model."""
-        x0, quantised = self._check_images(x0)
+        x0, quantised = self.check_images(x0)
         n = x0.shape[0]
         check_samples(seed, sample_offset, n)
         y = self._check_labels(labels, n)
@@ -232,7 +230,7 @@ class Evaluator:
         """Progressive lossy decompression: x̂_0 from x_t (eq. 15, clipped as the bound's p_θ is) at
         each of `timesteps` (0-based) for each image, with the bound's own x_t: float32
         [N, len(timesteps), C, H, W]."""
-        x0, _ = self._check_images(x0)
+        x0, _ = self.check_images(x0)
         y = self._check_labels(labels, x0.shape[0])
         x = x0.to(self.device)
         frames = []
@@ -261,7 +259,9 @@ class Evaluator:
                              f"got {getattr(out, 'shape', type(out).__name__)}")
         return out if out.dtype in (torch.float32, torch.float16, torch.bfloat16) else out.float()
 
-    def _check_images(self, x0: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def check_images(self, x0: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x0 checked (float [N, C, H, W] of the model's shape, finite, in [−1, 1]) and rounded to the
+        8-bit grid, with the number of images that were not on it."""
         if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() != 4:
             raise ValueError(f"images must be a float tensor [N, C, H, W], got "
                              f"{getattr(x0, 'dtype', type(x0).__name__)} {tuple(getattr(x0, 'shape', ()))}")

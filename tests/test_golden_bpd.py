@@ -4,7 +4,6 @@ made): every term to 1e-4 relative, the total to 1e-3 bits/dim."""
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import ddpm_fast as df

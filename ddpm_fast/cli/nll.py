@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{name} must be a positive int, got {value}")
         if shard % batch:
             raise ValueError(f"--shard-size must be a multiple of --batch-size {batch}, got {shard}")
-        evaluator._check_images(images[:1])  # shape and range now, not after the first shard
+        evaluator.check_images(images)  # shape and range now, not after the first shard
         settings = dict(evaluator.config, model_sha256=checksum, data_sha256=_sha256(images, labels), seed=args.seed,
                         num_samples=len(images), micro_batch=batch, shard_size=shard,
                         timesteps_subset=args.timesteps_subset, backend=evaluator.resolved_backend,
