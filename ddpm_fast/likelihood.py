@@ -205,7 +205,7 @@ class Evaluator:
         terms = TERM_IMPLEMENTATIONS[backend]
         noise_impl = "reference" if backend == "reference" else "auto"
         rows = self.table.to(self.device)
-        results = torch.empty(n, len(steps), 3, dtype=torch.float64)
+        results = torch.empty(n, len(steps), 3, dtype=torch.float64, device=self.device)  # read once, at the end
         bar = progress if isinstance(progress, tqdm) else tqdm(total=n * len(steps), disable=not progress,
                                                                unit="eval")
         with bar if bar is not progress else contextlib.nullcontext(), _eval_mode(self.model):
@@ -216,8 +216,9 @@ class Evaluator:
                     eps = randn(x.shape, seed=seed, step=NLL_NOISE_KEY_BASE + t, sample_offset=sample_offset + first,
                                 device=self.device, impl=noise_impl)
                     out = self._output(self._q_sample(x, eps, t), t, labels_b)
-                    results[first:first + x.shape[0], k] = terms(x, eps, out, rows[t]).cpu()
+                    results[first:first + x.shape[0], k] = terms(x, eps, out, rows[t])
                     bar.update(x.shape[0])
+        results = results.cpu()
         to_bits = 1.0 / (math.prod(x0.shape[1:]) * math.log(2.0))
         return Bound(timesteps=torch.tensor(steps), weights=torch.tensor(weights, dtype=torch.float64),
                      prior=prior_kl(self.schedule, x0.double()) * to_bits, terms=results[..., 0] * to_bits,
