@@ -65,8 +65,9 @@ _USAGE = re.compile(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL
 
 
 def kernel_modules():
-    from ddpm_fast.kernels import attention, diffusion_step, group_norm_silu
-    return {"attention": attention, "diffusion_step": diffusion_step, "group_norm_silu": group_norm_silu}
+    from ddpm_fast.kernels import attention, diffusion_step, group_norm_silu, vb_terms
+    return {"attention": attention, "diffusion_step": diffusion_step, "group_norm_silu": group_norm_silu,
+            "vb_terms": vb_terms}
 
 
 def _usage(binary: bytes, suffix: str) -> list[tuple[str, int, int, int, int]]:

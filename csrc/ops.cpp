@@ -31,4 +31,9 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor mean, "
       "Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One timestep's term of the variational bound (DESIGN §2.6) per sample, from x_start (float32 [B, ...], on the
+  // 8-bit grid), the noise that made x_t, the network output at x_t and the float64 row [8] (contract.TERM_COLUMNS):
+  // float64 [B, 3] = (the KL of eqs. 6-7, or the decoder NLL of eq. 13 on the decoder row, in nats;
+  // Σ(x_0 − x̂0)²; Σ(out − target)²).
+  m.def("vb_terms(Tensor x_start, Tensor noise, Tensor model_output, Tensor row) -> Tensor");
 }

@@ -8,9 +8,10 @@ from . import _startup  # first: the ddpm-fast command's Ctrl-C while importing 
 from . import ops, reference
 from ._extension import CompiledOpsUnavailable
 from .ops import randn
+from .likelihood import Evaluator
 from .sampler import Sampler
 from .schedule import NoiseSchedule
 from .unet import UNet
 
 __version__ = "0.1.0"
-__all__ = ["Sampler", "NoiseSchedule", "UNet", "randn", "ops", "reference", "CompiledOpsUnavailable", "__version__"]
+__all__ = ["Sampler", "Evaluator", "NoiseSchedule", "UNet", "randn", "ops", "reference", "CompiledOpsUnavailable", "__version__"]

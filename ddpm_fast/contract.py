@@ -32,6 +32,23 @@ MAX_ELEMENTS_PER_SAMPLE = 4 * UINT32_RANGE  # four normals per Philox call, quad
 STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip", "H", "w", "Gout", "Gmean")
 NUM_STEP_COLUMNS = len(STEP_COLUMNS)
 
+# -- the variational bound (DESIGN §2.6) -----------------------------------------------------
+# The noise ε that makes x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε for the bound's term at timestep i is
+# randn(..., step=NLL_NOISE_KEY_BASE + i): keys [2^31, 2^31 + T), apart from the sampler's keys 0 … T.
+NLL_NOISE_KEY_BASE = 1 << 31
+# One timestep's row of the fused term op (ops.vb_terms; float64), with d = out − (P·x_0 + Q·ε) the error of
+# the network output against its target and x̂0 = x_0 + B·d (= A·x_t + B·out, clipped when clip = 1):
+#   KL row: D·kl_const + ½·(c1·inv_sigma)²·Σ(x_0 − x̂0)²      (decoder = 0, eqs. 6–7 against p_θ)
+#   decoder row: −Σ log ∫_bin N(x; x_0 − c1·(x_0 − x̂0), 1/inv_sigma²)   (decoder = 1, eq. 13)
+TERM_COLUMNS = ("B", "P", "Q", "clip", "c1", "inv_sigma", "kl_const", "decoder")
+NUM_TERM_COLUMNS = len(TERM_COLUMNS)
+BIN_HALF_WIDTH = 1 / 255  # data in [−1, 1] on 256 levels: bins of width 2/255 (eq. 13)
+EDGE_BIN = 0.999  # |x_0| above this is an edge bin, extended to ±∞ (eq. 13)
+# σ_1 of the decoder: "paper" takes σ_1² = β_1 with fixed_large (as eq. 13's σ_1 is written);
+# "improved-diffusion" β̃ of the second timestep, as improved-diffusion's and Ho et al.'s released
+# code do. fixed_small (β̃_1 = 0) takes β̃ of the second timestep under both.
+SIGMA1_CONVENTIONS = ("paper", "improved-diffusion")
+
 # -- names ------------------------------------------------------------------------------------
 METHODS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde")
 MULTISTEP_METHODS = ("dpm-solver++", "dpm-solver++-sde")  # those that read and write the history

@@ -12,15 +12,15 @@ pytest.importorskip("triton")
 import emulator  # noqa: E402
 from benchmarks import kernel_resources as kr  # noqa: E402
 from ddpm_fast import _extension  # noqa: E402
-from ddpm_fast.kernels import attention, diffusion_step, group_norm_silu  # noqa: E402
+from ddpm_fast.kernels import attention, diffusion_step, group_norm_silu, vb_terms  # noqa: E402
 
 # Attention's configs depend on the target family, so each is compiled for every family: sm_80;
 # sm_86, whose limits sm_89 and sm_120 share; sm_90 (wgmma); sm_100 (tcgen05).
 FAMILIES = [t for t in kr.TARGETS if t.cc in (80, 86, 90, 100)]
-# The step's and GroupNorm's configs are the same on every target (test_same_configs_on_every_target):
+# The step's, GroupNorm's and the bound's term's configs are the same on every target (test_same_configs_on_every_target):
 # each is compiled once, for the six targets in turn, which keeps CI to minutes; the report
 # compiles every one for every target.
-SAME_EVERYWHERE = {"diffusion_step": diffusion_step, "group_norm_silu": group_norm_silu}
+SAME_EVERYWHERE = {"diffusion_step": diffusion_step, "group_norm_silu": group_norm_silu, "vb_terms": vb_terms}
 MODULES = {"attention": attention, **SAME_EVERYWHERE}
 JOBS = ([("attention", config["name"], target.cc) for target in FAMILIES
          for config in attention.launch_configs(target.capability)]

@@ -81,7 +81,7 @@ def _stems(folder: Path, suffix: str) -> set[str]:
 
 def test_one_stem_per_op():
     ops = _stems(PACKAGE / "ops", ".py")
-    assert ops == {"attention", "diffusion_step", "group_norm_silu", "noise"}
+    assert ops == {"attention", "diffusion_step", "group_norm_silu", "noise", "vb_terms"}
     assert _stems(PACKAGE / "kernels", ".py") <= ops
     # beside the ops' references, the papers' samplers: q_/p_ maths (diffusion.py), DPM-Solver++ (dpm_solver.py),
     # classifier-free and classifier guidance (guidance.py)
@@ -104,8 +104,9 @@ def test_cpp_contract_mirrors_python():
     integer = {"kNoiseStreamVersion": contract.NOISE_STREAM_VERSION, "kPhiloxM0": contract.PHILOX_M0,
                "kPhiloxM1": contract.PHILOX_M1, "kPhiloxW0": contract.PHILOX_W0, "kPhiloxW1": contract.PHILOX_W1,
                "kPhiloxRounds": contract.PHILOX_ROUNDS, "kUint32Range": contract.UINT32_RANGE,
-               "kStepColumns": contract.NUM_STEP_COLUMNS}
-    real = {"kUniformScale": contract.UNIFORM_SCALE, "kBoxMullerMinU": contract.BOX_MULLER_MIN_U}
+               "kStepColumns": contract.NUM_STEP_COLUMNS, "kTermColumns": contract.NUM_TERM_COLUMNS}
+    real = {"kUniformScale": contract.UNIFORM_SCALE, "kBoxMullerMinU": contract.BOX_MULLER_MIN_U,
+            "kBinHalfWidth": contract.BIN_HALF_WIDTH, "kEdgeBin": contract.EDGE_BIN}
     assert set(cpp) == set(integer) | set(real)
     for name, value in integer.items():
         literal = cpp[name].removesuffix("u").replace("int64_t{1} << 32", str(1 << 32))

@@ -1,6 +1,6 @@
 // The facts every backend shares, mirrored from ddpm_fast/contract.py (a test compares the
-// two): the noise stream's constants (DESIGN §3), the step table's width (DESIGN §2) and the
-// ranges of seeds, noise keys and sample indices.
+// two): the noise stream's constants (DESIGN §3), the step table's width (DESIGN §2), the term
+// table's width and the decoder's bins (DESIGN §2.6) and the ranges of seeds, noise keys and sample indices.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -25,6 +25,11 @@ constexpr int64_t kUint32Range = int64_t{1} << 32;  // noise keys and sample ind
 
 // Columns of a step-table row: A, B, C, D, E, sigma, clip, H, w, Gout, Gmean.
 constexpr int64_t kStepColumns = 11;
+
+// The fused term op's row (ddpm_fast/contract.py TERM_COLUMNS): B, P, Q, clip, c1, inv_sigma, kl_const, decoder.
+constexpr int64_t kTermColumns = 8;
+constexpr float kBinHalfWidth = 0.003921568627f;  // 1/255: data in [-1, 1] on 256 levels (eq. 13)
+constexpr float kEdgeBin = 0.999f;                // |x_0| above this is an edge bin, extended to ±inf
 
 inline void check_seed(const char* op, int64_t seed) {
   TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", seed);

@@ -3,18 +3,13 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <type_traits>
 
 #include "../diffusion_step.h"
+#include "common/loops.h"
 #include "common/normal_quads.h"
 
 namespace ddpm_fast {
 namespace {
-
-bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
-  return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width &&
-         l.stride_b == per_sample;
-}
 
 // The optional inputs of one update, each nullptr when absent (DESIGN §2.5 for the guidance ones).
 template <typename out_t>
@@ -45,16 +40,6 @@ void contiguous_run(const StepCoefs& k, float* __restrict__ xs, const out_t* __r
     float o = static_cast<float>(os[j]);
     if constexpr (kUncond) o = cfg_output(k, o, static_cast<float>(us[j]));
     xs[j] = step_update(k, xs[j], o, kGrad ? gs[j] : 0.0f, z[j], kHistory ? hs + j : nullptr);
-  }
-}
-
-// f(std::bool_constant<on>{}) for the run-time flag `on`
-template <typename F>
-void with_flag(bool on, F&& f) {
-  if (on) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
   }
 }
 

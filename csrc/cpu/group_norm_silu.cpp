@@ -22,19 +22,12 @@
 #include <utility>
 
 #include "../group_norm_silu.h"
+#include "common/loops.h"
 
 namespace ddpm_fast {
 namespace {
 
-// The per-block kernels are compiled for AVX-512, AVX2+FMA and the baseline, picked at load time
-// (GCC's function multiversioning), since the distributed build cannot assume the CPU; what
-// they call is always inlined, so it is compiled for the same target.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DDPM_FAST_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DDPM_FAST_VECTOR_CLONES
-#endif
-
+// The per-block kernels are compiled for several targets (DDPM_FAST_VECTOR_CLONES, common/loops.h).
 constexpr int64_t kChunk = 1024;  // elements per float partial sum before it joins a double total
 constexpr int64_t kGrain = 32768;  // elements per task: smaller calls run on one thread
 constexpr int64_t kLanes = 16;  // float partial sums of an NCHW group: one AVX-512 register, two AVX2 ones

@@ -6,6 +6,7 @@
     ddpm-fast train --dataset digits --out runs/digits --steps 6000 --seed 0
     ddpm-fast train --dataset digits --num-classes 10 --p-uncond 0.1 --dropout 0.3 --out runs/digits-cond --steps 6000
     ddpm-fast train-classifier --dataset digits --out runs/digits-classifier --steps 3000
+    ddpm-fast nll --model digits --dataset digits --num 256 --out nll.npz --curve rate_distortion.png
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ..unet import DIGITS
 from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
 from .images import GRID_WIDTH, check_output, finished_manifest, trajectory_png
+from .nll import add_parser as add_nll_parser
 from .shards import sample_to_file, state_dict_sha256
 from .train import EMA_WEIGHTS, TrainConfig, train
 
@@ -400,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"for bare state dicts: a preset ({', '.join(PRESETS)}) or a JSON file of UNet arguments")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing, different OUT")
     convert.set_defaults(run=_convert)
+    add_nll_parser(commands)  # ddpm-fast nll: the bound in bits/dim (cli/nll.py)
     return parser
 
 

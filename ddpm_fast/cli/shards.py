@@ -35,6 +35,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -128,20 +129,32 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
     if output_kind(out) == "grid":  # the picture's layout is part of the job; other outputs have none
         grid_layout(num_samples, *sampler.sample_shape[1:], nrow, width=grid_width)  # refused now, not after the work
         settings.update(grid_nrow=nrow, grid_width=grid_width)
-    with _Job(out, settings, world) as job:
+    job = _Job(out, settings, world)
+    return run_shards(job, resume, overwrite, progress, unit="step", units=lambda n: -(-n // micro_batch) *
+                      len(sampler.table), desc=lambda n: f"{sampler.method} [{settings['backend']}], {n} of "
+                      f"{num_samples} samples, {world.size} process{'es' * (world.size > 1)}",
+                      work=lambda k, bar: job.draw(sampler, k, bar, labels))
+
+
+def run_shards(job: "_Job", resume: bool, overwrite: bool, progress: bool, unit: str, units: Callable[[int], int],
+               desc: Callable[[int], str], work: Callable[[int, tqdm], None]) -> Path:
+    """Run a job's shards on every rank of its world: rank 0 prepares (or finds it finished: a
+    no-op), the shards left are dealt round-robin, `work(k, bar)` makes shard k, rank 0 records
+    each round in the manifest and finally merges. The bar counts `units(n)` for a shard of n
+    items (this rank's share), described by `desc(items left)`. Returns the output's path."""
+    world = job.world
+    with job:
         todo = world.on_rank0(lambda: job.prepare(resume, overwrite))
         if todo is None:
-            return Path(out)
+            return Path(job.out)
         sizes = [stop - start for start, stop in map(job.plan.bounds, todo)]
-        steps = sum(-(-n // micro_batch) for n in sizes[world.rank::world.size]) * len(sampler.table)  # this rank's
-        with tqdm(total=steps, disable=not progress or world.rank != 0, unit="step",
-                  desc=f"{sampler.method} [{settings['backend']}], {sum(sizes)} of {num_samples} samples, "
-                       f"{world.size} process{'es' * (world.size > 1)}") as bar:
+        with tqdm(total=sum(map(units, sizes[world.rank::world.size])), disable=not progress or world.rank != 0,
+                  unit=unit, desc=desc(sum(sizes))) as bar:
             for first in range(0, len(todo), world.size):
                 round_ = todo[first:first + world.size]
                 k = round_[world.rank] if world.rank < len(round_) else None
                 if k is not None:
-                    job.draw(sampler, k, bar, labels)
+                    work(k, bar)
                 finished = [k for k in world.all_gather(k) if k is not None]
                 if world.rank == 0:
                     job.record(finished)
@@ -149,7 +162,12 @@ def sample_to_file(sampler: Sampler, out: str | Path, num_samples: int, *, seed:
 
 
 class _Job:
-    """The work folder of one output: what rank 0 reads and writes, and the shards every rank writes."""
+    """The work folder of one output: what rank 0 reads and writes, and the shards every rank writes.
+    This one draws samples; another kind of job (cli/nll.py) sets FORMAT, SHARD_PREFIX and PAYLOAD
+    and overrides draw, _check_payload and _write_output."""
+    FORMAT = FORMAT
+    SHARD_PREFIX = "samples"  # shard files PREFIX-START-STOP.npz
+    PAYLOAD = ("images",)     # a shard's arrays beside indices and settings_sha256
 
     def __init__(self, out: str | Path, settings: dict, world: World):
         self.out, self.settings, self.world = out, settings, world  # out as given: a trailing / means a folder
@@ -170,7 +188,8 @@ class _Job:
         """Rank 0 releases the output's lock; a launch that fails leaves no work folder that
         holds no finished shard (nothing to resume, and it would block the next run)."""
         try:
-            if error is not None and self.owned and self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+            if error is not None and self.owned and self.folder.is_dir() \
+                    and not any(self.folder.glob(f"{self.SHARD_PREFIX}-*.npz")):
                 shutil.rmtree(self.folder)
         finally:
             self._lock.close()
@@ -182,16 +201,16 @@ class _Job:
         launch = dict(world_size=self.world.size, threads=self.world.threads, device=self.world.device.type,
                       torch=torch.__version__, deterministic_algorithms=torch.are_deterministic_algorithms_enabled())
         self._lock.enter_context(exclusive(self.target, "the output"))
-        if (self.folder.exists() or self.folder.is_symlink()) and not _is_work_folder(self.folder):
-            raise ValueError(f"{self.folder} is in the way: it is not the work folder of a sampling job (it holds no "
-                             f"{FORMAT} manifest), and is never removed: move it, or choose another output")
+        if (self.folder.exists() or self.folder.is_symlink()) and not _is_work_folder(self.folder, self.FORMAT):
+            raise ValueError(f"{self.folder} is in the way: it is not the work folder of such a job (it holds no "
+                             f"{self.FORMAT} manifest), and is never removed: move it, or choose another output")
         self.owned = True
         stale = stale_temporaries(self.target)  # left by writers killed before their rename
         if self.kind == "dir" and self.target.is_dir():
             stale += sorted(self.target.glob(".[0-9]*.png.*.tmp"))
         for path in stale:
             remove(path)
-        if self.folder.is_dir() and not any(self.folder.glob("samples-*.npz")):
+        if self.folder.is_dir() and not any(self.folder.glob(f"{self.SHARD_PREFIX}-*.npz")):
             print(f"note: removing {self.folder}: an earlier launch left it holding no finished shard", file=sys.stderr)
             shutil.rmtree(self.folder)
         if self.folder.is_dir():
@@ -244,10 +263,7 @@ class _Job:
                              f"run again with --resume to draw them")
         for k, path in files.items():  # all checked before a byte of the output is written
             self._read_shard(k, path)
-        shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
-        chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, images=True)) for k, path in sorted(files.items()))
-        path = write_samples(chunks, self.target, shape, self.settings.get("grid_nrow"),
-                             self.settings.get("grid_width", GRID_WIDTH), self.kind)
+        path = self._write_output(files)
         write_json(finished_manifest(self.out), dict(self._manifest(complete=True), output_sha256=self._output_sha256()))
         for shard in files.values():
             shard.unlink()
@@ -255,15 +271,21 @@ class _Job:
         self.folder.rmdir()
         return path
 
+    def _write_output(self, files: dict[int, Path]) -> Path:
+        shape = (self.plan.num_samples, *self.settings["sample_shape"][1:], self.settings["sample_shape"][0])
+        chunks = ((self.plan.bounds(k)[0], self._read_shard(k, path, payload=True)) for k, path in sorted(files.items()))
+        return write_samples(chunks, self.target, shape, self.settings.get("grid_nrow"),
+                             self.settings.get("grid_width", GRID_WIDTH), self.kind)
+
     def _finished_before(self, resume: bool, overwrite: bool) -> bool:
         """Whether the output holds this very job, finished (its manifest records these settings
         and the output's sha256); otherwise, without overwrite, refuse to replace what is there."""
         path, out = finished_manifest(self.out), self.target
         present = any(out.iterdir()) if self.kind == "dir" and out.is_dir() else out.exists() or out.is_symlink()
-        manifest = _job_manifest(path)
+        manifest = _job_manifest(path, self.FORMAT)
         if not present:
             if (path.exists() or path.is_symlink()) and manifest is None and not overwrite:
-                raise ValueError(f"{path} exists and is not a {FORMAT} manifest: pass --overwrite to replace it")
+                raise ValueError(f"{path} exists and is not a {self.FORMAT} manifest: pass --overwrite to replace it")
             return False
         if manifest is None or not manifest.get("complete") \
                 or manifest.get("output_sha256") != self._output_sha256():
@@ -303,8 +325,8 @@ class _Job:
             manifest = json.loads(read_regular(path))
         except (OSError, ValueError) as error:
             raise ValueError(f"--resume: cannot read the manifest {path}: {error}") from error
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"--resume: {path} is not a {FORMAT} manifest")
+        if not isinstance(manifest, dict) or manifest.get("format") != self.FORMAT:
+            raise ValueError(f"--resume: {path} is not a {self.FORMAT} manifest")
         changes = self._changes(manifest)
         if changes:
             raise ValueError(f"--resume refused: {path} records a job with other settings (then → now): {changes}; "
@@ -319,7 +341,7 @@ class _Job:
                 ranges[-1][1] = stop
             else:
                 ranges.append([start, stop])
-        return dict(format=FORMAT, settings=self.settings, settings_sha256=self.digest, complete=complete,
+        return dict(format=self.FORMAT, settings=self.settings, settings_sha256=self.digest, complete=complete,
                     completed=[[0, self.plan.num_samples]] if complete else ranges, launches=self.launches)
 
     def _write_manifest(self, folder: Path | None = None) -> None:
@@ -329,7 +351,7 @@ class _Job:
 
     def shard_path(self, k: int) -> Path:
         start, stop = self.plan.bounds(k)
-        return self.folder / f"samples-{start:010d}-{stop:010d}.npz"
+        return self.folder / f"{self.SHARD_PREFIX}-{start:010d}-{stop:010d}.npz"
 
     def draw(self, sampler: Sampler, k: int, bar, labels: list[int] | None) -> None:
         start, stop = self.plan.bounds(k)
@@ -341,19 +363,20 @@ class _Job:
 
     def _shard_files(self) -> dict[int, Path]:
         expected = {self.shard_path(k).name: k for k in range(len(self.plan))}
-        found = {path.name: path for path in self.folder.glob("samples-*.npz")}
+        found = {path.name: path for path in self.folder.glob(f"{self.SHARD_PREFIX}-*.npz")}
         unexpected = sorted(found.keys() - expected.keys())
         if unexpected:
             raise ValueError(f"{self.folder} holds shards of no shard of this job's plan: {unexpected[:4]}")
         return {expected[name]: path for name, path in found.items()}
 
-    def _read_shard(self, k: int, path: Path, images: bool = False) -> np.ndarray:
-        """Shard k's indices (or images), after checking it belongs to this job."""
+    def _read_shard(self, k: int, path: Path, payload: bool = False):
+        """Shard k's indices (or, with payload, its PAYLOAD checked by _check_payload), after
+        checking it belongs to this job."""
         start, stop = self.plan.bounds(k)
         try:
             with open_regular(path) as file, np.load(file) as f:  # allow_pickle=False: a shard is data, never code
                 tag, indices = str(f["settings_sha256"]), f["indices"]
-                pictures = f["images"] if images else None
+                arrays = {name: f[name] for name in self.PAYLOAD} if payload else None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # truncated, not npz
             raise ValueError(f"shard {path} is unreadable ({error}): delete it and resume to draw it again") from error
         if tag != self.digest:
@@ -361,32 +384,34 @@ class _Job:
         if indices.shape != (stop - start,) or not (indices == np.arange(start, stop)).all():
             raise ValueError(f"shard {path} must hold the samples {start} .. {stop - 1}, holds indices "
                              f"{indices[:8].tolist()}{' ...' if indices.size > 8 else ''}")
-        if pictures is None:
-            return indices
+        return indices if arrays is None else self._check_payload(path, stop - start, arrays)
+
+    def _check_payload(self, path: Path, n: int, arrays: dict[str, np.ndarray]):
+        pictures = arrays["images"]
         c, h, w = self.settings["sample_shape"]
-        if pictures.dtype != np.uint8 or pictures.shape != (stop - start, h, w, c):
-            raise ValueError(f"shard {path} must hold uint8 images {(stop - start, h, w, c)}, "
+        if pictures.dtype != np.uint8 or pictures.shape != (n, h, w, c):
+            raise ValueError(f"shard {path} must hold uint8 images {(n, h, w, c)}, "
                              f"holds {pictures.dtype} {pictures.shape}")
         return pictures
 
 
-def _job_manifest(path: Path) -> dict | None:
-    """The manifest at `path` when it is one of a sampling job's (its format), else None; a FIFO
-    or other non-file there is refused by name (NotARegularFile)."""
+def _job_manifest(path: Path, format_: str) -> dict | None:
+    """The manifest at `path` when it is one of a job's of this format, else None; a FIFO or
+    other non-file there is refused by name (NotARegularFile)."""
     try:
         manifest = json.loads(read_regular(path))
     except NotARegularFile:
         raise
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == format_ else None
 
 
-def _is_work_folder(folder: Path) -> bool:
+def _is_work_folder(folder: Path, format_: str) -> bool:
     """Whether `folder` is a job's work folder (a real folder holding a manifest of the format):
     only such a folder is ever removed or resumed, never a user's own that happens to be named
     OUT.parts."""
-    return folder.is_dir() and not folder.is_symlink() and _job_manifest(folder / MANIFEST) is not None
+    return folder.is_dir() and not folder.is_symlink() and _job_manifest(folder / MANIFEST, format_) is not None
 
 
 def _umask() -> int:

@@ -6,5 +6,6 @@ from .attention import attention
 from .diffusion_step import diffusion_step_
 from .group_norm_silu import group_norm_silu
 from .noise import philox4x32_10, randn
+from .vb_terms import vb_terms
 
-__all__ = ["attention", "diffusion_step_", "group_norm_silu", "philox4x32_10", "randn"]
+__all__ = ["attention", "diffusion_step_", "group_norm_silu", "philox4x32_10", "randn", "vb_terms"]

@@ -1,0 +1,36 @@
+// Helpers shared by the CPU kernels' loops (csrc/cpu/diffusion_step.cpp, csrc/cpu/vb_terms.cpp).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../../diffusion_step.h"
+
+namespace ddpm_fast {
+
+// Kernels compiled for AVX-512, AVX2+FMA and the baseline, picked at load time (GCC's function
+// multiversioning), since the distributed build cannot assume the CPU; what they call is always
+// inlined, so it is compiled for the same target.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DDPM_FAST_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DDPM_FAST_VECTOR_CLONES
+#endif
+
+// Whether a [B, C, H, W] layout is dense NCHW with `per_sample` elements a sample.
+inline bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
+  return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width && l.stride_b == per_sample;
+}
+
+// f(std::bool_constant<on>{}) for the run-time flag `on`: one loop per value, each compiled with the
+// flag a constant, so that no element tests it and the loops vectorise.
+template <typename F>
+void with_flag(bool on, F&& f) {
+  if (on) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace ddpm_fast
