@@ -151,6 +151,7 @@ def _sha256(images: torch.Tensor, labels: torch.Tensor | None) -> str:
 class _NllJob(_Job):
     """The bound's job: shards of images, each shard's terms in terms-START-STOP.npz."""
     FORMAT = "ddpm_fast.nll-job/1"
+    KIND = "bound (nll) job"
     SHARD_PREFIX = "terms"
     PAYLOAD = _ARRAYS + ("timesteps", "weights", "quantised")
 

@@ -163,9 +163,10 @@ def run_shards(job: "_Job", resume: bool, overwrite: bool, progress: bool, unit:
 
 class _Job:
     """The work folder of one output: what rank 0 reads and writes, and the shards every rank writes.
-    This one draws samples; another kind of job (cli/nll.py) sets FORMAT, SHARD_PREFIX and PAYLOAD
+    This one draws samples; another kind of job (cli/nll.py) sets FORMAT, KIND, SHARD_PREFIX and PAYLOAD
     and overrides draw, _check_payload and _write_output."""
     FORMAT = FORMAT
+    KIND = "sampling job"  # as errors name it
     SHARD_PREFIX = "samples"  # shard files PREFIX-START-STOP.npz
     PAYLOAD = ("images",)     # a shard's arrays beside indices and settings_sha256
 
@@ -202,7 +203,7 @@ class _Job:
                       torch=torch.__version__, deterministic_algorithms=torch.are_deterministic_algorithms_enabled())
         self._lock.enter_context(exclusive(self.target, "the output"))
         if (self.folder.exists() or self.folder.is_symlink()) and not _is_work_folder(self.folder, self.FORMAT):
-            raise ValueError(f"{self.folder} is in the way: it is not the work folder of such a job (it holds no "
+            raise ValueError(f"{self.folder} is in the way: it is not the work folder of a {self.KIND} (it holds no "
                              f"{self.FORMAT} manifest), and is never removed: move it, or choose another output")
         self.owned = True
         stale = stale_temporaries(self.target)  # left by writers killed before their rename
