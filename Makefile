@@ -107,7 +107,8 @@ kernel-report: $(BUILD_STAMP)
 # The same under the oldest supported Triton, the GPU image's 3.6 (ptxas differs), in .venv-oldest.
 kernel-report-oldest:
 	$(MAKE) VENV=.venv-oldest PYTHON=$(OLDEST_PYTHON) PINS='$(OLDEST_PINS)' build
-	.venv-oldest/bin/python -m benchmarks.kernel_resources --out benchmarks/results/kernel-resources-triton-3.6.md
+	.venv-oldest/bin/python -m benchmarks.kernel_resources --out benchmarks/results/kernel-resources-triton-3.6.md \
+		--command "make kernel-report-oldest"
 
 # CI's smoke test of the benchmarks and the report: the --quick sizes, into build/. One thread:
 # its figures are not quoted anywhere, and two OpenMP threads on a machine where other jobs hold

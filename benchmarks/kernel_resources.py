@@ -290,7 +290,8 @@ def all_jobs() -> list[tuple[str, str, int]]:
             for config in m.launch_configs(target.capability)]
 
 
-def render(jobs, records: list[dict], cuda: list[dict], group_norms, notes: list[str]) -> str:
+def render(jobs, records: list[dict], cuda: list[dict], group_norms, notes: list[str],
+           command: str = "make kernel-report") -> str:
     by_cc = {t.cc: t for t in TARGETS}
     known = {(module, c["name"], t.cc): c for module, m in kernel_modules().items() for t in TARGETS
              for c in m.launch_configs(t.capability)}
@@ -315,7 +316,7 @@ def render(jobs, records: list[dict], cuda: list[dict], group_norms, notes: list
         cuda_rows.append(f"| {r['file']} | `{r['name']}` | {r['target']} | {r['registers']} | {r['stack']} | "
                          f"{r['local']} | {r['shared']} | {'; '.join(found) or '—'} |")
     lines = ["# Kernel resources per GPU target", "",
-             f"Written by `make kernel-report` (benchmarks/kernel_resources.py), Triton {triton.__version__}, "
+             f"Written by `{command}` (benchmarks/kernel_resources.py), Triton {triton.__version__}, "
              f"on a CPU machine: every launch config of every Triton kernel (configs a target: {counts}) × "
              f"{', '.join(t.name for t in TARGETS)}, and every CUDA C++ kernel × the same targets. "
              "Shared memory is per program (static + dynamic); stack and local are bytes per thread; "
@@ -376,11 +377,12 @@ NOTES = [
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--command", default="make kernel-report", help="the command the report names")
     args = parser.parse_args(argv)
     jobs = all_jobs()
     records = compile_all(jobs)
     cuda = [r for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")) for r in compile_cuda(source)]
-    args.out.write_text(render(jobs, records, cuda, cifar10_group_norms(), NOTES))
+    args.out.write_text(render(jobs, records, cuda, cifar10_group_norms(), NOTES, args.command))
     print(f"wrote {args.out}")
     return 0
 
