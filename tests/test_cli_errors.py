@@ -2,6 +2,7 @@
 traceback or a bare errno ends in one line that names the problem, with exit status 2 (130 for
 Ctrl-C), and the work it refused never starts."""
 import json
+import sys
 
 import pytest
 import torch
@@ -192,12 +193,27 @@ def test_one_line_and_no_traceback(name, tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.lock"))
 
 
+@pytest.mark.parametrize("command", [None, "sample", "train", "train-classifier", "convert", "nll"])
+def test_every_commands_help_prints(command, capsys):
+    # argparse formats help with %: a bare "%" in a help text made `ddpm-fast sample --help` an error
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"] if command else ["--help"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 0, err
+    assert out.startswith("usage: ddpm-fast") and err == ""
+    if command:
+        commands = sys.modules["ddpm_fast.cli.main"].build_parser()._subparsers._group_actions[0].choices
+        assert command in commands
+        for action in commands[command]._actions:
+            for flag in action.option_strings:
+                assert flag in out
+
+
 def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     # -X importtime reports each module as it finishes: SIGINT goes right after ddpm_fast._startup,
     # while torch is still being imported
     import signal
     import subprocess
-    import sys
     done = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "ddpm_fast.cli", "sample", "--quiet", "--out",
                              str(tmp_path / "s.png")], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--backend", choices=BACKENDS, default="auto")
     sample.add_argument("--compile", action="store_true",
                         help="run the U-Net through torch.compile with our ops opaque (compiles once on the first "
-                             "step, 16.8-39.3 s on the CPU, where it gains at most 13.7%: off by default)")
+                             "step, 16.8-39.3 s on the CPU, where it gains at most 13.7%%: off by default)")
     sample.add_argument("--check-finite", type=int, nargs="?", const=1, default=None, metavar="K",
                         help="stop with an error at the first step that leaves x NaN or infinite, reading the "
                              "device-side flag every K steps (default K: 1)")
