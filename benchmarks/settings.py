@@ -66,7 +66,7 @@ _ATTN_SHAPES = ((256, 256), (256, 512), (16, 256))
 _LAYOUTS = ("nchw", "channels_last")
 # The CPU goals' workloads (benchmarks/report/analysis.py): the CIFAR-10 step at batch 2 and 8
 # and its 50-step run at batch 2; the bundled digits model's full 1000-step sampling at batch 8
-# and at make sample's 64, there against the goals' baselines only and timed once (a run there
+# and at make sample METHOD=ddpm's 64, there against the goals' baselines only and timed once (a run there
 # takes 1.5 minutes with one thread, and each step the same network evaluation).
 _CPU_E2E = (E2E("cifar10", 2, 50), E2E("cifar10", 8, 0), E2E("digits", 8, 1000),
             E2E("digits", 64, 1000, sample_rounds=1,

@@ -1,5 +1,6 @@
 """ddpm-fast sample, and the picture it writes."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ def test_sample_writes_a_grid(tmp_path, capsys):
     assert main(["sample", "--num", "5", "--timesteps", "20", "--seed", "3", "--out", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "randomly initialised" in captured.err and "wrote 5 samples" in captured.out
+    seconds, per_image = re.search(r" in ([0-9.]+) s, ([0-9.]+) ms an image$", captured.out.strip()).groups()
+    assert float(per_image) == pytest.approx(1e3 * float(seconds) / 5, abs=0.1 + 1e3 * 0.05 / 5)  # s has 1 decimal
     image = Image.open(out)
     # a 3×2 grid of 16×16 with 2-px gaps, 56 px wide, enlarged 10× to reach 512 px
     assert image.size == (10 * (3 * 18 + 2), 10 * (2 * 18 + 2)) and image.mode == "L"

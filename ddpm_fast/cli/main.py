@@ -79,8 +79,11 @@ def _sample(args: argparse.Namespace) -> int:
         if world.rank != 0:
             return 0
     if not manifest.is_file() or manifest.stat().st_ino != earlier:  # else the job was finished before: a no-op
+        seconds = time.perf_counter() - start
+        # a resumed job drew only what was missing, so its time is not per image of --num
+        rate = "" if args.resume else f", {1e3 * seconds / args.num:.1f} ms an image"
         print(f"wrote {args.num} samples ({args.method}, {len(sampler.timesteps)} steps, seed {args.seed}, "
-              f"{world.size} process{'es' * (world.size > 1)}) to {path} in {time.perf_counter() - start:.1f} s")
+              f"{world.size} process{'es' * (world.size > 1)}) to {path} in {seconds:.1f} s{rate}")
     if trajectory is not None:
         Path(args.trajectory).parent.mkdir(parents=True, exist_ok=True)
         done = "wrote the" if write_bytes(args.trajectory, trajectory, args.overwrite) else "kept the identical"
