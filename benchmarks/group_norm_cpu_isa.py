@@ -1,5 +1,5 @@
 """The CPU GroupNorm+SiLU against eager PyTorch, interleaved, on one thread, naming the ISA level
-and the kernel clone that ran (issue 29: the AVX2 path must hold ≥ 1.5× eager too).
+and the kernel clone that ran (the AVX2 clone, which most cloud x86 CPUs run, as well as the AVX-512 one).
 
     OMP_NUM_THREADS=1 python -m benchmarks.group_norm_cpu_isa [--repeats 200] [--shapes 8x256x16x16 ...]
     ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1 python -m benchmarks.group_norm_cpu_isa   # eager on AVX2

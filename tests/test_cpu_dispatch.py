@@ -1,4 +1,4 @@
-"""Which clone of the CPU kernels runs (csrc/cpu/common/loops.h, DDPM_FAST_VECTOR_CLONES; issue 29):
+"""Which clone of the CPU kernels runs (csrc/cpu/common/loops.h, DDPM_FAST_VECTOR_CLONES):
 never the baseline on a CPU with AVX2 and FMA (x86-64-v3, most cloud x86 CPUs), the AVX-512 one
 where AVX-512 F/BW/CD/DQ/VL are present. The library's probe is multiversioned on the same
 targets as the kernels (csrc/cpu/common/vector_clones.cpp), so GCC's resolver answers for both."""

@@ -86,7 +86,7 @@ def environment() -> dict[str, str]:
         "gpu": gpu or (torch.cuda.get_device_name() if on_gpu else "none"),
         "gpu multiprocessors": str(props.multi_processor_count) if props else "none",
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores, {memory_gib()}",
-        # the ISA level and the CPU kernels' clone that ran (issue 29: an AVX2 CPU ran a slow clone)
+        # the ISA level and the CPU kernels' clone that ran (an AVX2-only CPU once ran a clone 3-4x slower)
         "cpu dispatch": cpu_dispatch(),
         "torch threads": str(torch.get_num_threads()),
         "last-level cache": f"{last_level_cache_bytes() / 2 ** 20:.0f} MiB",

@@ -156,7 +156,7 @@ struct VectorOf {
 // register each), not one vector of kLanes: the kernels' source is shared by every clone, and a
 // 64-byte vector has a register only in the AVX-512 one; in the AVX2 clone GCC kept it in the
 // stack and moved it through general registers every 16 elements (the forward's statistics 4×
-// slower than AVX-512's, issue 29). Pieces of 32 bytes are registers in both (two ymm a 16-lane
+// slower than AVX-512's). Pieces of 32 bytes are registers in both (two ymm a 16-lane
 // vector in either: AVX-512 loses nothing measurable, docs/DESIGN.md §5.2).
 template <typename V>
 constexpr int64_t kPieceLanes = 32 / static_cast<int64_t>(sizeof(V));

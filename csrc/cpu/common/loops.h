@@ -14,7 +14,7 @@ namespace ddpm_fast {
 // features, not its model: libgcc sets x86-64-v3 where CPUID shows AVX2, FMA, BMI1/2, F16C, LZCNT,
 // MOVBE (and v2's), x86-64-v4 where AVX-512 F/BW/CD/DQ/VL too (a Zen 3 takes the v3 clone). The
 // source is one for all clones: a GCC vector type wider than 32 bytes has a register only in the
-// v4 one, and lives in memory in the others (issue 29; docs/DESIGN.md §5.2).
+// v4 one, and lives in memory in the others (docs/DESIGN.md §5.2).
 // ddpm_fast_cpu_vector_clone() (common/vector_clones.cpp) says which clone this CPU runs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DDPM_FAST_CLONE_V4 "arch=x86-64-v4"
