@@ -40,11 +40,13 @@ constexpr int64_t kStackChannels = 128;  // per-channel scratch on the stack up 
 // becomes a branch). Clamps are on the bits, where integers compare in order.
 constexpr int32_t kExpLimit = 0x42AE0000;  // the bits of 87.0f: e^±87 and 1 + e^87 are normal floats
 
-// x with |x| clamped to 87 and its sign kept; a NaN becomes ±87.
+// x with |x| clamped to 87 and its sign kept; a NaN becomes ±87. The integer minimum is one
+// instruction (vpminsd), where the same minimum as arithmetic on the difference took four: the
+// AVX2 clone's SiLU pass −8% (benchmarks/results/2026-12-07-cpu-gn-avx2.md).
 C10_ALWAYS_INLINE float clamp_exp_argument(float x) {
   const int32_t bits = c10::bit_cast<int32_t>(x);
-  const int32_t above = (bits & 0x7FFFFFFF) - kExpLimit;
-  return c10::bit_cast<float>((kExpLimit + (above & (above >> 31))) | (bits & INT32_MIN));
+  const int32_t magnitude = bits & 0x7FFFFFFF;
+  return c10::bit_cast<float>((magnitude < kExpLimit ? magnitude : kExpLimit) | (bits & INT32_MIN));
 }
 
 // e^x for x ∈ [−87, 87], Cephes' expf reduction: x = n·ln2 + r with n = round(x·log2 e) taken
