@@ -381,7 +381,9 @@ C10_ALWAYS_INLINE void group_moments(const Block& b, const F& value, PerChannel<
   }
 }
 
-template <typename T, bool kNCHW, bool kAct>
+// kAdd: whether there is an add; without one, x itself, not x + 0 (an operation an element in every
+// pass, which the compiler may not drop: −0 + 0 is +0): the AVX2 clone's 8×256×8×8 0.068 → 0.064 ms.
+template <typename T, bool kNCHW, bool kAct, bool kAdd>
 DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, const Block& b,
                                            const GroupNormArgs<T, at::opmath_type<T>>& a, T* y, double eps) {
   using A = at::opmath_type<T>;
@@ -390,7 +392,13 @@ DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, const Block&
   const ChannelParams<A> params = channel_params(a, s, b);
   const A *ad = params.add.data(), *w = params.weight.data(), *bi = params.bias.data();
   // (x + add) − mean, never x + (add − mean): a value equal to the mean gives exactly 0
-  const auto value = [&](int64_t c, int64_t o) { return static_cast<A>(xb[o]) + ad[c]; };
+  const auto value = [&](int64_t c, int64_t o) {
+    if constexpr (kAdd) {
+      return static_cast<A>(xb[o]) + ad[c];
+    } else {
+      return static_cast<A>(xb[o]);
+    }
+  };
   PerChannel<A> mean(b.channels), var(b.channels);
   group_moments<kNCHW>(b, value, mean, var);
   const int64_t cg = s.group_channels();
@@ -498,8 +506,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_silu_cpu", [&] {
     const auto args = args_of<scalar_t>(in, mean, rstd);
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
-      forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value>(s, b, args, out, eps);
+    with_bool(args.add != nullptr, [&](auto kadd) {
+      for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
+        forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value, decltype(kadd)::value>(s, b, args, out,
+                                                                                                    eps);
+      });
     });
   });
   return {y, mean, rstd};
