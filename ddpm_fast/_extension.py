@@ -67,3 +67,58 @@ def require(op: str) -> None:
 def cuda_built() -> bool:
     """Whether the loaded library was compiled with its CUDA kernels."""
     return AVAILABLE and bool(BUILD_INFO.get("WITH_CUDA"))
+
+
+# The x86-64 micro-architecture levels as GCC 12's libgcc tests them for its function
+# multiversioning (__builtin_cpu_supports("x86-64-vN"), libgcc's get_available_features), in
+# /proc/cpuinfo's flag names (LZCNT is "abm", CMPXCHG16B "cx16"): each level needs the ones before.
+X86_64_LEVELS = (
+    ("x86-64-v2", ("cx16", "lahf_lm", "popcnt", "sse4_2")),
+    ("x86-64-v3", ("avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe")),
+    ("x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
+)
+
+
+def cpu_flags() -> set[str] | None:
+    """The first CPU's flags in /proc/cpuinfo, or None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_isa_level(flags: set[str] | None = None) -> str:
+    """This CPU's x86-64 level ("x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64") from its
+    flags, or the machine's name where it is not x86-64 or has no /proc/cpuinfo."""
+    import platform
+    flags = cpu_flags() if flags is None else flags
+    if platform.machine() not in ("x86_64", "AMD64") or flags is None:
+        return platform.machine() or "unknown"
+    level = "x86-64"
+    for name, needed in X86_64_LEVELS:
+        if not set(needed) <= flags:
+            break
+        level = name
+    return level
+
+
+def cpu_vector_clone() -> str | None:
+    """The clone of the CPU kernels (csrc/cpu/common/loops.h, DDPM_FAST_VECTOR_CLONES) that GCC's
+    resolver picked on this CPU: "x86-64-v4", "x86-64-v3", "default", or "none" for a build
+    without clones (not x86-64 GCC); None without the compiled library."""
+    if not AVAILABLE:
+        return None
+    import ctypes
+    function = ctypes.CDLL(str(_library_path())).ddpm_fast_cpu_vector_clone
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
+def cpu_dispatch() -> str:
+    """One line for reports and CI's log: the CPU kernels' clone, the CPU's level, ATen's."""
+    clone = cpu_vector_clone()
+    return (f"CPU kernels: {clone + ' clone' if clone else 'not loaded'}; CPU: {cpu_isa_level()}; "
+            f"ATen CPU capability: {torch.backends.cpu.get_cpu_capability()}")

@@ -30,7 +30,7 @@ namespace {
 // The per-block kernels are compiled for several targets (DDPM_FAST_VECTOR_CLONES, common/loops.h).
 constexpr int64_t kChunk = 1024;  // elements per float partial sum before it joins a double total
 constexpr int64_t kGrain = 32768;  // elements per task: smaller calls run on one thread
-constexpr int64_t kLanes = 16;  // float partial sums of an NCHW group: one AVX-512 register, two AVX2 ones
+constexpr int64_t kLanes = 16;  // float partial sums of an NCHW group: two 32-byte vectors (kPieces)
 constexpr int64_t kBlockChannels = 64;  // an NHWC block's channels at least
 constexpr int64_t kBlockElements = 2048;  // an NCHW block's elements at least (whole groups; one may hold more)
 constexpr int64_t kStackChannels = 128;  // per-channel scratch on the stack up to this many (a 4×4 NCHW block's)
@@ -40,11 +40,13 @@ constexpr int64_t kStackChannels = 128;  // per-channel scratch on the stack up 
 // becomes a branch). Clamps are on the bits, where integers compare in order.
 constexpr int32_t kExpLimit = 0x42AE0000;  // the bits of 87.0f: e^±87 and 1 + e^87 are normal floats
 
-// x with |x| clamped to 87 and its sign kept; a NaN becomes ±87.
+// x with |x| clamped to 87 and its sign kept; a NaN becomes ±87. The integer minimum is one
+// instruction (vpminsd), where the same minimum as arithmetic on the difference took four: the
+// AVX2 clone's SiLU pass −8% (benchmarks/results/2026-12-07-cpu-gn-avx2.md).
 C10_ALWAYS_INLINE float clamp_exp_argument(float x) {
   const int32_t bits = c10::bit_cast<int32_t>(x);
-  const int32_t above = (bits & 0x7FFFFFFF) - kExpLimit;
-  return c10::bit_cast<float>((kExpLimit + (above & (above >> 31))) | (bits & INT32_MIN));
+  const int32_t magnitude = bits & 0x7FFFFFFF;
+  return c10::bit_cast<float>((magnitude < kExpLimit ? magnitude : kExpLimit) | (bits & INT32_MIN));
 }
 
 // e^x for x ∈ [−87, 87], Cephes' expf reduction: x = n·ln2 + r with n = round(x·log2 e) taken
@@ -147,19 +149,23 @@ Block block_of(const GroupNormShape& s, int64_t i) {
   return {n, g0, groups, g0 * cg, groups * cg, s.hw, s.channels, s.group_offset(n, g0)};
 }
 
-// kLanes values of V in one vector register (two AVX2 ones), a GCC/Clang vector type: the
-// compiler keeps it in registers, where an array of partial sums went through the stack.
-template <typename V>
-struct LanesOf {
-  typedef V type __attribute__((vector_size(kLanes * sizeof(V))));
-};
-template <typename V>
-using Lanes = typename LanesOf<V>::type;
-
 template <typename V, int64_t kN>
 struct VectorOf {
   typedef V type __attribute__((vector_size(kN * sizeof(V))));
 };
+
+// The kLanes partial sums of an NCHW group are kept as kPieces GCC vectors of 32 bytes (one AVX2
+// register each), not one vector of kLanes: the kernels' source is shared by every clone, and a
+// 64-byte vector has a register only in the AVX-512 one; in the AVX2 clone GCC kept it in the
+// stack and moved it through general registers every 16 elements (the forward's statistics 4×
+// slower than AVX-512's). Pieces of 32 bytes are registers in both (two ymm a 16-lane
+// vector in either: AVX-512 loses nothing measurable, docs/DESIGN.md §5.2).
+template <typename V>
+constexpr int64_t kPieceLanes = 32 / static_cast<int64_t>(sizeof(V));
+template <typename V>
+constexpr int64_t kPieces = kLanes / kPieceLanes<V>;
+template <typename V>
+using Piece = typename VectorOf<V, kPieceLanes<V>>::type;
 
 // Σ of a vector's kN lanes as a tree of vector additions, halves added to halves (lane j to lane
 // j + kN/2): a half is a register's extract, not a round trip through the stack.
@@ -175,20 +181,37 @@ C10_ALWAYS_INLINE V lane_sum(const typename VectorOf<V, kN>::type& v) {
   }
 }
 
+// Σ of the kLanes partial sums held as pieces, in the same tree as one kLanes-vector's lane_sum
+// (lane j + lane j + kLanes/2 first: piece k + piece k + kPieces/2), so the rounding is the same.
+template <typename V>
+C10_ALWAYS_INLINE V pieces_sum(const Piece<V> (&pieces)[kPieces<V>]) {
+  Piece<V> tree[kPieces<V>];
+#pragma GCC unroll 8
+  for (int64_t k = 0; k < kPieces<V>; ++k) tree[k] = pieces[k];
+#pragma GCC unroll 8
+  for (int64_t n = kPieces<V>; n > 1; n /= 2) {
+#pragma GCC unroll 8
+    for (int64_t k = 0; k < n / 2; ++k) tree[k] += tree[k + n / 2];
+  }
+  return lane_sum<V, kPieceLanes<V>>(tree[0]);
+}
+
 // Σ_c Σ_p f(c, c·hw + p) over channels c0 … c0 + channels − 1 of an NCHW block: kLanes partial
 // sums that run across channels (so a 4×4 channel costs no horizontal sum of its own), each
 // gathered into a double total before it holds more than kChunk terms.
 template <typename F>
 C10_ALWAYS_INLINE double nchw_total(const Block& b, int64_t c0, int64_t channels, const F& f) {
   using V = decltype(f(int64_t{0}, int64_t{0}));
+  constexpr int64_t kW = kPieceLanes<V>, kP = kPieces<V>;
   const int64_t hw = b.hw, span = std::min(hw, kChunk * kLanes);  // a lane takes ≤ kChunk terms a span
   const int64_t terms = (span + kLanes - 1) / kLanes;
-  Lanes<V> lanes = {};
+  Piece<V> lanes[kP] = {};
   double total = 0;
   int64_t held = 0;  // terms per lane since the last gathering
   const auto gather = [&] {  // a tree: 4 dependent additions, not 16
-    total += lane_sum<V, kLanes>(lanes);
-    lanes = Lanes<V>{};
+    total += pieces_sum<V>(lanes);
+#pragma GCC unroll 8
+    for (int64_t k = 0; k < kP; ++k) lanes[k] = Piece<V>{};
     held = 0;
   };
   for (int64_t c = c0; c < c0 + channels; ++c) {
@@ -197,14 +220,21 @@ C10_ALWAYS_INLINE double nchw_total(const Block& b, int64_t c0, int64_t channels
       if (held + terms > kChunk) gather();
       int64_t p = p0;
       for (; p + kLanes <= p1; p += kLanes) {
-        Lanes<V> v = {};  // every lane is set below; the initialiser only quiets -Wmaybe-uninitialized
-        for (int64_t j = 0; j < kLanes; ++j) v[j] = f(c, c * hw + p + j);
-        lanes += v;
+#pragma GCC unroll 8
+        for (int64_t k = 0; k < kP; ++k) {
+          Piece<V> v = {};  // every lane is set below; the initialiser only quiets -Wmaybe-uninitialized
+#pragma GCC unroll 16
+          for (int64_t j = 0; j < kW; ++j) v[j] = f(c, c * hw + p + k * kW + j);
+          lanes[k] += v;
+        }
       }
       if (p < p1) {  // the last, partial vector, zero-padded (lanes[j] += … would keep lanes in memory)
-        Lanes<V> v = {};
-        for (int64_t j = 0; p + j < p1; ++j) v[j] = f(c, c * hw + p + j);
-        lanes += v;
+#pragma GCC unroll 8
+        for (int64_t k = 0; k < kP; ++k) {
+          Piece<V> v = {};
+          for (int64_t j = 0; j < kW && p + k * kW + j < p1; ++j) v[j] = f(c, c * hw + p + k * kW + j);
+          lanes[k] += v;
+        }
       }
       held += terms;
     }
@@ -351,7 +381,9 @@ C10_ALWAYS_INLINE void group_moments(const Block& b, const F& value, PerChannel<
   }
 }
 
-template <typename T, bool kNCHW, bool kAct>
+// kAdd: whether there is an add; without one, x itself, not x + 0 (an operation an element in every
+// pass, which the compiler may not drop: −0 + 0 is +0): the AVX2 clone's 8×256×8×8 0.068 → 0.064 ms.
+template <typename T, bool kNCHW, bool kAct, bool kAdd>
 DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, const Block& b,
                                            const GroupNormArgs<T, at::opmath_type<T>>& a, T* y, double eps) {
   using A = at::opmath_type<T>;
@@ -360,7 +392,13 @@ DDPM_FAST_VECTOR_CLONES void forward_block(const GroupNormShape& s, const Block&
   const ChannelParams<A> params = channel_params(a, s, b);
   const A *ad = params.add.data(), *w = params.weight.data(), *bi = params.bias.data();
   // (x + add) − mean, never x + (add − mean): a value equal to the mean gives exactly 0
-  const auto value = [&](int64_t c, int64_t o) { return static_cast<A>(xb[o]) + ad[c]; };
+  const auto value = [&](int64_t c, int64_t o) {
+    if constexpr (kAdd) {
+      return static_cast<A>(xb[o]) + ad[c];
+    } else {
+      return static_cast<A>(xb[o]);
+    }
+  };
   PerChannel<A> mean(b.channels), var(b.channels);
   group_moments<kNCHW>(b, value, mean, var);
   const int64_t cg = s.group_channels();
@@ -468,8 +506,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_silu_cpu", [&] {
     const auto args = args_of<scalar_t>(in, mean, rstd);
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
-      forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value>(s, b, args, out, eps);
+    with_bool(args.add != nullptr, [&](auto kadd) {
+      for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
+        forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value, decltype(kadd)::value>(s, b, args, out,
+                                                                                                    eps);
+      });
     });
   });
   return {y, mean, rstd};

@@ -10,9 +10,16 @@ namespace ddpm_fast {
 
 // Kernels compiled for AVX-512, AVX2+FMA and the baseline, picked at load time (GCC's function
 // multiversioning), since the distributed build cannot assume the CPU; what they call is always
-// inlined, so it is compiled for the same target.
+// inlined, so it is compiled for the same target. GCC's resolver picks a clone by the CPU's
+// features, not its model: libgcc sets x86-64-v3 where CPUID shows AVX2, FMA, BMI1/2, F16C, LZCNT,
+// MOVBE (and v2's), x86-64-v4 where AVX-512 F/BW/CD/DQ/VL too (a Zen 3 takes the v3 clone). The
+// source is one for all clones: a GCC vector type wider than 32 bytes has a register only in the
+// v4 one, and lives in memory in the others (docs/DESIGN.md §5.2).
+// ddpm_fast_cpu_vector_clone() (common/vector_clones.cpp) says which clone this CPU runs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DDPM_FAST_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DDPM_FAST_CLONE_V4 "arch=x86-64-v4"
+#define DDPM_FAST_CLONE_V3 "arch=x86-64-v3"
+#define DDPM_FAST_VECTOR_CLONES __attribute__((target_clones(DDPM_FAST_CLONE_V4, DDPM_FAST_CLONE_V3, "default")))
 #else
 #define DDPM_FAST_VECTOR_CLONES
 #endif
