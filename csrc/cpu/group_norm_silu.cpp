@@ -92,15 +92,6 @@ inline double sigmoid(double z) {
   return 1.0 / (1.0 + std::exp(-z));
 }
 
-// Calls f(std::integral_constant<bool, b>) so that b becomes a template argument.
-template <typename F>
-void with_bool(bool b, const F& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
 
 // Calls f(hw), hw a compile-time constant when it is kLanes: a 4×4 NCHW channel is one vector,
 // and with its length known each channel's output loop is that vector alone, where a loop of
@@ -476,8 +467,8 @@ DDPM_FAST_VECTOR_CLONES void backward_block(const GroupNormShape& s, const Block
 // std::integral_constant<bool, ...> to be used as template arguments.
 template <typename F>
 void for_each_block(const GroupNormShape& s, bool act, const F& f) {
-  with_bool(s.nchw, [&](auto nchw) {
-    with_bool(act, [&](auto kact) {
+  with_flag(s.nchw, [&](auto nchw) {
+    with_flag(act, [&](auto kact) {
       const int64_t groups = groups_per_block(s), elements = groups * s.group_channels() * s.hw;
       at::parallel_for(0, s.batch * s.groups / groups, std::max<int64_t>(1, kGrain / elements),
                        [&](int64_t begin, int64_t end) {
@@ -506,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "group_norm_silu_cpu", [&] {
     const auto args = args_of<scalar_t>(in, mean, rstd);
     scalar_t* out = y.data_ptr<scalar_t>();
-    with_bool(args.add != nullptr, [&](auto kadd) {
+    with_flag(args.add != nullptr, [&](auto kadd) {
       for_each_block(s, act, [&](auto nchw, auto kact, const Block& b) {
         forward_block<scalar_t, decltype(nchw)::value, decltype(kact)::value, decltype(kadd)::value>(s, b, args, out,
                                                                                                     eps);

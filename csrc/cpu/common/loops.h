@@ -1,4 +1,5 @@
-// Helpers shared by the CPU kernels' loops (csrc/cpu/diffusion_step.cpp, csrc/cpu/vb_terms.cpp).
+// Helpers shared by the CPU kernels' loops (csrc/cpu/diffusion_step.cpp, group_norm_silu.cpp,
+// vb_terms.cpp).
 #pragma once
 
 #include <cstdint>
