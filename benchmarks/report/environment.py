@@ -46,12 +46,6 @@ def memory_gib() -> str:
         return "unknown"
 
 
-def cpu_dispatch() -> str:
-    """The CPU kernels' clone (csrc/cpu/common/loops.h), the CPU's x86-64 level and ATen's."""
-    from ddpm_fast import _extension
-    return _extension.cpu_dispatch()
-
-
 def machine_slug() -> str:
     """The name part of a report folder: the GPU's model (h100, h200, ...) or cpu-<N>core."""
     import torch
@@ -71,6 +65,7 @@ def environment() -> dict[str, str]:
     import triton
 
     from benchmarks.rotation import last_level_cache_bytes
+    from ddpm_fast import _extension
     try:
         import diffusers
         diffusers_version = diffusers.__version__
@@ -87,7 +82,7 @@ def environment() -> dict[str, str]:
         "gpu multiprocessors": str(props.multi_processor_count) if props else "none",
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores, {memory_gib()}",
         # the ISA level and the CPU kernels' clone that ran (an AVX2-only CPU once ran a clone 3-4x slower)
-        "cpu dispatch": cpu_dispatch(),
+        "cpu dispatch": _extension.cpu_dispatch(),
         "torch threads": str(torch.get_num_threads()),
         "last-level cache": f"{last_level_cache_bytes() / 2 ** 20:.0f} MiB",
         "commit": (os.environ.get("DDPM_FAST_COMMIT") or output(["git", "rev-parse", "HEAD"]) or "unknown") + dirty,
