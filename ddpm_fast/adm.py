@@ -257,8 +257,8 @@ class ADMUNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ADMUNet":
-        """Load our .safetensors file of this class (guided-diffusion's .pt: from_guided_diffusion)."""
-        return checkpoints.load_safetensors(cls, path)
+        """Our .safetensors file of this class, in eval mode (guided-diffusion's .pt: from_guided_diffusion)."""
+        return checkpoints.load_safetensors(cls, path).eval()
 
 
 class ADMClassifier(nn.Module):
@@ -313,8 +313,9 @@ class ADMClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ADMClassifier":
-        """Load our .safetensors file of this class (guided-diffusion's .pt: classifier_from_guided_diffusion)."""
-        return checkpoints.load_safetensors(cls, path)
+        """Our .safetensors file of this class, in eval mode (guided-diffusion's .pt:
+        classifier_from_guided_diffusion)."""
+        return checkpoints.load_safetensors(cls, path).eval()
 
 
 class _Encoder:

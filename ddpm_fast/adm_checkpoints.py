@@ -137,20 +137,27 @@ class Preset(NamedTuple):
 
     def model_flags(self) -> dict:
         """The network's flags, typed as create_model / create_classifier take them."""
-        table = _BUILDERS[self.builder][1]
-        return {k: v for k, v in parse_flags(self.flags, table, self._diffusion_table()).items() if k in table}
+        return flag_text(self.flags, self.builder)
 
     def diffusion(self) -> dict:
         """The diffusion flags over the code base's script defaults (sampling's, not the network's)."""
-        diffusion = self._diffusion_table()
-        given = parse_flags(self.flags, _BUILDERS[self.builder][1], diffusion)
-        return {**diffusion, **{k: v for k, v in given.items() if k in diffusion}}
+        table = _diffusion_table(self.builder)
+        given = parse_flags(self.flags, _BUILDERS[self.builder][1], table)
+        return {**table, **{k: v for k, v in given.items() if k in table}}
 
     def config(self) -> dict:
         return _BUILDERS[self.builder][0](**self.model_flags())
 
-    def _diffusion_table(self) -> dict:
-        return IMPROVED_DIFFUSION_FLAGS if self.builder == "improved" else GUIDED_DIFFUSION_FLAGS
+
+def flag_text(text: str, builder: str) -> dict:
+    """The network's flags in a README's flag text for `builder` ("guided", "improved" or
+    "classifier"); the diffusion flags the scripts take beside them are read and left out."""
+    table = _BUILDERS[builder][1]
+    return {k: v for k, v in parse_flags(text, table, _diffusion_table(builder)).items() if k in table}
+
+
+def _diffusion_table(builder: str) -> dict:
+    return IMPROVED_DIFFUSION_FLAGS if builder == "improved" else GUIDED_DIFFUSION_FLAGS
 
 
 _BUILDERS = {"guided": (guided_model_config, GUIDED_MODEL_FLAGS),
@@ -279,16 +286,26 @@ def classifier_from_guided_diffusion(path_or_state_dict, preset: str | None = No
     return _load(ADMClassifier, path_or_state_dict, preset, flags, "classifier")
 
 
+def load_flag_text(source, text: str = "", preset_name: str | None = None):
+    """ADMUNet or ADMClassifier of a checkpoint from a README's flag text as its scripts take it
+    ('--attention_resolutions 32,16,8 --class_cond True ...': guided-diffusion's MODEL_FLAGS, or its
+    classifier flags where they name one) and/or a preset, which the text then overrides
+    (`ddpm-fast convert --preset --flags`)."""
+    builder = preset(preset_name).builder if preset_name else ("classifier" if "--classifier_" in text else "guided")
+    cls = ADMClassifier if builder == "classifier" else ADMUNet
+    return _load(cls, source, preset_name, flag_text(text, builder), builder)
+
+
 def _load(cls, source, preset_name: str | None, flags: dict, builder: str):
-    config = None
     if preset_name is not None:
         chosen = preset(preset_name)
-        if (chosen.builder == "classifier") != (builder == "classifier"):
-            raise ValueError(f"preset {preset_name!r} is a {'classifier' if chosen.builder == 'classifier' else 'diffusion model'}"
-                             f": load it with {'classifier_' * (chosen.builder == 'classifier')}from_guided_diffusion")
+        if (chosen.builder == "classifier") != (cls is ADMClassifier):
+            kind, loader = ("a classifier", "classifier_from_guided_diffusion") if chosen.builder == "classifier" \
+                else ("a diffusion model", "from_guided_diffusion")
+            raise ValueError(f"preset {preset_name!r} is {kind}: load it with {loader}")
         builder, flags = chosen.builder, {**chosen.model_flags(), **flags}
-    if preset_name is not None or flags or not _is_safetensors(source):
-        config = _BUILDERS[builder][0](**flags)
+    config = _BUILDERS[builder][0](**flags) if preset_name is not None or flags or not _is_safetensors(source) \
+        else None
     if _is_safetensors(source):
         model = checkpoints.load_safetensors(cls, source)
         if config is not None and checkpoints.skeleton(cls, config, str(source)).config != model.config:
