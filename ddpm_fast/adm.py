@@ -323,10 +323,8 @@ class _Encoder:
     block built from a config, with the widths and downsample rate they end at."""
 
     def __init__(self, config: dict):
-        c = config
-        mc, self.use_ss, self.dropout = c["model_channels"], c["use_scale_shift_norm"], c["dropout"]
-        self.heads_of = lambda ch, heads: ch // c["num_head_channels"] if c["num_head_channels"] != -1 else heads
-        self.new_order = c["use_new_attention_order"]
+        self.config = c = config
+        mc = c["model_channels"]
         self.emb_channels = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, self.emb_channels), nn.SiLU(),
                                         nn.Linear(self.emb_channels, self.emb_channels))
@@ -351,10 +349,14 @@ class _Encoder:
         self.ch, self.ds = ch, ds
 
     def res_block(self, channels: int, out_channels: int, updown: str | None = None) -> ResBlock:
-        return ResBlock(channels, self.emb_channels, self.dropout, out_channels, self.use_ss, updown)
+        return ResBlock(channels, self.emb_channels, self.config["dropout"], out_channels,
+                        self.config["use_scale_shift_norm"], updown)
 
     def attention(self, channels: int, num_heads: int) -> AttentionBlock:
-        return AttentionBlock(channels, self.heads_of(channels, num_heads), self.new_order)
+        """A block of num_heads heads, or of channels / num_head_channels where that is given."""
+        head_channels = self.config["num_head_channels"]
+        heads = num_heads if head_channels == -1 else channels // head_channels
+        return AttentionBlock(channels, heads, self.config["use_new_attention_order"])
 
 
 def _check_config(*, channel_mult, attention_resolutions, dropout, num_head_channels, num_heads, num_heads_upsample,

@@ -15,7 +15,7 @@ from ddpm_fast import adm_checkpoints
 from ddpm_fast.adm import ADMClassifier, ADMUNet
 from ddpm_fast.adm_checkpoints import PRESETS, guided_classifier_config, guided_model_config, parse_flags
 from ddpm_fast.cli.main import main
-from helpers import relative_error
+from helpers import cuda_or_skip, relative_error
 
 GOLDEN = Path(__file__).parent / "golden" / "adm"
 FIXTURES = sorted(p.stem for p in GOLDEN.glob("*.safetensors"))
@@ -77,6 +77,18 @@ def test_triton_kernels_in_the_interpreter(name):
         assert relative_error(model(*inputs), expected) < 1e-5
 
 
+@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_agrees_with_their_network_on_cuda(name, backend):
+    """Triton's attention (float32 as tf32x3) and GroupNorm kernels, or the CUDA C++ GroupNorm op."""
+    device = cuda_or_skip()
+    model, inputs, expected, _ = load_fixture(name)
+    model.to(device).backend = backend
+    with torch.no_grad():
+        out = model(*(tensor.to(device) for tensor in inputs))
+    assert relative_error(out, expected) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_as_exact_as_the_plain_maths(dtype):
     """DESIGN §6: in 16 bits, the fused path's error at most 2× that of the plain maths in 16 bits."""
@@ -88,6 +100,25 @@ def test_half_precision_is_as_exact_as_the_plain_maths(dtype):
         plain = model(inputs[0].to(dtype), *inputs[1:])
     assert fused.dtype == dtype
     assert relative_error(fused, expected) <= max(1e-2, 2 * relative_error(plain, expected))
+
+
+@pytest.mark.parametrize("name", [n for n in FIXTURES if "classifier" not in n])
+@pytest.mark.parametrize("shape, layout", [((1, 3, 4, 12), "nchw"), ((3, 3, 12, 4), "channels_last"),
+                                           ((2, 3, 8, 20), "strided")])
+def test_fused_path_matches_float64_reference_on_fresh_inputs(name, shape, layout):
+    """Batch 1 and 3, non-square sizes (the tokens' order), channels_last and a strided view."""
+    model, inputs, _, _ = load_fixture(name)
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], generator=generator)[..., ::2] if layout == "strided" \
+        else torch.randn(shape, generator=generator)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    t = torch.randint(0, 1000, (shape[0],), generator=generator)
+    y = [torch.randint(0, model.num_classes, (shape[0],), generator=generator)] if len(inputs) == 3 else []
+    with torch.no_grad():
+        out = model(x, t, *y)
+        model.double().backend = "reference"
+        reference = model(x.double(), t, *y)
+    assert relative_error(out, reference) < 1e-5
 
 
 def test_batch_elements_are_independent():
