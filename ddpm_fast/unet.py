@@ -129,8 +129,16 @@ def attention_for(backend: str, dtype: torch.dtype):
         return F.scaled_dot_product_attention
     if backend == "reference" or dtype == torch.float64:
         return reference_attention
-    impl = "triton" if backend == "triton" else "auto"
-    return lambda q, k, v: ops.attention(q, k, v, impl=impl)
+    return _fused_attention if backend != "triton" else lambda q, k, v: ops.attention(q, k, v, impl="triton")
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # The op's choice, but SDPA on CUDA tensors where autograd records (training, a classifier's
+    # gradient for guidance): the op's choice there, Triton's kernel, has no backward. Sampling
+    # runs under inference mode and keeps the kernel; on CPU tensors the op's choice is SDPA.
+    if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v)
+    return ops.attention(q, k, v)
 
 
 def attention_residual(x: torch.Tensor, h: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
