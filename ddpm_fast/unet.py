@@ -162,6 +162,10 @@ def attention_residual(x: torch.Tensor, h: torch.Tensor, qkv_weight: torch.Tenso
     return out.add_(proj_bias[:, None]).view(B, C, H, W)
 
 
+def _first_few(items: list[str], few: int = 5) -> str:
+    return f"{items[:few]}" + (f" and {len(items) - few} more" if len(items) > few else "")
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -421,14 +425,16 @@ class UNet(nn.Module):
         misshaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
                      for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
         if missing or unexpected or misshaped:
-            first = next((f"key {k!r} expected {tuple(v.shape)}, " + (
-                f"got {tuple(state_dict[k].shape)}" if k in state_dict else "missing") for k, v in own.items()
-                if k not in state_dict or state_dict[k].shape != v.shape), f"unexpected key {unexpected[0]!r}"
-                if unexpected else "")
-            few = lambda items: f"{items[:5]}" + (f" and {len(items) - 5} more" if len(items) > 5 else "")  # noqa: E731
+            differing = [k for k in own if k not in state_dict or state_dict[k].shape != own[k].shape]
+            if differing:
+                key = differing[0]
+                got = f"got {tuple(state_dict[key].shape)}" if key in state_dict else "missing"
+                first = f"key {key!r} expected {tuple(own[key].shape)}, {got}"
+            else:
+                first = f"unexpected key {unexpected[0]!r}"
             raise ValueError(f"{source} does not match {type(self).__name__}({self.config}): first difference: "
-                             f"{first}; missing keys {few(sorted(missing))}, unexpected keys {few(unexpected)}, "
-                             f"mismatched shapes {few(sorted(misshaped))}")
+                             f"{first}; missing keys {_first_few(sorted(missing))}, unexpected keys "
+                             f"{_first_few(unexpected)}, mismatched shapes {_first_few(sorted(misshaped))}")
 
     def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":
         """load_state_dict that names every missing, unexpected or mis-shaped key of `source`."""
