@@ -82,8 +82,12 @@ class NoiseSchedule:
         (round(T − i·T/steps) − 1) and "linspace" (round(i·(T−1)/(steps−1))), each as diffusers'
         DDIMScheduler.set_timesteps computes it (with steps_offset 0), or "quadratic"
         (⌊(i·√(0.8T)/(steps−1))²⌋, Song et al. 2021, without repeats: at most `steps`) — or
-        `steps` itself when it is a sequence (e.g. a diffusers scheduler's own timesteps)."""
+        `steps` itself when it is a sequence (e.g. a diffusers scheduler's own timesteps), or, when
+        `steps` is a string, guided-diffusion's respacing of it (space_timesteps: "250", "ddim25",
+        "10,15,20")."""
         T = self.num_timesteps
+        if isinstance(steps, str):
+            return sorted(space_timesteps(T, steps), reverse=True)
         if isinstance(steps, (list, tuple, torch.Tensor)):
             kept = [int(t) for t in (steps.tolist() if isinstance(steps, torch.Tensor) else steps)]
             if not kept or any(not 0 <= t < T for t in kept) or any(a <= b for a, b in zip(kept, kept[1:])):
@@ -192,6 +196,45 @@ class NoiseSchedule:
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.num_timesteps}, beta_1={self.betas[0].item():.3g}, "
                 f"beta_T={self.betas[-1].item():.3g})")
+
+
+def space_timesteps(T: int, sections: str) -> set[int]:
+    """The timesteps guided-diffusion's and improved-diffusion's `--timestep_respacing` keeps (their
+    respace.space_timesteps, DESIGN §2.3): "ddimN" keeps range(0, T, k) for the integer stride k
+    that gives exactly N; "n1,n2,…" splits [0, T) into equal sections (the first T mod #sections
+    one longer) and keeps n_i points of section i at the fractional stride (size − 1)/(n_i − 1),
+    rounded by Python's round() (half to even), as theirs are: a checkpoint's published FID was
+    sampled at exactly these timesteps."""
+    text = sections.strip()
+    if text.startswith("ddim"):
+        count = _positive_count(text[len("ddim"):], sections)
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == count:
+                return set(range(0, T, stride))
+        raise ValueError(f"respacing {sections!r}: no integer stride keeps exactly {count} of {T} timesteps")
+    counts = [_positive_count(part, sections) for part in text.split(",")]
+    if len(counts) > T:
+        raise ValueError(f"respacing {sections!r}: {len(counts)} sections do not fit in {T} timesteps")
+    size, extra = divmod(T, len(counts))
+    kept, start = set(), 0
+    for i, count in enumerate(counts):
+        length = size + (i < extra)
+        if count > length:
+            raise ValueError(f"respacing {sections!r}: section {i} has {length} timesteps, fewer than {count}")
+        stride = 1.0 if count == 1 else (length - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):  # summed, not j·stride: the float sum's rounding decides near-ties, as in theirs
+            kept.add(start + round(position))
+            position += stride
+        start += length
+    return kept
+
+
+def _positive_count(text: str, sections: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"respacing must be \"ddimN\" or comma-separated counts ≥ 1 (e.g. \"250\", "
+                         f"\"10,15,20\"), got {sections!r}")
+    return int(text)
 
 
 def output_coefs(ab: float, prediction_type: str, t: int) -> tuple[float, float, float, float]:

@@ -1,5 +1,7 @@
 """NoiseSchedule against the paper's closed forms (Ho et al. 2020, §2 and eqs. 4-7)."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +102,27 @@ def test_timestep_subsequences():
 def test_bad_subsequences(steps, spacing, match):
     with pytest.raises(ValueError, match=match):
         NoiseSchedule.linear(1000).timesteps(steps, spacing)
+
+
+GUIDED_RESPACING = json.loads((Path(__file__).parent / "golden" / "space_timesteps.json").read_text())
+
+
+@pytest.mark.parametrize("T,sections,kept", GUIDED_RESPACING["kept"], ids=lambda v: str(v)[:12])
+def test_string_steps_keep_guided_diffusions_respaced_timesteps(T, sections, kept):
+    # their space_timesteps' own output (tests/golden/make_space_timesteps.py), in sampling order
+    assert NoiseSchedule.linear(T, 1e-4, 0.02).timesteps(sections) == kept[::-1]
+
+
+@pytest.mark.parametrize("T,sections", GUIDED_RESPACING["refused"] + [[1000, "ddim0"], [1000, "ten"], [1000, "10,,5"],
+                                                                    [1000, "-5"], [1000, ""]])
+def test_respacings_guided_diffusion_cannot_take_are_refused(T, sections):
+    with pytest.raises(ValueError, match="respacing"):
+        NoiseSchedule.linear(T, 1e-4, 0.02).timesteps(sections)
+
+
+def test_a_respaced_ddpm_run_steps_through_the_string_respacing():
+    table = NoiseSchedule.linear(1000).step_table("ddpm", steps="ddim25")
+    assert table.timesteps.tolist() == list(range(960, -1, -40))
 
 
 def test_timestep_checks():
