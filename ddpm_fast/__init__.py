@@ -12,6 +12,9 @@ from .likelihood import Evaluator
 from .sampler import Sampler
 from .schedule import NoiseSchedule
 from .unet import UNet
+from .adm import ADMClassifier, ADMUNet
+from .adm_checkpoints import classifier_from_guided_diffusion, from_guided_diffusion, from_improved_diffusion
 
 __version__ = "0.1.0"
-__all__ = ["Sampler", "Evaluator", "NoiseSchedule", "UNet", "randn", "ops", "reference", "CompiledOpsUnavailable", "__version__"]
+__all__ = ["Sampler", "Evaluator", "NoiseSchedule", "UNet", "ADMUNet", "ADMClassifier", "from_guided_diffusion", "from_improved_diffusion",
+           "classifier_from_guided_diffusion", "randn", "ops", "reference", "CompiledOpsUnavailable", "__version__"]

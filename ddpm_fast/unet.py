@@ -110,31 +110,60 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = _normalize(x, self.norm, self.backend, act=False)
-        if self.backend in ("reference", "torch") or x.dtype == torch.float64:  # the op has no float64 kernel
-            B, C, H, W = x.shape
+        attend, (B, C, H, W) = attention_for(self.backend, x.dtype), x.shape
+        if self.backend in ("reference", "torch") or x.dtype == torch.float64:
             # single head over the H·W positions: [B, 1, N, C]
             q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
-            attend = F.scaled_dot_product_attention if self.backend == "torch" else reference_attention
             return x + self.proj_out(attend(q, k, v).transpose(2, 3).reshape(B, C, H, W))
-        return self._fused(x, h)
-
-    def _fused(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        # q, k, v from one batched GEMM over the tokens (h read through strides in either layout),
-        # read by the kernel through strides; the output projection adds the residual inside the
-        # GEMM (baddbmm, beta = 1) and writes x's own layout, token-major (channels_last) or
-        # channel-major (NCHW), so that the next convolution needs no layout conversion.
-        B, C, H, W = x.shape
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * C, C)
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = torch.baddbmm(bias, h.flatten(2).transpose(1, 2), weight.t().expand(B, C, 3 * C))  # [B, N, 3C]
-        q, k, v = qkv.view(B, H * W, 3, 1, C).permute(2, 0, 3, 1, 4)  # each [B, 1, N, C], strided views
-        o = ops.attention(q, k, v, impl="triton" if self.backend == "triton" else "auto").reshape(B, H * W, C)
-        proj = self.proj_out.weight.view(C, C)
-        if x.is_contiguous(memory_format=torch.channels_last):  # [B, N, C] = x + o·Pᵀ
-            out = torch.baddbmm(x.flatten(2).transpose(1, 2), o, proj.t().expand(B, C, C))
-            return out.add_(self.proj_out.bias).transpose(1, 2).view(B, C, H, W)
-        out = torch.baddbmm(x.flatten(2), proj.expand(B, C, C), o.transpose(1, 2))  # [B, C, N] = x + P·oᵀ
-        return out.add_(self.proj_out.bias[:, None]).view(B, C, H, W)
+        return attention_residual(x, h, weight, bias, self.proj_out.weight.view(C, C), self.proj_out.bias,
+                                  lambda qkv: qkv.view(B, H * W, 3, 1, C).permute(2, 0, 3, 1, 4), attend)
+
+
+def attention_for(backend: str, dtype: torch.dtype):
+    """attend(q, k, v) over [B, heads, N, d] as `backend` names it: PyTorch's SDPA ("torch"), the
+    materialised maths ("reference", and float64, which the op has no kernel for), else the fused
+    op (Triton's kernel forced by "triton"; "auto", "cpu" and "cuda" leave the choice to the op)."""
+    if backend == "torch":
+        return F.scaled_dot_product_attention
+    if backend == "reference" or dtype == torch.float64:
+        return reference_attention
+    return _fused_attention if backend != "triton" else lambda q, k, v: ops.attention(q, k, v, impl="triton")
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # The op's choice, but SDPA on CUDA tensors where autograd records (training, a classifier's
+    # gradient for guidance): the op's choice there, Triton's kernel, has no backward. Sampling
+    # runs under inference mode and keeps the kernel; on CPU tensors the op's choice is SDPA.
+    if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v)
+    return ops.attention(q, k, v)
+
+
+def attention_residual(x: torch.Tensor, h: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
+                       proj_weight: torch.Tensor, proj_bias: torch.Tensor, split, attend) -> torch.Tensor:
+    """x + P·attention(q, k, v) + p, with q, k, v = split(h·Wᵀ + b) over the H·W tokens.
+
+    qkv_weight [3C, C], qkv_bias [3C], proj_weight [C, C], proj_bias [C]; split: the token-major
+    [B, N, 3C] projections → (q, k, v), each [B, heads, N, d] (how the 3C channels divide into
+    q/k/v and heads is the model's), the output's channel being head·d + j. q, k, v come from one
+    batched GEMM over the tokens (h read through strides in either layout), read by the kernel
+    through strides; the output projection adds the residual inside the GEMM (baddbmm, beta = 1)
+    and writes x's own layout, token-major (channels_last) or channel-major (NCHW), so that the
+    next convolution needs no layout conversion."""
+    B, C, H, W = x.shape
+    qkv = torch.baddbmm(qkv_bias, h.flatten(2).transpose(1, 2), qkv_weight.t().expand(B, C, 3 * C))  # [B, N, 3C]
+    o = attend(*split(qkv)).transpose(1, 2).reshape(B, H * W, C)  # [B, N, heads, d] → [B, N, C]
+    if x.is_contiguous(memory_format=torch.channels_last):  # [B, N, C] = x + o·Pᵀ
+        out = torch.baddbmm(x.flatten(2).transpose(1, 2), o, proj_weight.t().expand(B, C, C))
+        return out.add_(proj_bias).transpose(1, 2).view(B, C, H, W)
+    out = torch.baddbmm(x.flatten(2), proj_weight.expand(B, C, C), o.transpose(1, 2))  # [B, C, N] = x + P·oᵀ
+    return out.add_(proj_bias[:, None]).view(B, C, H, W)
+
+
+def _first_few(items: list[str], few: int = 5) -> str:
+    return f"{items[:few]}" + (f" and {len(items) - few} more" if len(items) > few else "")
 
 
 class Downsample(nn.Module):
@@ -261,8 +290,8 @@ class UNet(nn.Module):
     def backend(self, value: str) -> None:
         check_choice("backend", value, UNET_BACKENDS)
         self._backend = value
-        for module in self.modules():
-            if isinstance(module, (ResnetBlock, AttnBlock)):
+        for module in self.modules():  # every block that names one (a class attribute: ResnetBlock, AttnBlock, …)
+            if module is not self and isinstance(getattr(type(module), "backend", None), str):
                 module.backend = value
 
     # -- presets: the architectures the package ships, trains and tests ----------------------
@@ -282,7 +311,9 @@ class UNet(nn.Module):
         """A small 16×16 grey network for demos and tests (`--model random-small`)."""
         return cls(**{**SMALL, **overrides})
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, fractional: bool = False) -> torch.Tensor:
+        """t as a [B] tensor on x's device: integer timesteps >= 0, or any real ones >= 0 where the
+        network takes `fractional` timesteps (the ADM networks: improved-diffusion rescales t)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         factor = 2 ** (self.num_resolutions - 1)
@@ -295,31 +326,36 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(t.shape)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError("t must be finite")
-        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must hold integer timesteps (0-based), got {t.dtype}")
+        if t.dtype.is_floating_point and not fractional or t.dtype == torch.bool or t.is_complex():
+            kind = "real timesteps" if fractional else "integer timesteps (0-based)"
+            raise TypeError(f"t must hold {kind}, got {t.dtype}")
         # on a GPU this would cost a sync per call; a compiled forward checks before the graph (compiled.py)
-        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling() and int(t.min()) < 0:
-            raise ValueError(f"t must hold timesteps >= 0, got {int(t.min())}")
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling() and t.min().item() < 0:
+            raise ValueError(f"t must hold timesteps >= 0, got {t.min().item()}")
         return t
+
+    # whether label num_classes is the "no label" token ∅ (classifier-free guidance, DESIGN §2.5)
+    null_label = True
 
     def _check_labels(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
         if self.num_classes is None:
             if y is not None:
-                raise ValueError("y given to an unconditional UNet (num_classes=None): expected no labels, got "
-                                 f"a tensor of shape {tuple(torch.as_tensor(y).shape)}")
+                raise ValueError(f"y given to an unconditional {type(self).__name__} (num_classes=None): expected no "
+                                 f"labels, got a tensor of shape {tuple(torch.as_tensor(y).shape)}")
             return None
+        top = self.num_classes if self.null_label else self.num_classes - 1
+        labels = f"[0, {top}]" + (f" ({top} = no label)" if self.null_label else "")
         if y is None:
-            raise ValueError(f"this UNet is class-conditional (num_classes={self.num_classes}): expected labels y "
-                             f"[B] in [0, {self.num_classes}] ({self.num_classes} = no label), got none")
+            raise ValueError(f"this {type(self).__name__} is class-conditional (num_classes={self.num_classes}): "
+                             f"expected labels y [B] in {labels}, got none")
         y = torch.as_tensor(y, device=x.device)
         if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
             raise TypeError(f"y must hold integer class labels, got {y.dtype}")
         if y.shape != (x.shape[0],):
             raise ValueError(f"y must have shape [B] = [{x.shape[0]}], got {tuple(y.shape)}")
-        if y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) <= self.num_classes:
-            raise ValueError(f"y must hold labels in [0, {self.num_classes}] ({self.num_classes} = no label), got "
-                             f"[{int(y.min())}, {int(y.max())}]")  # on a GPU this would cost a sync per call
-        return y.long()
+        if y.device.type == "cpu" and y.numel() and not 0 <= int(y.min()) <= int(y.max()) <= top:
+            raise ValueError(f"y must hold labels in {labels}, got [{int(y.min())}, {int(y.max())}]")
+        return y.long()  # (on a GPU the range check would cost a sync per call)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t, y = self._check_inputs(x, t), self._check_labels(x, y)
@@ -380,16 +416,25 @@ class UNet(nn.Module):
         return checkpoints.from_diffusers(cls, model)
 
     def check_state_dict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        """Raise, naming every missing, unexpected or mis-shaped key of `source`, unless
-        state_dict fits this network (works on the meta device too)."""
+        """Raise, in one line, unless state_dict fits this network (works on the meta device too):
+        the first key (in the network's order) that is missing or mis-shaped, else the first
+        unexpected one, then the counts and the first few of each kind."""
         own = self.state_dict()
-        missing = sorted(set(own) - set(state_dict))
+        missing = [k for k in own if k not in state_dict]
         unexpected = sorted(set(state_dict) - set(own))
-        misshaped = sorted(f"{k}: expected {tuple(own[k].shape)}, got {tuple(v.shape)}"
-                           for k, v in state_dict.items() if k in own and v.shape != own[k].shape)
+        misshaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
+                     for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
         if missing or unexpected or misshaped:
-            raise ValueError(f"{source} does not match {type(self).__name__}({self.config}): missing keys {missing}, "
-                             f"unexpected keys {unexpected}, mismatched shapes {misshaped}")
+            differing = [k for k in own if k not in state_dict or state_dict[k].shape != own[k].shape]
+            if differing:
+                key = differing[0]
+                got = f"got {tuple(state_dict[key].shape)}" if key in state_dict else "missing"
+                first = f"key {key!r} expected {tuple(own[key].shape)}, {got}"
+            else:
+                first = f"unexpected key {unexpected[0]!r}"
+            raise ValueError(f"{source} does not match {type(self).__name__}({self.config}): first difference: "
+                             f"{first}; missing keys {_first_few(sorted(missing))}, unexpected keys "
+                             f"{_first_few(unexpected)}, mismatched shapes {_first_few(sorted(misshaped))}")
 
     def load_checked(self, state_dict: dict[str, torch.Tensor], source: str) -> "UNet":
         """load_state_dict that names every missing, unexpected or mis-shaped key of `source`."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import NoiseSchedule, Sampler, UNet, _startup
+from ..adm_checkpoints import PRESETS as ADM_PRESETS, load_flag_text
 from ..classifier import NoisyClassifier
 from .._atomic import must_write, read_regular, write_bytes
 from ..checkpoints import Notice, skeleton
@@ -218,13 +219,20 @@ PRESETS = {"cifar10": UNet.ddpm_cifar10, "digits": UNet.digits, "small": UNet.sm
 def _convert(args: argparse.Namespace) -> int:
     import json
     check_output(args.out, suffixes=(".safetensors",), folders=False)  # before reading a large source
-    config = None
-    if args.config:
-        config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(read_regular(args.config))
-    model = UNet.from_pretrained(args.source, config=config)
+    if args.preset or args.flags:  # a guided-diffusion or improved-diffusion checkpoint (DESIGN §2.7)
+        if args.config:
+            raise ValueError("--config is for original-DDPM state dicts; --preset and --flags for guided-diffusion "
+                             "and improved-diffusion ones: give one or the other")
+        model = load_flag_text(args.source, args.flags or "", args.preset)
+    else:
+        config = None
+        if args.config:
+            config = PRESETS[args.config]().config if args.config in PRESETS else json.loads(read_regular(args.config))
+        model = UNet.from_pretrained(args.source, config=config)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     done = "wrote" if model.save_pretrained(args.out, overwrite=args.overwrite) else "kept the identical"
-    print(f"{done} {sum(p.numel() for p in model.parameters()):,} parameters of UNet({model.config}) to {args.out}")
+    print(f"{done} {sum(p.numel() for p in model.parameters()):,} parameters of {type(model).__name__}({model.config}) "
+          f"to {args.out}")
     return 0
 
 
@@ -397,12 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(classifier, CLASSIFIER_STEPS)
     classifier.set_defaults(run=_train_classifier)
 
-    convert = commands.add_parser("convert", help="turn a diffusers UNet2DModel folder or a .pt/.ckpt state dict "
-                                                  "(original-DDPM PyTorch port names) into our .safetensors")
+    convert = commands.add_parser("convert", help="turn a diffusers UNet2DModel folder, a .pt/.ckpt state dict "
+                                                  "(original-DDPM PyTorch port names) or a guided-diffusion / "
+                                                  "improved-diffusion checkpoint into our .safetensors")
     convert.add_argument("source", help="a diffusers UNet2DModel folder, or a .pt/.pth/.ckpt file")
     convert.add_argument("out", help="the .safetensors file to write")
     convert.add_argument("--config", default=None,
                          help=f"for bare state dicts: a preset ({', '.join(PRESETS)}) or a JSON file of UNet arguments")
+    convert.add_argument("--preset", choices=tuple(ADM_PRESETS), default=None, metavar="NAME",
+                         help=f"a published guided-diffusion or improved-diffusion checkpoint's flags, by its file's "
+                              f"name: {', '.join(ADM_PRESETS)}")
+    convert.add_argument("--flags", default=None, metavar="TEXT",
+                         help="guided-diffusion's flags as its README gives them, in one argument: \"$MODEL_FLAGS\" "
+                              "(create_model's) or a classifier's --classifier_* flags; over --preset's where both")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing, different OUT")
     convert.set_defaults(run=_convert)
     add_nll_parser(commands)  # ddpm-fast nll: the bound in bits/dim (cli/nll.py)
