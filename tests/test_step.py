@@ -326,7 +326,7 @@ def test_bad_inputs(schedule, impl):
     bad[3, 2] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         call(coefs=bad)
-    with pytest.raises(ValueError, match=r"\[S, 11\]"):
+    with pytest.raises(ValueError, match=r"\[S, 14\]"):
         call(coefs=table.coefs[:, :6].contiguous())
     with pytest.raises(ValueError, match="seed"):
         call(seed=-3)
