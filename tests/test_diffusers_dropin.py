@@ -68,6 +68,20 @@ def _zero_snr_in_float64(scheduler):
     return scheduler
 
 
+def _beside_stock(theirs, steps, monkeypatch, seed):
+    """FusedDDPMScheduler with the config and float64 β of `theirs`, both set to `steps` (None: the
+    full chain), diffusers drawing the contract's noise under `seed`: (ours, its timesteps, current),
+    current[0] the timestep whose noise diffusers draws next."""
+    ours = FusedDDPMScheduler.from_config(theirs.config)
+    ours.betas = theirs.betas
+    for scheduler in (theirs, ours):
+        if steps is not None:
+            scheduler.set_timesteps(steps)
+    current = [None]
+    _contract_noise(monkeypatch, seed=seed, timestep_of_call=current)
+    return ours, ours.timesteps.tolist(), current
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("steps", [None, 10])
@@ -76,14 +90,7 @@ def test_zero_terminal_snr_steps_like_diffusers(monkeypatch, prediction, varianc
                   variance_type=variance, timestep_spacing="trailing")
     theirs = _zero_snr_in_float64(diffusers.DDPMScheduler(**config))
     assert theirs.alphas_cumprod[-1] == 0
-    ours = FusedDDPMScheduler.from_config(theirs.config)
-    ours.betas = theirs.betas
-    for scheduler in (theirs, ours):
-        if steps is not None:
-            scheduler.set_timesteps(steps)
-    current = [None]
-    _contract_noise(monkeypatch, seed=11, timestep_of_call=current)
-    timesteps = ours.timesteps.tolist()
+    ours, timesteps, current = _beside_stock(theirs, steps, monkeypatch, seed=11)
     assert timesteps[0] == 999  # the step from ᾱ_T = 0
     for index in sorted({0, 1, len(timesteps) // 2, len(timesteps) - 1}):
         current[0] = t = timesteps[index]
@@ -261,15 +268,8 @@ def test_learned_variances_step_like_diffusers(monkeypatch, variance, steps, off
     # itself. steps_offset 1 ends the run at timestep 1, whose step draws noise with diffusers' floored β̃.
     theirs = _in_float64(diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance,
                                                  steps_offset=offset))
-    ours = FusedDDPMScheduler.from_config(theirs.config)
-    ours.betas = theirs.betas
+    ours, timesteps, current = _beside_stock(theirs, steps, monkeypatch, seed=7)
     assert not ours.problems()
-    for scheduler in (theirs, ours):
-        if steps is not None:
-            scheduler.set_timesteps(steps)
-    current = [None]
-    _contract_noise(monkeypatch, seed=7, timestep_of_call=current)
-    timesteps = ours.timesteps.tolist()
     assert timesteps[-1] == (offset if steps else 0)
     for index in sorted({0, 1, len(timesteps) // 2, len(timesteps) - 1}):
         current[0] = t = timesteps[index]

@@ -15,7 +15,7 @@ from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import noise as ref_noise
 from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
-from helpers import relative_error
+from helpers import opcheck_step, relative_error
 
 T = 1000
 LEARNED = ["learned_range", "learned"]
@@ -242,11 +242,7 @@ def test_opcheck(fused, schedule):
     x, out, var = (v.to(device) for v in _inputs(5, (2, 3, 5, 7), torch.bfloat16, "halves"))
     x = x.float()
     args = (x, out, table.coefs, table.noise_keys, torch.tensor([4], device=device), 3, 0, None, None, None, var)
-    op = torch.ops.ddpm_fast.diffusion_step_triton_ if impl == "triton" else torch.ops.ddpm_fast.diffusion_step_
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if device.type == "cuda" or impl != "triton":
-        tests += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(op.default, args, test_utils=tests)
+    opcheck_step(impl, device, args)
 
 
 def test_compiles_without_graph_breaks(fused, schedule):
