@@ -49,10 +49,6 @@ struct StepCoefs {
   float A, B, C, D, E, sigma, clip, H, w, Gout, Gmean, learned, log_beta, log_beta_tilde;
 };
 
-// The learned column's values (contract.LEARNED_VARIANCES; 0: a fixed variance).
-constexpr float kLearnedRange = 1.0f;
-constexpr float kLearnedLog = 2.0f;
-
 // A row of the [S, kStepColumns] table, in contract.STEP_COLUMNS order.
 DDPM_FAST_HD StepCoefs step_row(const float* row) {
   return {row[0], row[1], row[2], row[3], row[4],  row[5],  row[6],
