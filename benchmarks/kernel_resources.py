@@ -359,7 +359,9 @@ NOTES = [
     "so the history variant ships 1–128 quads a program only. Under Triton 3.6 the guided variant with "
     "both guidance inputs (128 quads) held 40 B on sm_120 at 48 registers, ptxas trimming to an occupancy "
     "step (below); the guided variants therefore pass maxnreg = 255, under which none spills with "
-    "Triton 3.6 or 3.8 (kernel-resources-triton-3.6.md is this report under the GPU image's Triton 3.6).",
+    "Triton 3.6 or 3.8 (kernel-resources-triton-3.6.md is this report under the GPU image's Triton 3.6). "
+    "The learned-variance variants (the network's variance channels, DESIGN §2.3; alone or with the "
+    "guidance inputs, never with the history) ship 128 quads a program under the same maxnreg.",
     "GroupNorm has no dots and little shared memory, so its configs are the same on every target: 126 tiles "
     "(forward: 77 one-pass tiles of 128–8,192 elements and 11 three-pass 1,024-element chunks; backward: "
     "38 tiles of 128–1,024 elements) × 3 dtypes, the add and the SiLU being run-time flags.",

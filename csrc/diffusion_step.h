@@ -2,11 +2,12 @@
 // csrc/cuda/diffusion_step.cu: argument checks, the strided layout of x and the network
 // output, and the per-element arithmetic.
 //   out ← out + w·(out − uncond) + Gout·g;  x̂0 = A·x + B·out (clipped to [−1, 1] when clip ≠ 0);
-//   x ← C·x̂0 + D·x + E·out + H·x̂0' + Gmean·g + σ·z
+//   x ← C·x̂0 + D·x + E·out + H·x̂0' + Gmean·Σ·g + σ·√Σ·z
 // with x̂0' the previous row's x̂0, read from the optional history buffer, which then takes x̂0
 // (multistep solvers, DESIGN §2.4), and the guidance inputs of DESIGN §2.5: the unconditional
 // network output `uncond` and a classifier's gradient g. Each optional input's term is absent
-// without it.
+// without it. Σ is 1, or on a learned row (DESIGN §2.3) the variance the network outputs in its
+// second C channels (the optional `var`), per element.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -45,12 +46,23 @@ inline Layout4d layout_of(const at::Tensor& t) {
 }
 
 struct StepCoefs {
-  float A, B, C, D, E, sigma, clip, H, w, Gout, Gmean;
+  float A, B, C, D, E, sigma, clip, H, w, Gout, Gmean, learned, log_beta, log_beta_tilde;
 };
 
 // A row of the [S, kStepColumns] table, in contract.STEP_COLUMNS order.
 DDPM_FAST_HD StepCoefs step_row(const float* row) {
-  return {row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10]};
+  return {row[0], row[1], row[2], row[3], row[4],  row[5],  row[6],
+          row[7], row[8], row[9], row[10], row[11], row[12], row[13]};
+}
+
+// √Σ_θ of a learned row from the network's variance channel v: Σ_θ = exp(log Σ_θ) with
+// log Σ_θ = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2 ("learned_range", Nichol & Dhariwal
+// 2021 eq. 15, β̃_t clipped on the last row), or log Σ_θ = v ("learned"). Taken as exp(½·log Σ_θ),
+// as improved-diffusion draws its noise.
+DDPM_FAST_HD float learned_std(const StepCoefs& k, float v) {
+  const float frac = (v + 1.0f) / 2.0f;
+  const float log_variance = k.learned == kLearnedLog ? v : frac * k.log_beta + (1.0f - frac) * k.log_beta_tilde;
+  return expf(0.5f * log_variance);
 }
 
 DDPM_FAST_HD float estimate_x0(const StepCoefs& k, float x, float out) {
@@ -69,11 +81,13 @@ DDPM_FAST_HD float cfg_output(const StepCoefs& k, float out, float uncond) { ret
 // One element's update from the network output `out` (already combined by cfg_output under
 // classifier-free guidance) and the classifier gradient g (0 without a classifier, which leaves
 // every value as it would be without the two terms); with a history pointer its element (x̂0')
-// is read, then replaced by x̂0.
-DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float g, float z, float* history) {
+// is read, then replaced by x̂0. std: √Σ of a learned row (learned_std), 1 on any other, where
+// the products below are then exactly those of the row's own σ and Gmean.
+DDPM_FAST_HD float step_update(const StepCoefs& k, float x, float out, float g, float z, float* history,
+                               float std = 1.0f) {
   out += k.Gout * g;  // ε̂ = ε − s·√(1−ᾱ_t)·g in the output's own parametrisation (DESIGN §2.5)
   const float x0_hat = estimate_x0(k, x, out);
-  float x_prev = k.C * x0_hat + k.D * x + k.E * out + k.Gmean * g + k.sigma * z;
+  float x_prev = k.C * x0_hat + k.D * x + k.E * out + k.Gmean * (std * std) * g + k.sigma * std * z;
   if (history != nullptr) {
     x_prev += k.H * *history;
     *history = x0_hat;
@@ -86,7 +100,8 @@ inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, co
                                   int64_t seed, int64_t sample_offset,
                                   const std::optional<at::Tensor>& history,
                                   const std::optional<at::Tensor>& uncond,
-                                  const std::optional<at::Tensor>& grad) {
+                                  const std::optional<at::Tensor>& grad,
+                                  const std::optional<at::Tensor>& var) {
   constexpr const char* op = "ddpm_fast::diffusion_step_";
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kHalf ||
@@ -127,6 +142,10 @@ inline NoiseShape check_step_args(const at::Tensor& x, const at::Tensor& out, co
   companion(history, "history", x, "x");
   companion(uncond, "uncond_output", out, "model_output");
   companion(grad, "guidance_grad", x, "x");
+  companion(var, "variance_output", out, "model_output");
+  TORCH_CHECK(!(history.has_value() && var.has_value()), op,
+              ": history (multistep rows) and variance_output (learned-variance DDPM rows) never meet in one table: "
+              "pass one of them");
   if (history.has_value()) {
     for (const std::optional<at::Tensor>* other : {&uncond, &grad}) {
       if (other->has_value()) at::assert_no_overlap(*history, **other);

@@ -9,16 +9,19 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // sample_offset .. sample_offset + B - 1 under noise key `step`.
   m.def("randn_(Tensor(a!) out, int seed, int step, int sample_offset) -> ()");
   // The fused sampling update in place on x (float32 [B, ...]): coefficient row and noise key
-  // read at step_index (device memory) from coefs [S, 11] (DESIGN §2) and noise_keys [S]; z in-kernel.
+  // read at step_index (device memory) from coefs [S, 14] (DESIGN §2) and noise_keys [S]; z in-kernel.
   // history (x's shape and strides): the previous row's x̂0, read and then overwritten with this
   // row's (multistep solvers, DESIGN §2.4). Guidance (DESIGN §2.5): uncond_output (model_output's
   // dtype, shape and strides) is the unconditional output, combined with model_output by the row's
   // w; guidance_grad (float32, x's shape and strides) a classifier's ∇ₓ log p(y | x_t), by Gout and Gmean.
+  // variance_output (model_output's dtype, shape and strides: the second half of a 2C-channel output)
+  // gives a learned-variance row (DESIGN §2.3) its per-element variance; other rows ignore it.
   // No defaults in any schema: torch 2.11 mis-indexes mutated arguments after trailing defaults
   // (ddpm_fast/ops/diffusion_step.py); the Python wrappers hold them.
   m.def(
       "diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
-      "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad) -> ()");
+      "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad, "
+      "Tensor? variance_output) -> ()");
   // Fused GroupNorm + SiLU (DESIGN §5): y = act((x + add[:, :, None, None] − mean)·rstd·weight + bias),
   // act = SiLU when act else identity, over [N, C, H, W] x (NCHW or channels_last; y in x's layout).
   // Returns (y, mean, rstd) with the per-(n, group) statistics [N, G] in float32 (float64 for

@@ -29,8 +29,16 @@ MAX_ELEMENTS_PER_SAMPLE = 4 * UINT32_RANGE  # four normals per Philox call, quad
 #   out ← out + w·(out − uncond) + Gout·g   (classifier-free guidance; classifier guidance as ε̂)
 #   x̂0 = A·x + B·out   (clipped to [−1, 1] when clip = 1)
 #   x_prev = C·x̂0 + D·x + E·out + H·x̂0' + Gmean·g + σ·z   (Gmean: classifier guidance as μ + sΣg)
-STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip", "H", "w", "Gout", "Gmean")
+# A learned-variance row (learned ≠ 0, DESIGN §2.3) reads the network's variance channels v too:
+# log Σ_θ = frac·log_beta + (1 − frac)·log_beta_tilde with frac = (v + 1)/2 ("learned_range",
+# Nichol & Dhariwal 2021 eq. 15; log_beta_tilde the clipped log β̃_t), or log Σ_θ = v ("learned"),
+# and its noise and mean shift become σ·√Σ_θ·z and Gmean·Σ_θ·g, per element (σ = 1, 0 on the last
+# row; Gmean = s). Every other row has learned = log_beta = log_beta_tilde = 0.
+STEP_COLUMNS = ("A", "B", "C", "D", "E", "sigma", "clip", "H", "w", "Gout", "Gmean", "learned", "log_beta",
+                "log_beta_tilde")
 NUM_STEP_COLUMNS = len(STEP_COLUMNS)
+# The values of the learned column: the variances the network outputs (its 2C channels' second half)
+LEARNED_VARIANCES = {"learned_range": 1.0, "learned": 2.0}
 
 # -- the variational bound (DESIGN §2.6) -----------------------------------------------------
 # The noise ε that makes x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε for the bound's term at timestep i is
@@ -52,7 +60,8 @@ SIGMA1_CONVENTIONS = ("paper", "improved-diffusion")
 # -- names ------------------------------------------------------------------------------------
 METHODS = ("ddpm", "ddim", "dpm-solver++", "dpm-solver++-sde")
 MULTISTEP_METHODS = ("dpm-solver++", "dpm-solver++-sde")  # those that read and write the history
-VARIANCES = ("fixed_large", "fixed_small")
+VARIANCES = ("fixed_large", "fixed_small")  # fixed σ_t² = β_t or β̃_t (the bound, DESIGN §2.6, takes these)
+SAMPLING_VARIANCES = VARIANCES + tuple(LEARNED_VARIANCES)  # the sampler's: fixed, or the network's own
 PREDICTION_TYPES = ("epsilon", "x0", "v")
 # DDIM's kept timesteps: "uniform" (= diffusers' "leading"), diffusers' "trailing" and "linspace",
 # and DDIM's "quadratic" (DESIGN §2.3)

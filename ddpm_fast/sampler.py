@@ -7,7 +7,9 @@ index held in device memory, so the loop never waits for the host; on CUDA the w
 DPM-Solver++ rows also read and write a history buffer (the previous x̂0) inside the same update.
 Guidance (DESIGN §2.5) enters the same update: classifier-free guidance runs the network once on
 the 2B batch (labels, then ∅) and the kernel combines the halves; classifier guidance passes the
-gradient ∇ₓ log p_φ(y | x_t, t) of a classifier as one more input.
+gradient ∇ₓ log p_φ(y | x_t, t) of a classifier as one more input. A learned variance (DESIGN §2.3)
+too: the network's 2C output channels are split into ε and the variance channels (views), which
+the DDPM rows read.
 Noise follows DESIGN §3: x_T is randn(step=T), the update at timestep i adds randn(step=i),
 per global sample index — sample j is the same whatever batch, device or backend draws it.
 """
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .contract import BACKENDS, METHODS, MULTISTEP_METHODS, check_choice, check_samples
+from .contract import BACKENDS, LEARNED_VARIANCES, METHODS, MULTISTEP_METHODS, check_choice, check_samples
 from .ops._dispatch import resolve
 from .ops.diffusion_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
 from .ops.noise import RANDN_IMPLEMENTATIONS
@@ -50,6 +52,12 @@ class Sampler:
     `spacing` as diffusers' DPMSolverMultistepScheduler defines it, default "linspace", or
     "lambda"; `use_karras_sigmas`), whose rows also read and write a history buffer (DESIGN §2.4).
     backend: "auto" (Triton on CUDA, the C++ op on CPU), "reference", "cpu", "cuda", "triton".
+    variance: "fixed_large" (σ_t² = β_t), "fixed_small" (β̃_t), or a variance the network learned
+    (Nichol & Dhariwal 2021): the model then returns 2C channels, ε (or x_0 / v) and v, split as
+    torch.split(out, C, dim=1); "learned_range" takes Σ_θ = exp(frac·log β_t + (1 − frac)·log β̃_t),
+    frac = (v + 1)/2 (their eq. 15), "learned" Σ_θ = exp(v). DDPM rows (full or respaced: β_t and
+    β̃_t of the respaced chain, as guided-diffusion's SpacedDiffusion) use it; DDIM and DPM-Solver++
+    ignore it, as guided-diffusion and diffusers do (DESIGN §2.3).
 
     Guidance (DESIGN §2.5; sample() then takes labels): a class-conditional UNet (num_classes=K)
     is sampled with labels; guidance_scale w ≥ 0 (one for every step or one per step) is
@@ -115,6 +123,8 @@ class Sampler:
         self.table = schedule.step_table(method, variance, clip_denoised, prediction_type, steps, eta, spacing,
                                          karras=use_karras_sigmas, guidance_scale=guidance_scale,
                                          classifier_scale=0.0 if classifier is None else self.classifier_scale)
+        # the network returns 2C channels (ε, then the variance channels) whatever the method
+        self.learned_variance = variance in LEARNED_VARIANCES
         spacing = spacing if spacing is not None else "linspace" if method in MULTISTEP_METHODS else "uniform"
         self.model, self.schedule, self.method, self.backend = model, schedule, method, backend
         self.dtype, self.cuda_graph, self.finite_check_every = model_dtype, cuda_graph, finite_check_every
@@ -133,6 +143,11 @@ class Sampler:
         if len(self.sample_shape) != 3 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
                                               for n in self.sample_shape):
             raise ValueError(f"sample_shape must be three positive ints (C, H, W), got {sample_shape!r}")
+        channels, known = self.sample_shape[0] * (1 + self.learned_variance), _output_channels(model)
+        if known is not None and known != channels:
+            raise ValueError(f"variance={variance!r} needs a model with {channels} output channels for "
+                             f"{self.sample_shape[0]} input channels{_VARIANCE_HALF * self.learned_variance}, "
+                             f"but this one has {known}")
         if dtype is not None and isinstance(model, torch.nn.Module):
             model.to(dtype)
         if not isinstance(compile, bool):
@@ -256,11 +271,11 @@ class Sampler:
         y = None if labels is None else self._model_labels(labels.to(x.device))
         rows = zip(self.table.coefs, self.table.timesteps.tolist(), self.table.noise_keys.tolist())
         for index, (row, t, key) in enumerate(rows):
-            out, uncond, grad = self._outputs(x, torch.full((n,), t, dtype=torch.int64, device=x.device), y)
+            out, uncond, grad, var = self._outputs(x, torch.full((n,), t, dtype=torch.int64, device=x.device), y)
             if on_step is not None:
                 on_step(index, x, out, uncond, grad)
             z = RANDN_IMPLEMENTATIONS["reference"](tuple(x.shape), seed, key, sample_offset, x.device)
-            x = reference_step(x, out, row, z, history, uncond, grad)
+            x = reference_step(x, out, row, z, history, uncond, grad, var)
             self._note_non_finite(x, first_bad, torch.tensor([index], device=x.device))
             bar.update(1)
             self._check_finite(index + 1, first_bad)
@@ -314,8 +329,8 @@ class Sampler:
 
         def step() -> None:
             t = table.timesteps[step_index].expand(n)  # gathered on the device: no host round trip
-            out, uncond, grad = self._outputs(x, t, y)
-            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset, history, uncond, grad)
+            out, uncond, grad, var = self._outputs(x, t, y)
+            update(x, out, table.coefs, table.noise_keys, step_index, seed, sample_offset, history, uncond, grad, var)
             self._note_non_finite(x, first_bad, step_index)
             step_index.add_(1)
 
@@ -350,26 +365,33 @@ class Sampler:
         return torch.cat([labels, torch.full_like(labels, self.num_classes)]) if self.classifier_free else labels
 
     def _outputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None):
-        """(out, uncond, grad) of one step, t being one timestep for every sample: the network output
-        (conditional when labelled), the unconditional half under classifier-free guidance (one
-        forward of the 2B batch, whose halves the update combines: views, no copy) and the
-        classifier's gradient, or None. y: _model_labels' (2B labels under classifier-free guidance)."""
-        n, uncond, grad = x.shape[0], None, None
+        """(out, uncond, grad, var) of one step, t being one timestep for every sample: the network
+        output (conditional when labelled), the unconditional half under classifier-free guidance (one
+        forward of the 2B batch, whose halves the update combines: views, no copy), the classifier's
+        gradient and, with a learned variance read by the table, the variance channels of the
+        (conditional) output (the second C of 2C, a view), each or None. y: _model_labels' (2B labels
+        under classifier-free guidance)."""
+        n, uncond, grad, var = x.shape[0], None, None, None
         if self.classifier_free:
             both = self._model_output(torch.cat([x, x]).to(self.dtype), t[:1].expand(2 * n), y)
-            out, uncond = both[:n], both[n:]
         else:
-            out = self._model_output(x.to(self.dtype), t, y if self.num_classes is not None else None)
+            both = self._model_output(x.to(self.dtype), t, y if self.num_classes is not None else None)
+        if self.learned_variance:  # as diffusers' DDPMScheduler.step splits it
+            both, variances = torch.split(both, x.shape[1], dim=1)
+            var = variances[:n] if self.table.learned else None
+        out, uncond = (both[:n], both[n:]) if self.classifier_free else (both, None)
         if self.classifier is not None:
             grad = classifier_gradient(self.classifier, x, t, y[:n]).to(x.dtype)
-        return out, uncond, grad
+        return out, uncond, grad, var
 
     def _model_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(x, t) if y is None else self.model(x, t, y)
         out = getattr(out, "sample", out)  # diffusers returns UNet2DOutput
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            raise ValueError(f"the model must return a tensor of the input's shape {tuple(x.shape)}, "
-                             f"got {getattr(out, 'shape', type(out).__name__)}")
+        shape = (x.shape[0], x.shape[1] * (1 + self.learned_variance), *x.shape[2:])
+        if not isinstance(out, torch.Tensor) or out.shape != shape:
+            raise ValueError(f"the model must return a tensor of shape {shape}"
+                             f"{_VARIANCE_HALF * self.learned_variance}, "
+                             f"got {tuple(getattr(out, 'shape', ())) or type(out).__name__}")
         if not out.is_floating_point():
             raise TypeError(f"the model must return a floating-point tensor (its prediction), got {out.dtype}")
         return out
@@ -405,6 +427,17 @@ def _capture(step: Callable[[], None], state: list[torch.Tensor]) -> Callable[[]
     with torch.cuda.graph(graph):
         step()
     return graph.replay
+
+
+_VARIANCE_HALF = " (its prediction, then the variance channels of a learned variance)"
+
+
+def _output_channels(model) -> int | None:
+    """The output channels a ddpm_fast UNet or a diffusers model declares (None: not known before a call)."""
+    model = model.model if isinstance(model, CompiledUNet) else model
+    if isinstance(model, UNet):
+        return model.config["out_ch"]
+    return getattr(getattr(model, "config", None), "out_channels", None)
 
 
 def _infer_sample_shape(model) -> tuple[int, int, int]:

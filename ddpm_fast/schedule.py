@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import dpm_solver
-from .contract import (METHODS, MULTISTEP_METHODS, PREDICTION_TYPES, SPACINGS, STEP_COLUMNS, UINT32_RANGE, VARIANCES,
-                       check_choice)
+from .contract import (LEARNED_VARIANCES, METHODS, MULTISTEP_METHODS, PREDICTION_TYPES, SAMPLING_VARIANCES, SPACINGS,
+                       STEP_COLUMNS, UINT32_RANGE, check_choice)
 
 
 class NoiseSchedule:
@@ -131,8 +131,13 @@ class NoiseSchedule:
         classifier-free weight w ≥ 0 (one for every row, or one per row), classifier_scale the
         classifier-guidance scale s ≥ 0 — as a shift of the mean by s·Σ_t·g on DDPM rows
         (Dhariwal & Nichol 2021, Algorithm 1) and of ε by −s·√(1−ᾱ_t)·g on every other row
-        (their Algorithm 2 / eq. 14), written in the network output's own parametrisation."""
-        for name, value, choices in (("method", method, METHODS), ("variance", variance, VARIANCES),
+        (their Algorithm 2 / eq. 14), written in the network output's own parametrisation.
+
+        variance "learned_range" or "learned" (the network's variance channels, Nichol & Dhariwal
+        2021 eq. 15) makes the DDPM rows learned-variance rows (DESIGN §2.3: columns learned,
+        log_beta, log_beta_tilde); DDIM and DPM-Solver++ rows ignore it, as guided-diffusion and
+        diffusers do."""
+        for name, value, choices in (("method", method, METHODS), ("variance", variance, SAMPLING_VARIANCES),
                                      ("prediction_type", prediction_type, PREDICTION_TYPES)):
             check_choice(name, value, choices)
         if method in MULTISTEP_METHODS:
@@ -151,15 +156,19 @@ class NoiseSchedule:
             raise ValueError(f"method='ddpm' takes no eta (its variance is set by `variance`), got eta={eta}; "
                              f"for DDIM's η use method='ddim'")
         kept = self.timesteps(steps, spacing)
+        learned = method == "ddpm" and variance in LEARNED_VARIANCES
+        if learned and len(kept) < 2:
+            raise ValueError(f"variance={variance!r} needs at least two DDPM steps: the last step's clipped log β̃ is "
+                             f"the step before's (improved-diffusion's posterior_log_variance_clipped), got {len(kept)}")
         ab = self.alphas_cumprod.tolist()
-        rows, vp, variances = [], [], []
+        rows, vp, variances, chain = [], [], [], []
         for index, t in enumerate(kept):
             ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0  # ᾱ at the next kept timestep
             sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
             A, B, Fx, Fo = output_coefs(ab[t], prediction_type, t)
             if method == "ddpm" and len(kept) == self.num_timesteps:  # μ̃_t(x_t, x̂0), eq. 7; σ² = β_t or β̃_t
                 C, D, E = self.posterior_mean_coef1[t].item(), self.posterior_mean_coef2[t].item(), 0.0
-                sigma = math.sqrt((self.betas if variance == "fixed_large" else self.posterior_variance)[t].item())
+                beta, beta_tilde = self.betas[t].item(), self.posterior_variance[t].item()
             elif method == "ddpm":
                 # Respaced DDPM (Nichol & Dhariwal 2021 §4; diffusers' DDPMScheduler with fewer
                 # inference steps): eqs. 6-7 for the chain of kept timesteps, whose β'_t =
@@ -167,16 +176,20 @@ class NoiseSchedule:
                 # 1 − ᾱ_t/ᾱ_{t−1} loses ~12 digits of β_t to cancellation.
                 beta = 1.0 - ab[t] / ab_s
                 C, D, E = beta * math.sqrt(ab_s) / (1.0 - ab[t]), (1.0 - ab_s) * math.sqrt(1.0 - beta) / (1.0 - ab[t]), 0.0
-                sigma = math.sqrt(beta if variance == "fixed_large" else beta * (1.0 - ab_s) / (1.0 - ab[t]))
+                beta_tilde = beta * (1.0 - ab_s) / (1.0 - ab[t])
             else:  # DDIM towards the previous kept timestep s (ᾱ_s = 1 after the last)
                 C, D, E, sigma = ddim_coefs(ab[t], ab_s, eta, Fx, Fo, clip_denoised)
+            if method == "ddpm":
+                chain.append((beta, beta_tilde))
+                # a learned row's noise is σ·√Σ_θ·z with Σ_θ per element: σ = 1 here (DESIGN §2.3)
+                sigma = 1.0 if learned else math.sqrt(beta if variance == "fixed_large" else beta_tilde)
             vp.append((sqrt_ab, sqrt_1m_ab))
             variances.append(sigma ** 2)  # Σ_t of classifier guidance's mean shift, before the last step's σ = 0
             if t == 0:
                 sigma = 0.0  # no noise on the last step, whatever the variance choice
             rows.append((A, B, C, D, E, sigma, float(clip_denoised), 0.0))
         rows = _guided(rows, vp, variances if method == "ddpm" else None, guidance_scale, classifier_scale)
-        return _table(rows, kept, kept)
+        return _table(rows, kept, kept, _learned_columns(variance, chain) if learned else None)
 
     def _dpm_solver_rows(self, stochastic: bool, clip_denoised: bool, prediction_type: str, steps, spacing: str,
                          order: int, karras: bool, final_sigma: str, lower_order_final: bool, eta: float):
@@ -265,9 +278,20 @@ def ddim_coefs(ab: float, ab_s: float, eta: float, Fx: float, Fo: float,
 
 
 def unguided_table(rows: list[tuple[float, ...]], timesteps: list[int]) -> "StepTable":
-    """A table of rows (A, B, C, D, E, σ, clip, H) without guidance (w = Gout = Gmean = 0), each
-    row's noise keyed by its timestep (DESIGN §3.2)."""
+    """A table of rows (A, B, C, D, E, σ, clip, H) without guidance (w = Gout = Gmean = 0) nor a
+    learned variance, each row's noise keyed by its timestep (DESIGN §3.2)."""
     return _table([(*row, 0.0, 0.0, 0.0) for row in rows], timesteps, timesteps)
+
+
+def _learned_columns(variance: str, chain: list[tuple[float, float]]) -> list[tuple[float, float, float]]:
+    """(learned, log β_t, clipped log β̃_t) of each row of a DDPM chain given its (β_t, β̃_t) in
+    sampling order: the respaced chain's own β and β̃, as guided-diffusion's SpacedDiffusion
+    recomputes them from the kept ᾱ's. β̃ is 0 on the last row (ᾱ_s = 1), whose log β̃ is clipped
+    to the row before's, as improved-diffusion's posterior_log_variance_clipped is (eq. 15's range
+    then stays finite where the noise is off anyway)."""
+    clipped = [beta_tilde for _, beta_tilde in chain[:-1]] + [chain[-2][1]]
+    return [(LEARNED_VARIANCES[variance], math.log(beta), math.log(beta_tilde))
+            for (beta, _), beta_tilde in zip(chain, clipped)]
 
 
 def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_variances: list[float] | None,
@@ -300,8 +324,11 @@ def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_v
     return guided
 
 
-def _table(rows: list[tuple[float, ...]], timesteps: list[int], noise_keys: list[int]) -> "StepTable":
-    coefs = torch.tensor(rows, dtype=torch.float64)
+def _table(rows: list[tuple[float, ...]], timesteps: list[int], noise_keys: list[int],
+           learned: list[tuple[float, float, float]] | None = None) -> "StepTable":
+    """The table of rows (A … Gmean) with their learned-variance columns (zeros: a fixed variance)."""
+    columns = learned if learned is not None else [(0.0, 0.0, 0.0)] * len(rows)
+    coefs = torch.tensor([(*row, *extra) for row, extra in zip(rows, columns)], dtype=torch.float64)
     if not torch.isfinite(coefs).all():
         raise ValueError("the schedule gives non-finite step coefficients")
     return StepTable(coefs, torch.tensor(timesteps, dtype=torch.int64), torch.tensor(noise_keys, dtype=torch.int64))
@@ -313,7 +340,8 @@ def _check_T(T: int) -> None:
         raise ValueError(f"T must be an int in [1, 2^32), got {T!r}")
 
 
-_A, _B, _CLIP, _H, _W, _GOUT = (STEP_COLUMNS.index(name) for name in ("A", "B", "clip", "H", "w", "Gout"))
+_A, _B, _CLIP, _H, _W, _GOUT, _LEARNED, _LOG_BETA, _LOG_BETA_TILDE = (
+    STEP_COLUMNS.index(name) for name in ("A", "B", "clip", "H", "w", "Gout", "learned", "log_beta", "log_beta_tilde"))
 
 
 def guided_output(row: torch.Tensor, out: torch.Tensor, uncond: torch.Tensor | None = None,
@@ -324,6 +352,18 @@ def guided_output(row: torch.Tensor, out: torch.Tensor, uncond: torch.Tensor | N
     if uncond is not None:
         out = (1 + row[_W]) * out - row[_W] * uncond.to(out.dtype)
     return out if grad is None else out + row[_GOUT] * grad.to(out.dtype)
+
+
+def learned_variance(row: torch.Tensor, variance_output: torch.Tensor) -> torch.Tensor:
+    """Σ_θ per element of a learned row (DESIGN §2.3) from the network's variance channels v, in
+    their dtype: exp(frac·log β_t + (1 − frac)·log β̃_t), frac = (v + 1)/2 ("learned_range",
+    Nichol & Dhariwal 2021 eq. 15), or exp(v) ("learned"); 1 on any other row, which ignores v."""
+    if row[_LEARNED] == LEARNED_VARIANCES["learned"]:
+        return variance_output.exp()
+    if row[_LEARNED] == LEARNED_VARIANCES["learned_range"]:
+        frac = (variance_output + 1) / 2
+        return (frac * row[_LOG_BETA] + (1 - frac) * row[_LOG_BETA_TILDE]).exp()
+    return torch.ones_like(variance_output)
 
 
 def x0_hat(row: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -348,6 +388,11 @@ class StepTable:
 
     def __len__(self) -> int:
         return self.timesteps.numel()
+
+    @property
+    def learned(self) -> bool:
+        """Whether a row reads the network's variance channels (a learned variance, DESIGN §2.3)."""
+        return bool((self.coefs[:, _LEARNED] != 0).any())
 
     @property
     def multistep(self) -> bool:

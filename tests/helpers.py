@@ -29,3 +29,14 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         bits = x.float().cpu().contiguous().view(torch.int32).to(torch.int64)
         return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
     return (ordered(a) - ordered(b)).abs()
+
+
+def opcheck_step(impl: str, device: torch.device, args: tuple) -> None:
+    """torch.library.opcheck of the fused step's registered op for `impl` (the Triton custom op or the
+    C++ one) on every argument of its schema, which has no defaults (DESIGN §5.5); the AOT dispatch
+    check runs where the kernel is compiled, not in Triton's interpreter."""
+    op = torch.ops.ddpm_fast.diffusion_step_triton_ if impl == "triton" else torch.ops.ddpm_fast.diffusion_step_
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if device.type == "cuda" or impl != "triton":
+        tests += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(op.default, args, test_utils=tests)

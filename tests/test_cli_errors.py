@@ -165,6 +165,9 @@ CASES = {
                                      "is at step 2, past --steps 1"),
     "channels 2": ([*TR, "--channels", "2", "--out", "{tmp}/r"], None, None, 2, "--channels: invalid choice: 2"),
     "Ctrl-C": ([*D, "--out", "{tmp}/s.png"], None, _ctrl_c, 130, "ddpm-fast: interrupted"),
+    "learned variance of a C-channel model": ([*D, "--variance", "learned_range", "--out", "{tmp}/s.png"], None, None,
+                                              2, "variance='learned_range' needs a model with 2 output channels for 1 "
+                                                 "input channels"),
 }
 if not torch.cuda.is_available():
     CASES["device cuda without a GPU"] = ([*D, "--device", "cuda"], None, None, 2, "has no usable CUDA GPU")

@@ -15,6 +15,7 @@ from ddpm_fast import NoiseSchedule
 from ddpm_fast.reference import noise as ref_noise
 from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
 from helpers import relative_error, ulp_distance
+from test_learned_variance import _chain, p_sample_learned
 
 SM90_OPTIN = 232_448  # the opt-in shared memory per block of sm_90 (DESIGN §5.5)
 DEFAULT_SHARED = 48 * 1024  # what a kernel may use without opting in
@@ -106,13 +107,59 @@ def test_step_kernel_matches_the_reference(ops, shape, layouts, method):
         gx, gout, ghistory, guncond, ggrad = (t.tensor for t in tensors)
         ops.diffusion_step_(gx, gout, table.coefs.float(), table.noise_keys, torch.tensor([index]), seed, offset,
                             ghistory if multistep else None, guncond if guided else None, ggrad if guided else None,
-                            0, reverse)
+                            None, 0, reverse)
         assert all(t.untouched() for t in tensors), "a write outside the tensors"
         return gx.clone(), ghistory.clone()
 
     got, got_history = _both_orders(run)
     assert relative_error(got, expected) <= 1e-6
     assert relative_error(got_history, expected_history if multistep else history) <= 1e-6
+
+
+LEARNED_ROWS = {"learned_range": 20, "learned": 49}  # variance: row of a 50-step respaced chain (49: its last)
+LEARNED_CASES = [(shape, layout) for shape, layout in itertools.product(STEP_SHAPES, ("contiguous", "channels_last",
+                                                                                     "halves"))
+                 if len(shape) == 4 or layout == "contiguous"]  # other ranks must be contiguous
+
+
+@pytest.mark.parametrize("shape,layout", LEARNED_CASES, ids=str)
+@pytest.mark.parametrize("variance", LEARNED_ROWS)
+def test_learned_step_kernel_matches_the_equations(ops, shape, layout, variance):
+    # a learned-variance row with classifier guidance (Σ_θ per element on the noise and the mean
+    # shift), the variance channels beside the prediction as the halves of one 2C-channel output
+    index, s = LEARNED_ROWS[variance], 2.0
+    table = NoiseSchedule.linear(1000).step_table("ddpm", variance, steps=50, classifier_scale=s)
+    chain, indices = _chain(NoiseSchedule.linear(1000), table)
+    out_dtype = OUT_DTYPES[(sum(shape) + len(layout)) % 3]
+    g = torch.Generator().manual_seed(sum(shape))
+    x, out, grad = (torch.randn(shape, generator=g) for _ in range(3))
+    var = (torch.rand(shape, generator=g) * 2 - 1) * (1 if variance == "learned_range" else 4)
+    x_strides = _strides(shape, "channels_last" if layout == "channels_last" else "contiguous")
+    out_strides = torch.empty(shape[0], 2 * shape[1], *shape[2:]).stride() if layout == "halves" else x_strides
+    seed, offset = 2 ** 33 + 7, 11
+    z = ref_noise.randn(shape, seed, int(table.noise_keys[index]), offset).double()
+    expected = p_sample_learned(chain, indices[index], out.to(out_dtype).double(), var.to(out_dtype).double(),
+                                x.double(), z, variance, True, "epsilon", grad.double(), s)
+
+    def run(reverse):
+        tensors = [Guarded(x, x_strides), Guarded(out.to(out_dtype), out_strides), Guarded(grad, x_strides),
+                   Guarded(var.to(out_dtype), out_strides)]
+        gx, gout, ggrad, gvar = (t.tensor for t in tensors)
+        ops.diffusion_step_(gx, gout, table.coefs.float(), table.noise_keys, torch.tensor([index]), seed, offset,
+                            None, None, ggrad, gvar, 0, reverse)
+        assert all(t.untouched() for t in tensors), "a write outside the tensors"
+        return (gx.clone(),)
+
+    (got,) = _both_orders(run)
+    assert relative_error(got, expected) <= 1e-6
+
+
+def test_learned_row_without_variance_writes_nan(ops):
+    table = NoiseSchedule.linear(1000).step_table("ddpm", "learned_range", steps=10)
+    x = Guarded(torch.zeros(2, 3, 3, 3))
+    ops.diffusion_step_(x.tensor, torch.zeros(2, 3, 3, 3), table.coefs.float(), table.noise_keys, torch.tensor([4]),
+                        0, 0, None, None, None, None, 0, False)
+    assert x.tensor.isnan().all() and x.untouched()
 
 
 def test_step_grid_stride_loop(ops):
@@ -123,7 +170,7 @@ def test_step_grid_stride_loop(ops):
     for blocks in (0, 1, 2):
         got = Guarded(x)
         ops.diffusion_step_(got.tensor, out, table.coefs.float(), table.noise_keys, torch.tensor([10]), 5, 0, None,
-                            None, None, blocks, False)
+                            None, None, None, blocks, False)
         assert got.untouched(), "a write outside the tensor"
         results.append(got.tensor)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
@@ -136,7 +183,7 @@ def test_step_index_outside_the_table_writes_nan(ops):
     for index in (-1, 1000):
         x = Guarded(torch.zeros(2, 3, 3, 3))
         ops.diffusion_step_(x.tensor, torch.zeros(2, 3, 3, 3), table.coefs.float(), table.noise_keys,
-                            torch.tensor([index]), 0, 0, None, None, None, 0, False)
+                            torch.tensor([index]), 0, 0, None, None, None, None, 0, False)
         assert x.tensor.isnan().all() and x.untouched()
 
 

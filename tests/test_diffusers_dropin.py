@@ -68,6 +68,20 @@ def _zero_snr_in_float64(scheduler):
     return scheduler
 
 
+def _beside_stock(theirs, steps, monkeypatch, seed):
+    """FusedDDPMScheduler with the config and float64 β of `theirs`, both set to `steps` (None: the
+    full chain), diffusers drawing the contract's noise under `seed`: (ours, its timesteps, current),
+    current[0] the timestep whose noise diffusers draws next."""
+    ours = FusedDDPMScheduler.from_config(theirs.config)
+    ours.betas = theirs.betas
+    for scheduler in (theirs, ours):
+        if steps is not None:
+            scheduler.set_timesteps(steps)
+    current = [None]
+    _contract_noise(monkeypatch, seed=seed, timestep_of_call=current)
+    return ours, ours.timesteps.tolist(), current
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("steps", [None, 10])
@@ -76,14 +90,7 @@ def test_zero_terminal_snr_steps_like_diffusers(monkeypatch, prediction, varianc
                   variance_type=variance, timestep_spacing="trailing")
     theirs = _zero_snr_in_float64(diffusers.DDPMScheduler(**config))
     assert theirs.alphas_cumprod[-1] == 0
-    ours = FusedDDPMScheduler.from_config(theirs.config)
-    ours.betas = theirs.betas
-    for scheduler in (theirs, ours):
-        if steps is not None:
-            scheduler.set_timesteps(steps)
-    current = [None]
-    _contract_noise(monkeypatch, seed=11, timestep_of_call=current)
-    timesteps = ours.timesteps.tolist()
+    ours, timesteps, current = _beside_stock(theirs, steps, monkeypatch, seed=11)
     assert timesteps[0] == 999  # the step from ᾱ_T = 0
     for index in sorted({0, 1, len(timesteps) // 2, len(timesteps) - 1}):
         current[0] = t = timesteps[index]
@@ -252,3 +259,43 @@ def test_generator_lists_are_taken_where_no_noise_is_drawn():
         noisy.set_timesteps(4)
         with pytest.raises(NotImplementedError, match="one generator per sample is not supported where the step draws"):
             noisy.step(x, noisy.timesteps[0], x, generator=generators)
+
+
+@pytest.mark.parametrize("variance", ["learned_range", "learned"])
+@pytest.mark.parametrize("steps,offset", [(None, 0), (10, 0), (10, 1)])
+def test_learned_variances_step_like_diffusers(monkeypatch, variance, steps, offset):
+    # the 2C-channel output split as DDPMScheduler.step splits it; diffusers' "learned" is the variance
+    # itself. steps_offset 1 ends the run at timestep 1, whose step draws noise with diffusers' floored β̃.
+    theirs = _in_float64(diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance,
+                                                 steps_offset=offset))
+    ours, timesteps, current = _beside_stock(theirs, steps, monkeypatch, seed=7)
+    assert not ours.problems()
+    assert timesteps[-1] == (offset if steps else 0)
+    for index in sorted({0, 1, len(timesteps) // 2, len(timesteps) - 1}):
+        current[0] = t = timesteps[index]
+        g = torch.Generator().manual_seed(index)
+        x, eps = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=g)
+        v = torch.rand(2, 3, 5, 4, generator=g) * 2 - 1 if variance == "learned_range" else \
+            torch.rand(2, 3, 5, 4, generator=g) * 0.02 + 1e-4  # diffusers' learned: the variance, > 0
+        both = torch.cat([eps, v], dim=1).double()
+        expected = theirs.step(both, t, x, generator=torch.Generator().manual_seed(7))
+        got = ours.step(both, t, x, generator=torch.Generator().manual_seed(7))
+        assert relative_error(got.prev_sample, expected.prev_sample) < 1e-12, t
+        assert relative_error(got.pred_original_sample, expected.pred_original_sample) < 1e-12, t
+        for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            low = ours.step(both.to(dtype), t, x.to(dtype), generator=torch.Generator().manual_seed(7)).prev_sample
+            assert low.dtype == dtype and relative_error(low, expected.prev_sample) < bound, (t, dtype)
+
+
+def test_learned_variance_output_must_have_2c_channels():
+    ours = FusedDDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"needs a model_output of 2C channels .* \(2, 3, 4, 4\), got \(2, 3, 4, 4\)"):
+        ours.step(torch.randn(2, 3, 4, 4), 10, x)
+    plain = FusedDDPMScheduler(num_train_timesteps=1000)
+    with pytest.raises(ValueError, match="must have the sample's shape"):
+        plain.step(torch.randn(2, 6, 4, 4), 10, x)
+    pipe = diffusers.DDPMPipeline(unet=_random_unet2d({**SMALL_CONFIG, "out_channels": 2}, seed=2),
+                                  scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000,
+                                                                    variance_type="learned_range"))
+    assert accelerate(pipe)["scheduler"] == 1 and isinstance(pipe.scheduler, FusedDDPMScheduler)

@@ -12,7 +12,7 @@ from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import guidance as G
 from ddpm_fast.reference import noise as ref_noise
 from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
-from helpers import relative_error
+from helpers import opcheck_step, relative_error
 
 T = 1000
 W, S = 2.5, 1.5  # a guidance weight and a classifier scale away from the special values 0 and 1
@@ -214,10 +214,10 @@ def test_raw_op_checks_the_guidance_inputs(schedule):
     x, cond, uncond, grad = _inputs(10)
     with pytest.raises(RuntimeError, match="uncond_output must have model_output's dtype"):
         torch.ops.ddpm_fast.diffusion_step_(x, cond, table.coefs.float(), table.noise_keys, torch.tensor([2]), 0, 0,
-                                            None, uncond.half(), grad)
+                                            None, uncond.half(), grad, None)
     with pytest.raises(RuntimeError, match="guidance_grad must have x.s dtype Float"):
         torch.ops.ddpm_fast.diffusion_step_(x, cond, table.coefs.float(), table.noise_keys, torch.tensor([2]), 0, 0,
-                                            None, uncond, grad.double())
+                                            None, uncond, grad.double(), None)
 
 
 def test_guided_opcheck(fused, schedule):
@@ -225,12 +225,8 @@ def test_guided_opcheck(fused, schedule):
     table = _table(schedule, "dpm-solver++").to(device)
     x, cond, uncond, grad = (v.to(device) for v in _inputs(11, out_dtype=torch.bfloat16))
     args = (x, cond, table.coefs, table.noise_keys, torch.tensor([4], device=device), 3, 0, torch.zeros_like(x),
-            uncond, grad)
-    op = torch.ops.ddpm_fast.diffusion_step_triton_ if impl == "triton" else torch.ops.ddpm_fast.diffusion_step_
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if device.type == "cuda" or impl != "triton":
-        tests += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(op.default, args, test_utils=tests)
+            uncond, grad, None)
+    opcheck_step(impl, device, args)
 
 
 def test_guided_step_compiles_without_graph_breaks(fused, schedule):

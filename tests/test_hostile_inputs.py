@@ -202,10 +202,10 @@ def test_diffusion_step(case):
         _raises(call, ValueError, "tensors that are not 4-D must be contiguous")
     elif defect == "coefs dtype":
         args["coefs"] = table.coefs
-        _raises(call, ValueError, "coefs must be a contiguous float32 [S, 11] table", "got torch.float64")
+        _raises(call, ValueError, "coefs must be a contiguous float32 [S, 14] table", "got torch.float64")
     elif defect == "coefs shape":
         args["coefs"] = coefs[:, :6].contiguous()
-        _raises(call, ValueError, "coefs must be a contiguous float32 [S, 11] table", f"({len(table)}, 6)")
+        _raises(call, ValueError, "coefs must be a contiguous float32 [S, 14] table", f"({len(table)}, 6)")
     elif defect == "keys dtype":
         args["noise_keys"] = keys.int()
         _raises(call, ValueError, f"noise_keys must be a contiguous int64 [{len(table)}] tensor", "got torch.int32")

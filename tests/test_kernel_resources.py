@@ -147,8 +147,8 @@ def test_launchers_choose_from_launch_configs(capability):
                 assert attention.select(head_dim, dtype, precision, capability)["name"] in names
     names = {c["name"] for c in diffusion_step.launch_configs(capability)}
     for quads in (1, 3, 768, 10 ** 6):
-        for history, uncond, grad in diffusion_step.VARIANTS:
-            assert diffusion_step.select(quads, torch.float16, history, capability, uncond, grad)["name"] in names
+        for history, uncond, grad, var in diffusion_step.VARIANTS:
+            assert diffusion_step.select(quads, torch.float16, history, capability, uncond, grad, var)["name"] in names
     names = {c["name"] for c in group_norm_silu.launch_configs(capability)}
     for shape, groups in (((1, 128, 32, 32), 32), ((2, 384, 32, 32), 32), ((1, 128, 256, 256), 32),
                           ((1, 8192, 2, 2), 1), ((1, 3, 1, 1), 3)):

@@ -106,7 +106,8 @@ def test_cpp_contract_mirrors_python():
                "kPhiloxRounds": contract.PHILOX_ROUNDS, "kUint32Range": contract.UINT32_RANGE,
                "kStepColumns": contract.NUM_STEP_COLUMNS, "kTermColumns": contract.NUM_TERM_COLUMNS}
     real = {"kUniformScale": contract.UNIFORM_SCALE, "kBoxMullerMinU": contract.BOX_MULLER_MIN_U,
-            "kBinHalfWidth": contract.BIN_HALF_WIDTH, "kEdgeBin": contract.EDGE_BIN}
+            "kBinHalfWidth": contract.BIN_HALF_WIDTH, "kEdgeBin": contract.EDGE_BIN,
+            "kLearnedLog": contract.LEARNED_VARIANCES["learned"]}
     assert set(cpp) == set(integer) | set(real)
     for name, value in integer.items():
         literal = cpp[name].removesuffix("u").replace("int64_t{1} << 32", str(1 << 32))

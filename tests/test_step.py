@@ -12,7 +12,7 @@ from ddpm_fast.ops import diffusion_step_
 from ddpm_fast.reference import diffusion as D
 from ddpm_fast.reference import noise as ref_noise
 from ddpm_fast.reference.diffusion_step import diffusion_step as reference_step
-from helpers import relative_error, ulp_distance
+from helpers import opcheck_step, relative_error, ulp_distance
 from test_noise import GOLDEN
 
 T = 1000
@@ -273,12 +273,8 @@ def test_opcheck(fused, schedule, method):
     x, out = (v.to(device) for v in _inputs(5, out_dtype=torch.bfloat16))
     history = torch.zeros_like(x) if method == "dpm-solver++" else None
     args = (x, out, table.coefs, table.noise_keys, torch.tensor([10 if method == "ddpm" else 5], device=device), 3, 0,
-            history, None, None)  # every argument: the schemas have no defaults (DESIGN §5.5)
-    op = torch.ops.ddpm_fast.diffusion_step_triton_ if impl == "triton" else torch.ops.ddpm_fast.diffusion_step_
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if device.type == "cuda" or impl != "triton":
-        tests += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(op.default, args, test_utils=tests)
+            history, None, None, None)  # every argument: the schemas have no defaults (DESIGN §5.5)
+    opcheck_step(impl, device, args)
 
 
 @pytest.mark.parametrize("method", ["ddpm", "dpm-solver++-sde"])
@@ -326,7 +322,7 @@ def test_bad_inputs(schedule, impl):
     bad[3, 2] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         call(coefs=bad)
-    with pytest.raises(ValueError, match=r"\[S, 11\]"):
+    with pytest.raises(ValueError, match=r"\[S, 14\]"):
         call(coefs=table.coefs[:, :6].contiguous())
     with pytest.raises(ValueError, match="seed"):
         call(seed=-3)
@@ -337,7 +333,7 @@ def test_raw_op_checks_the_index_on_the_cpu(schedule):
     x, out = _inputs(8)
     with pytest.raises(RuntimeError, match="outside the table"):
         torch.ops.ddpm_fast.diffusion_step_(x, out, table.coefs.float(), table.noise_keys, torch.tensor([1000]), 0, 0,
-                                            None, None, None)
+                                            None, None, None, None)
 
 
 @pytest.mark.parametrize("index", [1000, -1])

@@ -23,8 +23,11 @@ constexpr float kBoxMullerMinU = 1.0e-7f;  // Box–Muller's first uniform is cl
 
 constexpr int64_t kUint32Range = int64_t{1} << 32;  // noise keys and sample indices are uint32 words
 
-// Columns of a step-table row: A, B, C, D, E, sigma, clip, H, w, Gout, Gmean.
-constexpr int64_t kStepColumns = 11;
+// Columns of a step-table row: A, B, C, D, E, sigma, clip, H, w, Gout, Gmean, learned, log_beta, log_beta_tilde.
+constexpr int64_t kStepColumns = 14;
+// The learned column of a row whose network outputs log Σ itself ("learned"; "learned_range" is 1, a fixed
+// variance 0: contract.LEARNED_VARIANCES).
+constexpr float kLearnedLog = 2.0f;
 
 // The fused term op's row (ddpm_fast/contract.py TERM_COLUMNS): B, P, Q, clip, c1, inv_sigma, kl_const, decoder.
 constexpr int64_t kTermColumns = 8;

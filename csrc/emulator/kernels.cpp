@@ -87,8 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(const at::Tensor&
 void diffusion_step_(const at::Tensor& x, const at::Tensor& out, const at::Tensor& coefs, const at::Tensor& noise_keys,
                      const at::Tensor& step_index, int64_t seed, int64_t sample_offset,
                      const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& uncond,
-                     const std::optional<at::Tensor>& grad, int64_t blocks, bool reverse) {
-  run_diffusion_step_(x, out, coefs, noise_keys, step_index, seed, sample_offset, history, uncond, grad,
+                     const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& var, int64_t blocks,
+                     bool reverse) {
+  run_diffusion_step_(x, out, coefs, noise_keys, step_index, seed, sample_offset, history, uncond, grad, var,
                       [&](auto, unsigned int grid, auto... args) {
     run_grid(grid, blocks, kStepThreads, reverse, [&](const HostThread& t) { step_body(t, args...); });
   });
@@ -137,8 +138,8 @@ TORCH_LIBRARY(ddpm_fast_emulator, m) {
         "int optin_bytes, int blocks, bool reverse) -> (Tensor, Tensor, Tensor)",
         &group_norm_silu);
   m.def("diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
-        "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad, int blocks, "
-        "bool reverse) -> ()",
+        "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad, "
+        "Tensor? variance_output, int blocks, bool reverse) -> ()",
         &diffusion_step_);
   m.def("randn_(Tensor(a!) out, int seed, int step, int sample_offset, int blocks, bool reverse) -> ()", &randn_);
   m.def("philox4x32_10(Tensor counter, int seed, int blocks, bool reverse) -> Tensor", &philox4x32_10);

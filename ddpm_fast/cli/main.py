@@ -25,7 +25,7 @@ from ..adm_checkpoints import PRESETS as ADM_PRESETS, load_flag_text
 from ..classifier import NoisyClassifier
 from .._atomic import must_write, read_regular, write_bytes
 from ..checkpoints import Notice, skeleton
-from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SEED_RANGE, SPACINGS, check_int_range
+from ..contract import BACKENDS, DPM_SPACINGS, METHODS, SAMPLING_VARIANCES, SEED_RANGE, SPACINGS, check_int_range
 from ..unet import DIGITS
 from .data import DIGITS_CLASSES, digits_dataset, digits_labels, image_folder_dataset
 from .distributed import ReportedOnRankZero, world_from_env
@@ -62,7 +62,7 @@ def _sample(args: argparse.Namespace) -> int:
         classifier = NoisyClassifier.from_pretrained(args.classifier).to(world.device) if args.classifier else None
         labels, nrow = _labels(args, model, classifier)
         sampler = Sampler(model.to(world.device), NoiseSchedule.linear(args.timesteps), method=args.method,
-                          steps=args.steps, eta=args.eta, spacing=args.spacing, use_karras_sigmas=args.karras,
+                          variance=args.variance, steps=args.steps, eta=args.eta, spacing=args.spacing, use_karras_sigmas=args.karras,
                           backend=args.backend,
                           dtype=DTYPES[args.dtype], clip_denoised=not args.no_clip,
                           finite_check_every=args.check_finite, compile=args.compile,
@@ -350,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="network evaluations (default: all T for ddpm/ddim, 20 for dpm-solver++); fewer give "
                              "DDIM's or a respaced DDPM's chain")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
+    sample.add_argument("--variance", choices=SAMPLING_VARIANCES, default="fixed_large",
+                        help="ddpm's σ_t²: fixed_large (β_t, the default), fixed_small (β̃_t), or learned by a model "
+                             "with 2C output channels: learned_range (Nichol & Dhariwal eq. 15) or learned (log σ²) "
+                             "(DESIGN §2.3); ddim and dpm-solver++ ignore a learned variance")
     sample.add_argument("--spacing", choices=tuple(dict.fromkeys(SPACINGS + DPM_SPACINGS)), default=None,
                         help="which timesteps --steps keeps. ddpm/ddim: uniform (the default, = diffusers' leading), "
                              "leading, trailing, linspace, quadratic (DESIGN §2.3); dpm-solver++: linspace (the "

@@ -12,21 +12,22 @@ from ..reference import noise as reference_noise
 from ..reference.diffusion_step import diffusion_step as reference_step
 from ._dispatch import resolve
 
-_H, _W, _GOUT, _GMEAN = (STEP_COLUMNS.index(name) for name in ("H", "w", "Gout", "Gmean"))
+_H, _W, _GOUT, _GMEAN, _LEARNED = (STEP_COLUMNS.index(name) for name in ("H", "w", "Gout", "Gmean", "learned"))
 
 if _extension.AVAILABLE:
     @torch.library.register_fake("ddpm_fast::diffusion_step_")
     def _diffusion_step_fake(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
-                             uncond_output, guidance_grad) -> None:
+                             uncond_output, guidance_grad, variance_output) -> None:
         return None
 
 
 def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, noise_keys: torch.Tensor,
                     step_index: torch.Tensor, *, seed: int, sample_offset: int = 0,
                     history: torch.Tensor | None = None, uncond_output: torch.Tensor | None = None,
-                    guidance_grad: torch.Tensor | None = None, impl: str = "auto", check: bool = True) -> torch.Tensor:
-    """x ← C·x̂0 + D·x + E·out + H·x̂0' + Gmean·g + σ·z with x̂0 = A·x + B·out (clipped if the row
-    says so), for the row of `coefs` ([S, 11] float32, a StepTable's) at `step_index` (one-element
+                    guidance_grad: torch.Tensor | None = None, variance_output: torch.Tensor | None = None,
+                    impl: str = "auto", check: bool = True) -> torch.Tensor:
+    """x ← C·x̂0 + D·x + E·out + H·x̂0' + Gmean·Σ·g + σ·√Σ·z with x̂0 = A·x + B·out (clipped if the
+    row says so), for the row of `coefs` ([S, 14] float32, a StepTable's) at `step_index` (one-element
     int64 tensor on x's device) and z = randn(x.shape, seed, noise_keys[step_index], sample_offset).
 
     x: float32 [B, ...], any strides when 4-D; model_output: x's shape, float32/float16/bfloat16.
@@ -36,9 +37,15 @@ def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     e.g. the second half of one 2B-batch forward) makes out ← out + w·(out − uncond_output);
     guidance_grad g (float32, x's shape and strides: a classifier's ∇ₓ log p(y | x_t)) adds Gout·g
     to out and Gmean·g to x_prev. Each is absent without its input (a row that needs one is refused
-    when check=True). check=True also validates the step index and the row's finiteness, which reads
+    when check=True). variance_output (model_output's dtype, shape and strides: the second half of a
+    2C-channel output, torch.split(out, C, dim=1)) gives a learned row (DESIGN §2.3) its per-element
+    variance Σ ("learned_range": eq. 15 of Nichol & Dhariwal 2021; "learned": log Σ itself); Σ = 1
+    on every other row, which ignores it. A learned row without it is refused when check=True, and
+    writes NaN (raises on the CPU) when not. It excludes history (multistep rows are never learned).
+    check=True also validates the step index and the row's finiteness, which reads
     device memory (a sync on CUDA); the sampler passes check=False inside its loop. Returns x."""
-    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output, guidance_grad)
+    _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output, guidance_grad,
+           variance_output)
     if check:
         index = int(step_index.reshape(()).item())
         if not 0 <= index < coefs.shape[0]:
@@ -48,18 +55,19 @@ def diffusion_step_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
         for column, given, what in ((_H, history, "the history buffer that holds the previous row's x̂0"),
                                     (_W, uncond_output, "uncond_output, the unconditional network output"),
                                     (_GOUT, guidance_grad, "guidance_grad, the classifier's gradient"),
-                                    (_GMEAN, guidance_grad, "guidance_grad, the classifier's gradient")):
+                                    (_GMEAN, guidance_grad, "guidance_grad, the classifier's gradient"),
+                                    (_LEARNED, variance_output, "variance_output, the network's variance channels")):
             if given is None and float(coefs[index, column]) != 0.0:
                 raise ValueError(f"coefficient row {index} has {STEP_COLUMNS[column]} = {float(coefs[index, column])} "
                                  f"≠ 0: pass {what}")
     backend = resolve("diffusion_step", impl, x.device, IMPLEMENTATIONS)
     IMPLEMENTATIONS[backend](x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
-                             uncond_output, guidance_grad)
+                             uncond_output, guidance_grad, variance_output)
     return x
 
 
 def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
-           guidance_grad) -> None:
+           guidance_grad, variance_output) -> None:
     if x.dtype != torch.float32:
         raise TypeError(f"diffusion_step_: x must be float32 (the sampler keeps x in float32), got {x.dtype}")
     if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -86,16 +94,22 @@ def _check(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, 
     for name, t, like, like_name, hint in (
             ("history", history, x, "x", " (torch.empty_like(x))"),
             ("uncond_output", uncond_output, model_output, "model_output", " (the other half of the same forward)"),
-            ("guidance_grad", guidance_grad, x, "x", "")):
+            ("guidance_grad", guidance_grad, x, "x", ""),
+            ("variance_output", variance_output, model_output, "model_output",
+             " (the other half of the same 2C-channel output: torch.split(out, C, dim=1))")):
         if t is not None:
             _check_companion(name, t, like, like_name, hint, x.device)
+    if history is not None and variance_output is not None:
+        raise ValueError("diffusion_step_: history (multistep rows) and variance_output (learned-variance DDPM rows) "
+                         "never meet in one table: pass one of them")
     check_samples(seed, sample_offset, x.shape[0])
     if not torch.compiler.is_compiling():  # traced tensors have no addresses; the compiled op checks the real ones
         _check_overlap(x, model_output)
         # history is written, x too: neither may share memory with another input
         pairs = [("history", history, "x", x), ("history", history, "model_output", model_output),
                  ("history", history, "uncond_output", uncond_output), ("history", history, "guidance_grad", guidance_grad),
-                 ("uncond_output", uncond_output, "x", x), ("guidance_grad", guidance_grad, "x", x)]
+                 ("uncond_output", uncond_output, "x", x), ("guidance_grad", guidance_grad, "x", x),
+                 ("variance_output", variance_output, "x", x)]
         for name, tensor, other_name, other in pairs:
             if tensor is not None and other is not None and _overlaps(tensor, other):
                 raise ValueError(f"diffusion_step_: {name} shares memory with {other_name}; it needs its own buffer")
@@ -148,29 +162,29 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 def diffusion_step_triton_(x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor,
                            noise_keys: torch.Tensor, step_index: torch.Tensor, seed: int, sample_offset: int,
                            history: torch.Tensor | None, uncond_output: torch.Tensor | None,
-                           guidance_grad: torch.Tensor | None) -> None:
+                           guidance_grad: torch.Tensor | None, variance_output: torch.Tensor | None) -> None:
     from ..kernels import diffusion_step as kernels
     kernels.diffusion_step(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
-                           uncond_output, guidance_grad)
+                           uncond_output, guidance_grad, variance_output)
 
 
 @diffusion_step_triton_.register_fake
 def _(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
-      guidance_grad) -> None:
+      guidance_grad, variance_output) -> None:
     return None
 
 
 def _compiled(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
-              guidance_grad) -> None:
+              guidance_grad, variance_output) -> None:
     torch.ops.ddpm_fast.diffusion_step_(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history,
-                                        uncond_output, guidance_grad)
+                                        uncond_output, guidance_grad, variance_output)
 
 
 def _reference(x, model_output, coefs, noise_keys, step_index, seed, sample_offset, history, uncond_output,
-               guidance_grad) -> None:
+               guidance_grad, variance_output) -> None:
     index = int(step_index.reshape(()).item())
     z = reference_noise.draw(tuple(x.shape), seed, int(noise_keys[index]), sample_offset, x.device)
-    x.copy_(reference_step(x, model_output, coefs[index], z, history, uncond_output, guidance_grad))
+    x.copy_(reference_step(x, model_output, coefs[index], z, history, uncond_output, guidance_grad, variance_output))
 
 
 # The update without argument checks, by backend in "auto" order: what the sampler's loop calls

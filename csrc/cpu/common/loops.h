@@ -25,9 +25,15 @@ namespace ddpm_fast {
 #define DDPM_FAST_VECTOR_CLONES
 #endif
 
+// Whether each sample of a [B, C, H, W] layout is dense NCHW, whatever the batch stride (the two
+// halves of a 2C-channel output, torch.split(out, C, dim=1), are).
+inline bool samples_are_dense(const Layout4d& l) {
+  return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width;
+}
+
 // Whether a [B, C, H, W] layout is dense NCHW with `per_sample` elements a sample.
 inline bool is_nchw_contiguous(const Layout4d& l, int64_t per_sample) {
-  return l.stride_w == 1 && l.stride_h == l.width && l.stride_c == l.height * l.width && l.stride_b == per_sample;
+  return samples_are_dense(l) && l.stride_b == per_sample;
 }
 
 // f(std::bool_constant<on>{}) for the run-time flag `on`: one loop per value, each compiled with the

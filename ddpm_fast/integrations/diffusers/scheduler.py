@@ -21,12 +21,21 @@ float64 inputs are stepped in float64 (the reference update, DESIGN §2.3), ever
 the fused op with x in float32. rescale_betas_zero_snr=True (ᾱ_T = 0) is supported with v- and
 x0-prediction, whose coefficients stay finite; with ε-prediction x̂0 = (x − ε)/0 there, refused.
 
+variance_type "learned_range" and "learned" (a model with 2C output channels) split the model
+output as DDPMScheduler.step does (torch.split(model_output, C, dim=1)) and pass the second half to
+the fused step as its variance channels (DESIGN §2.3). diffusers' "learned" is the variance itself
+(σ = √v), not improved-diffusion's log-variance: its v is passed as log v, computed in float32
+(float64 for float64 samples). diffusers floors β̃ at 1e-20 where improved-diffusion clips it, which
+differs on the last row only, and only when that row draws noise (a last timestep above 0): the
+run's last row takes log(1e-20), as diffusers does.
+
 Saved (save_pretrained, or a pipeline's), it is a plain DDPMScheduler config: the folder loads
 with diffusers alone, and accelerate() makes it fused again.
 """
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from diffusers import DDPMScheduler
@@ -34,10 +43,16 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ...ops import diffusion_step_, randn
 from ...reference.diffusion_step import diffusion_step as reference_step
+from ...contract import STEP_COLUMNS
 from ...schedule import NoiseSchedule, StepTable
 
-# diffusers' names → ours; fixed_small_log is fixed_small (σ = exp(½·log β̃) = √β̃)
-_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+# diffusers' names → ours; fixed_small_log is fixed_small (σ = exp(½·log β̃) = √β̃); diffusers'
+# "learned" (the variance) becomes ours (the log-variance) by taking the log of its channels
+_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+              "learned_range": "learned_range", "learned": "learned"}
+_LEARNED = ("learned_range", "learned")
+_LOG_BETA_TILDE = STEP_COLUMNS.index("log_beta_tilde")
+VARIANCE_FLOOR = 1e-20  # diffusers' DDPMScheduler._get_variance clamps β̃ here before its log
 _PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
 
 
@@ -81,19 +96,20 @@ class FusedStep:
         return self._on_device[key]
 
     def _apply(self, host: StepTable, index: int, model_output: torch.Tensor, sample: torch.Tensor, seed: int,
-               history: torch.Tensor | None = None) -> torch.Tensor:
+               history: torch.Tensor | None = None, variance: torch.Tensor | None = None) -> torch.Tensor:
         """x_prev for row `index` of the run's table: the fused op with x in float32 (a copy: diffusers'
         step does not update in place), or the reference update for float64 samples (DESIGN §2.3),
-        with the same row and noise."""
+        with the same row and noise (and the variance channels of a learned variance)."""
         if sample.dtype == torch.float64:
             z = randn(tuple(sample.shape), seed=seed, step=int(host.noise_keys[index]),
                       sample_offset=self.sample_offset, device=sample.device)
-            return reference_step(sample, model_output, host.coefs[index], z, history)
+            return reference_step(sample, model_output, host.coefs[index], z, history, variance_output=variance)
         x = sample.to(torch.float32, copy=True)
         table = self._device_table(host, sample.device)
         step_index = torch.tensor([index], dtype=torch.int64).to(sample.device, non_blocking=True)
         diffusion_step_(x, model_output, table.coefs, table.noise_keys, step_index, seed=seed,
-                        sample_offset=self.sample_offset, history=history, impl=self.impl, check=False)
+                        sample_offset=self.sample_offset, history=history, variance_output=variance, impl=self.impl,
+                        check=False)
         return x.to(sample.dtype)
 
     def _output(self, host: StepTable, index: int, model_output: torch.Tensor, sample: torch.Tensor,
@@ -210,15 +226,15 @@ class FusedDDPMScheduler(FusedStep, DDPMScheduler):
             table = NoiseSchedule(self.betas.double(), bool(config.get("rescale_betas_zero_snr"))).step_table(
                 "ddpm", _VARIANCES[config.variance_type], bool(config.clip_sample), _PREDICTIONS[config.prediction_type],
                 steps=self.timesteps.tolist())
+            if config.variance_type in _LEARNED:  # the last row's β̃ = 0 floored, not clipped (module doc)
+                table.coefs[-1, _LOG_BETA_TILDE] = math.log(VARIANCE_FLOOR)
             self._host = table, {t: i for i, t in enumerate(table.timesteps.tolist())}
         return self._host
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """diffusers' DDPMScheduler.step, run by ddpm_fast.ops.diffusion_step_ (noise: see module doc)."""
-        if model_output.shape != sample.shape:
-            raise ValueError(f"FusedDDPMScheduler.step: model_output must have the sample's shape {tuple(sample.shape)} "
-                             f"(learned variances are not supported), got {tuple(model_output.shape)}")
+        model_output, variance = self._split(model_output, sample)
         host, rows = self._rows()
         seed = self._noise_seed(generator)
         t = int(timestep)
@@ -228,6 +244,26 @@ class FusedDDPMScheduler(FusedStep, DDPMScheduler):
         index = rows[t]
         if sample.dim() != 4:  # the op reads any layout of a 4-D tensor, other ranks contiguous
             sample, model_output = sample.contiguous(), model_output.contiguous()
-        return self._output(host, index, model_output, sample, self._apply(host, index, model_output, sample, seed),
-                            return_dict)
+            variance = None if variance is None else variance.contiguous()
+        prev_sample = self._apply(host, index, model_output, sample, seed, variance=variance)
+        return self._output(host, index, model_output, sample, prev_sample, return_dict)
+
+    def _split(self, model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the prediction, the variance channels or None), split as DDPMScheduler.step splits a learned
+        variance's 2C channels; diffusers' "learned" channels (the variance) become their log."""
+        variance_type = self.config.variance_type
+        if variance_type not in _LEARNED:
+            if model_output.shape != sample.shape:
+                raise ValueError(f"FusedDDPMScheduler.step: model_output must have the sample's shape "
+                                 f"{tuple(sample.shape)}, got {tuple(model_output.shape)}")
+            return model_output, None
+        if sample.dim() < 2 or model_output.shape != (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]):
+            raise ValueError(f"FusedDDPMScheduler.step: variance_type={variance_type!r} needs a model_output of 2C "
+                             f"channels (the prediction, then the variance) for a sample {tuple(sample.shape)}, got "
+                             f"{tuple(model_output.shape)}")
+        model_output, variance = torch.split(model_output, sample.shape[1], dim=1)
+        if variance_type == "learned":  # diffusers' σ² = v, the op's log σ² = log v
+            dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+            model_output, variance = model_output.to(dtype).contiguous(), variance.to(dtype).log().contiguous()
+        return model_output, variance
 
