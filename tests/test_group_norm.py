@@ -72,9 +72,10 @@ def _scale_shift_inputs(shape, dtype, device, which, seed):
             shift.to(device, dtype) if which in ("shift", "both") else None)
 
 
-def _random_cases(seed, count, max_numel, dtypes=DTYPES):
+def _random_cases(seed, count, max_numel, dtypes=DTYPES, scale_shift=(None,)):
     """Seeded draws: batch 1–8, groups 1, 8 or 32 with C any multiple, H, W in 1..64 (odd
-    sizes included), each layout and dtype in turn, with and without the add and the SiLU."""
+    sizes included), each layout and dtype in turn, with and without the add and the SiLU, and
+    each of `scale_shift` in turn (None, or _scale_shift_inputs' `which`)."""
     rng = random.Random(seed)
     cases = []
     while len(cases) < count:
@@ -82,26 +83,28 @@ def _random_cases(seed, count, max_numel, dtypes=DTYPES):
         shape = (rng.randint(1, 8), groups * rng.randint(1, 3), rng.choice(SIZES), rng.choice(SIZES))
         if shape[0] * shape[1] * shape[2] * shape[3] > max_numel:
             continue
-        cases.append((shape, groups, dtypes[len(cases) % len(dtypes)], LAYOUTS[(len(cases) // len(dtypes)) % 3],
-                      rng.random() < 0.7, rng.random() < 0.8))
+        i = len(cases)
+        cases.append((shape, groups, dtypes[i % len(dtypes)], LAYOUTS[(i // len(dtypes)) % 3], rng.random() < 0.7,
+                      rng.random() < 0.8, scale_shift[i % len(scale_shift)]))
     return cases
 
 
 def _case_id(case):
-    shape, groups, dtype, layout, with_add, act = case
+    shape, groups, dtype, layout, with_add, act, which = case
     return f"{'x'.join(map(str, shape))}-g{groups}-{str(dtype)[6:]}-{layout}-{'add' if with_add else 'noadd'}-" \
-           f"{'silu' if act else 'id'}"
+           f"{'silu' if act else 'id'}" + (f"-{which}" if which else "")
 
 
-def _check_forward(impl, device, shape, groups, dtype, layout, with_add, act, seed=0):
+def _check_forward(impl, device, shape, groups, dtype, layout, with_add, act, which=None, seed=0, eps=1e-6):
     x, weight, bias, add = _inputs(shape, groups, dtype, device, layout, with_add, seed)
-    out = group_norm_silu(x, weight, bias, groups, add=add, act=act, impl=impl)
+    scale, shift = _scale_shift_inputs(shape, dtype, device, which, seed + 1)
+    out = group_norm_silu(x, weight, bias, groups, eps, add=add, act=act, impl=impl, scale=scale, shift=shift)
     assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     else:
         assert out.is_contiguous()
-    _assert_matches_reference(out, x, weight, bias, groups, add, act)
+    _assert_matches_reference(out, x, weight, bias, groups, add, act, scale, shift, eps)
 
 
 def _assert_matches_reference(out, x, weight, bias, groups, add, act, scale=None, shift=None, eps=1e-6):
@@ -120,8 +123,12 @@ def _assert_matches_reference(out, x, weight, bias, groups, add, act, scale=None
         assert err < 1e-2 or err <= 2 * relative_error(low, expected), err
 
 
-CPU_CASES = _random_cases(seed=1, count=36, max_numel=1 << 20)
-INTERPRETER_CASES = _random_cases(seed=2, count=12, max_numel=1200)
+# then guided-diffusion's scale-shift: scale only, shift only or both in turn (float64 too on the CPU)
+CPU_CASES = (_random_cases(seed=1, count=36, max_numel=1 << 20)
+             + _random_cases(seed=5, count=30, max_numel=1 << 19, dtypes=DTYPES + [torch.float64],
+                             scale_shift=SCALE_SHIFT))
+INTERPRETER_CASES = (_random_cases(seed=2, count=12, max_numel=1200)
+                     + _random_cases(seed=6, count=9, max_numel=1200, scale_shift=SCALE_SHIFT))
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
@@ -135,7 +142,7 @@ def test_triton_matches_group_norm_silu(triton_device, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", [case for case in CPU_CASES if case[2] != torch.float64], ids=_case_id)
 def test_cuda_op_matches_group_norm_silu(case):
     _check_forward("cuda", cuda_or_skip(), *case)
 
@@ -410,45 +417,6 @@ def test_raw_cpu_op_checks_its_arguments():
 
 
 # -- the scale-shift form (guided-diffusion's ResBlock with use_scale_shift_norm) ------------------------
-def _scale_shift_cases(seed, count, max_numel, dtypes):
-    """_random_cases', each with scale only, shift only or both, in turn."""
-    return [case + (SCALE_SHIFT[i % 3],) for i, case in enumerate(_random_cases(seed, count, max_numel, dtypes))]
-
-
-def _scale_shift_id(case):
-    return f"{_case_id(case[:-1])}-{case[-1]}"
-
-
-def _check_scale_shift_forward(impl, device, shape, groups, dtype, layout, with_add, act, which, seed=0, eps=1e-6):
-    x, weight, bias, add = _inputs(shape, groups, dtype, device, layout, with_add, seed)
-    scale, shift = _scale_shift_inputs(shape, dtype, device, which, seed + 1)
-    out = group_norm_silu(x, weight, bias, groups, eps, add=add, act=act, impl=impl, scale=scale, shift=shift)
-    assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
-    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
-                             else torch.contiguous_format)
-    _assert_matches_reference(out, x, weight, bias, groups, add, act, scale, shift, eps)
-
-
-SCALE_SHIFT_CPU_CASES = _scale_shift_cases(seed=5, count=30, max_numel=1 << 19, dtypes=DTYPES + [torch.float64])
-SCALE_SHIFT_INTERPRETER_CASES = _scale_shift_cases(seed=6, count=9, max_numel=1200, dtypes=DTYPES)
-
-
-@pytest.mark.parametrize("case", SCALE_SHIFT_CPU_CASES, ids=_scale_shift_id)
-def test_cpu_op_scale_shift_matches_the_reference(case):
-    _check_scale_shift_forward("cpu", torch.device("cpu"), *case)
-
-
-@pytest.mark.parametrize("case", SCALE_SHIFT_INTERPRETER_CASES, ids=_scale_shift_id)
-def test_triton_scale_shift_matches_the_reference(triton_device, case):
-    _check_scale_shift_forward("triton", triton_device, *case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in SCALE_SHIFT_CPU_CASES if c[2] != torch.float64], ids=_scale_shift_id)
-def test_cuda_op_scale_shift_matches_the_reference(case):
-    _check_scale_shift_forward("cuda", cuda_or_skip(), *case)
-
-
 # guided-diffusion's ImageNet-64 U-Net (model_channels 192, channel_mult 1, 2, 3, 4, 32 groups): groups of 6,
 # 12, 18 and 24 channels, not powers of 2
 ADM_SHAPES = [(2, 192, 64, 64), (1, 384, 32, 32), (3, 576, 16, 16), (2, 768, 8, 8), (1, 1152, 8, 8)]
@@ -458,7 +426,7 @@ ADM_SHAPES = [(2, 192, 64, 64), (1, 384, 32, 32), (3, 576, 16, 16), (2, 768, 8, 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", ADM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cpu_op_scale_shift_at_guided_diffusions_shapes(shape, layout, dtype):
-    _check_scale_shift_forward("cpu", torch.device("cpu"), shape, 32, dtype, layout, False, True, "both", eps=1e-5)
+    _check_forward("cpu", torch.device("cpu"), shape, 32, dtype, layout, False, True, "both", eps=1e-5)
 
 
 @pytest.mark.gpu
@@ -466,7 +434,7 @@ def test_cpu_op_scale_shift_at_guided_diffusions_shapes(shape, layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", ADM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_scale_shift_at_guided_diffusions_shapes(shape, dtype, impl):
-    _check_scale_shift_forward(impl, cuda_or_skip(), shape, 32, dtype, "channels_last", False, True, "both", eps=1e-5)
+    _check_forward(impl, cuda_or_skip(), shape, 32, dtype, "channels_last", False, True, "both", eps=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -502,7 +470,7 @@ def test_triton_scale_shift_over_chunks(triton_device, monkeypatch, on_chip, chu
     # groups) and position chunks: each chunk's coefficients are its own channels'
     monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", on_chip)
     monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", chunk)
-    _check_scale_shift_forward("triton", triton_device, (2, 8, 5, 3), 2, torch.float32, "channels_last", True, True,
+    _check_forward("triton", triton_device, (2, 8, 5, 3), 2, torch.float32, "channels_last", True, True,
                                "both")
     _check_gradients("triton", triton_device, torch.float32, "contiguous", 1e-5, groups=2, which="both")
 
