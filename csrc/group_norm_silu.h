@@ -83,7 +83,9 @@ inline GroupNormInputs prepare_inputs(const char* op, const at::Tensor& x_in, co
   const bool dense = x_in.is_contiguous() || x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = dense ? x_in : x_in.contiguous();
   const GroupNormShape shape = check_group_norm_args(op, x, weight, bias, add, scale, shift, num_groups);
-  const auto contiguous = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  const auto contiguous = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->contiguous() : at::Tensor();
+  };
   return {x, weight.contiguous(), bias.contiguous(), contiguous(add), contiguous(scale), contiguous(shift), shape};
 }
 
