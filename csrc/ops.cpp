@@ -22,18 +22,20 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
       "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad, "
       "Tensor? variance_output) -> ()");
-  // Fused GroupNorm + SiLU (DESIGN §5): y = act((x + add[:, :, None, None] − mean)·rstd·weight + bias),
-  // act = SiLU when act else identity, over [N, C, H, W] x (NCHW or channels_last; y in x's layout).
+  // Fused GroupNorm + SiLU (DESIGN §5): y = act(x̂·weight·(1 + scale) + bias·(1 + scale) + shift) with
+  // x̂ = (x + add[:, :, None, None] − mean)·rstd, act = SiLU when act else identity, over [N, C, H, W] x
+  // (NCHW or channels_last; y in x's layout); add, scale and shift [N, C] or None (0).
   // Returns (y, mean, rstd) with the per-(n, group) statistics [N, G] in float32 (float64 for
   // float64 x), which the backward reuses.
   m.def(
-      "group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, int num_groups, float eps, bool act) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Its backward: (grad_x, Σ_hw dz, Σ_hw dz·x̂, grad_add) with dz the gradient at the affine output; the
-  // last three are [N, C] in the statistics' dtype (weight and bias gradients are their sums over n).
+      "group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor? scale, Tensor? shift, "
+      "int num_groups, float eps, bool act) -> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x, Σ_hw dz, Σ_hw dz·x̂, grad_add) with dz the gradient at the affine output z; the
+  // last three are [N, C] in the statistics' dtype (the weight, bias, scale and shift gradients follow
+  // from the first two by the chain rule: csrc/autograd/group_norm_silu.cpp).
   m.def(
-      "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor mean, "
-      "Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor)");
+      "group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor? scale, "
+      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor)");
   // One timestep's term of the variational bound (DESIGN §2.6) per sample, from x_start (float32 [B, ...], on the
   // 8-bit grid), the noise that made x_t, the network output at x_t and the float64 row [8] (contract.TERM_COLUMNS):
   // float64 [B, 3] = (the KL of eqs. 6-7, or the decoder NLL of eq. 13 on the decoder row, in nats;

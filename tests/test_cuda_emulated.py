@@ -220,22 +220,27 @@ GN_DTYPES = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-2, tor
 GN_CASES = list(itertools.product(GN_SHAPES, GN_LAYOUTS, GN_DTYPES))
 
 
-def _gn_reference(x, weight, bias, add, groups, eps, act):
-    """(y, mean, rstd) in float64, written out (F.group_norm refuses one-element groups)."""
+def _gn_reference(x, weight, bias, add, groups, eps, act, scale=None, shift=None):
+    """(y, mean, rstd) in float64, written out (F.group_norm refuses one-element groups); y =
+    act((normed·weight + bias)·(1 + scale) + shift) with scale and shift [N, C] or None (0)."""
     h = x.double() + (0 if add is None else add.double()[:, :, None, None])
     n, c = h.shape[:2]
     grouped = h.reshape(n, groups, -1)
     mean, rstd = grouped.mean(-1), (grouped.var(-1, unbiased=False) + eps).rsqrt()
     normed = ((grouped - mean[..., None]) * rstd[..., None]).reshape(h.shape)
     y = normed * weight.double()[:, None, None] + bias.double()[:, None, None]
+    if scale is not None:
+        y = y * (1 + scale.double()[:, :, None, None])
+    if shift is not None:
+        y = y + shift.double()[:, :, None, None]
     return (F.silu(y) if act else y), mean, rstd
 
 
-def _check_group_norm(ops, x, weight, bias, add, groups, eps, act, optin, tolerance):
+def _check_group_norm(ops, x, weight, bias, add, groups, eps, act, optin, tolerance, scale=None, shift=None):
     """The emulated op (in both orders, cached and not) against the float64 reference; its outputs."""
-    expected, mean, rstd = _gn_reference(x, weight, bias, add, groups, eps, act)
-    results = [_both_orders(lambda reverse: ops.group_norm_silu(x, weight, bias, add, groups, eps, act, limit, 0,
-                                                                reverse))
+    expected, mean, rstd = _gn_reference(x, weight, bias, add, groups, eps, act, scale, shift)
+    results = [_both_orders(lambda reverse: ops.group_norm_silu(x, weight, bias, add, scale, shift, groups, eps, act,
+                                                                limit, 0, reverse))
                for limit in (optin, 0)]  # 0: no group fits, the three-sweep path
     for got in results:
         assert got[0].dtype == x.dtype and relative_error(got[0], expected) <= tolerance
@@ -246,18 +251,23 @@ def _check_group_norm(ops, x, weight, bias, add, groups, eps, act, optin, tolera
     return results[0]
 
 
+@pytest.mark.parametrize("scale_shift", [None, "scale", "shift", "both"])
 @pytest.mark.parametrize("case,layout,dtype", GN_CASES, ids=str)
-def test_group_norm_kernel_matches_the_reference(ops, case, layout, dtype):
+def test_group_norm_kernel_matches_the_reference(ops, case, layout, dtype, scale_shift):
+    # scale_shift: guided-diffusion's (1 + scale), + shift per (n, c), each, both or neither
     shape, groups = case
     i = GN_CASES.index((case, layout, dtype))
     g = torch.Generator().manual_seed(i)
     # every third case groups of variance ~1e-6, of the order of eps (a misplaced eps shows there)
-    scale, shift = (1e-3, 0.0) if i % 3 == 2 and dtype in (torch.float32, torch.float64) else (2.0, 0.5)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+    spread, centre = (1e-3, 0.0) if i % 3 == 2 and dtype in (torch.float32, torch.float64) else (2.0, 0.5)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + centre).to(dtype)
     x = Guarded(x, _strides(shape, layout)).tensor
     weight, bias = (torch.randn(shape[1], generator=g).to(dtype) for _ in range(2))
-    add = torch.randn(shape[:2], generator=g).to(dtype) * scale if i % 2 == 0 else None
-    _check_group_norm(ops, x, weight, bias, add, groups, 1e-6, i % 4 != 3, SM90_OPTIN, GN_DTYPES[dtype])
+    add = torch.randn(shape[:2], generator=g).to(dtype) * spread if i % 2 == 0 else None
+    # [N, C] in guarded buffers too: a read of the wrong sample's row lands in the guard band's noise
+    scale, shift = (Guarded((0.5 * torch.randn(shape[:2], generator=g)).to(dtype)).tensor
+                    if scale_shift in (which, "both") else None for which in ("scale", "shift"))
+    _check_group_norm(ops, x, weight, bias, add, groups, 1e-6, i % 4 != 3, SM90_OPTIN, GN_DTYPES[dtype], scale, shift)
 
 
 @pytest.mark.parametrize("optin", [101_376, SM90_OPTIN])  # sm_86 and sm_90

@@ -1,7 +1,8 @@
 """The fused GroupNorm + SiLU (ops.group_norm_silu) on every backend against
-F.silu(F.group_norm(x + add)) in float64 (DESIGN §6): seeded random shapes, layouts and
-dtypes, the multi-pass path of groups too large for the chip, fp16 overflow, gradients,
-torch.library checks, torch.compile, the U-Net built on it, and bad inputs."""
+F.silu(F.group_norm(x + add)·(1 + scale) + shift) in float64 (DESIGN §6): seeded random shapes,
+layouts and dtypes, with and without the add and guided-diffusion's scale-shift, the multi-pass
+path of groups too large for the chip, fp16 overflow, gradients, torch.library checks,
+torch.compile, the U-Net built on it, and bad inputs."""
 import random
 
 import pytest
@@ -22,12 +23,19 @@ def _interpreted(impl, device):
     return impl == "triton" and device.type == "cpu"
 
 
-def _reference(x, weight, bias, num_groups, add=None, act=True, eps=1e-6):
-    """F.silu(F.group_norm(x + add)) in float64 on the CPU."""
+def _scale_shift(h, scale, shift):
+    """h·(1 + scale) + shift in h's dtype, scale and shift [N, C] or None (guided-diffusion's ResBlock)."""
+    if scale is not None:
+        h = h * (1 + scale.to(h)[:, :, None, None])
+    return h if shift is None else h + shift.to(h)[:, :, None, None]
+
+
+def _reference(x, weight, bias, num_groups, add=None, act=True, eps=1e-6, scale=None, shift=None):
+    """F.silu(F.group_norm(x + add)·(1 + scale) + shift) in float64 on the CPU."""
     x, weight, bias = (t.double().cpu() for t in (x, weight, bias))
     if add is not None:
         x = x + add.double().cpu()[:, :, None, None]
-    h = F.group_norm(x, num_groups, weight, bias, eps)
+    h = _scale_shift(F.group_norm(x, num_groups, weight, bias, eps), scale, shift)
     return F.silu(h) if act else h
 
 
@@ -52,9 +60,22 @@ def _inputs(shape, num_groups, dtype, device, layout="contiguous", with_add=True
     return _layout(x.to(device), layout), to(weight), to(bias), to(add)
 
 
-def _random_cases(seed, count, max_numel):
+SCALE_SHIFT = ["scale", "shift", "both"]
+
+
+def _scale_shift_inputs(shape, dtype, device, which, seed):
+    """(scale, shift) [N, C] as `which` asks, the other None; scale of magnitude ~0.5 around 0, as a
+    time embedding's projection gives, so that 1 + scale keeps the sign of most channels but not all."""
+    g = torch.Generator().manual_seed(seed)
+    scale, shift = (0.5 * torch.randn(shape[:2], generator=g) for _ in range(2))
+    return (scale.to(device, dtype) if which in ("scale", "both") else None,
+            shift.to(device, dtype) if which in ("shift", "both") else None)
+
+
+def _random_cases(seed, count, max_numel, dtypes=DTYPES, scale_shift=(None,)):
     """Seeded draws: batch 1–8, groups 1, 8 or 32 with C any multiple, H, W in 1..64 (odd
-    sizes included), each layout and dtype, with and without the add and the SiLU."""
+    sizes included), each layout and dtype in turn, with and without the add and the SiLU, and
+    each of `scale_shift` in turn (None, or _scale_shift_inputs' `which`)."""
     rng = random.Random(seed)
     cases = []
     while len(cases) < count:
@@ -62,43 +83,52 @@ def _random_cases(seed, count, max_numel):
         shape = (rng.randint(1, 8), groups * rng.randint(1, 3), rng.choice(SIZES), rng.choice(SIZES))
         if shape[0] * shape[1] * shape[2] * shape[3] > max_numel:
             continue
-        cases.append((shape, groups, DTYPES[len(cases) % 3], LAYOUTS[(len(cases) // 3) % 3],
-                      rng.random() < 0.7, rng.random() < 0.8))
+        i = len(cases)
+        cases.append((shape, groups, dtypes[i % len(dtypes)], LAYOUTS[(i // len(dtypes)) % 3], rng.random() < 0.7,
+                      rng.random() < 0.8, scale_shift[i % len(scale_shift)]))
     return cases
 
 
 def _case_id(case):
-    shape, groups, dtype, layout, with_add, act = case
+    shape, groups, dtype, layout, with_add, act, which = case
     return f"{'x'.join(map(str, shape))}-g{groups}-{str(dtype)[6:]}-{layout}-{'add' if with_add else 'noadd'}-" \
-           f"{'silu' if act else 'id'}"
+           f"{'silu' if act else 'id'}" + (f"-{which}" if which else "")
 
 
-def _check_forward(impl, device, shape, groups, dtype, layout, with_add, act, seed=0):
+def _check_forward(impl, device, shape, groups, dtype, layout, with_add, act, which=None, seed=0, eps=1e-6):
     x, weight, bias, add = _inputs(shape, groups, dtype, device, layout, with_add, seed)
-    out = group_norm_silu(x, weight, bias, groups, add=add, act=act, impl=impl)
+    scale, shift = _scale_shift_inputs(shape, dtype, device, which, seed + 1)
+    out = group_norm_silu(x, weight, bias, groups, eps, add=add, act=act, impl=impl, scale=scale, shift=shift)
     assert out.dtype == dtype and out.shape == x.shape and out.device == x.device
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     else:
         assert out.is_contiguous()
-    _assert_matches_reference(out, x, weight, bias, groups, add, act)
+    _assert_matches_reference(out, x, weight, bias, groups, add, act, scale, shift, eps)
 
 
-def _assert_matches_reference(out, x, weight, bias, groups, add, act):
+def _assert_matches_reference(out, x, weight, bias, groups, add, act, scale=None, shift=None, eps=1e-6):
     dtype = x.dtype
-    expected = _reference(x, weight, bias, groups, add, act)
+    expected = _reference(x, weight, bias, groups, add, act, eps, scale, shift)
     err = relative_error(out, expected)
-    if dtype == torch.float32:
+    if dtype == torch.float64:
+        assert err < 1e-12, err
+    elif dtype == torch.float32:
         assert err < 1e-5, err
     else:  # DESIGN §6: below 1e-2, or at most twice the error of the reference run in dtype
         low = F.group_norm(x.cpu().float() + (0 if add is None else add.cpu().float()[:, :, None, None]), groups,
-                           weight.cpu().float(), bias.cpu().float(), 1e-6)
+                           weight.cpu().float(), bias.cpu().float(), eps)
+        low = _scale_shift(low, scale, shift)
         low = (F.silu(low) if act else low).to(dtype)
         assert err < 1e-2 or err <= 2 * relative_error(low, expected), err
 
 
-CPU_CASES = _random_cases(seed=1, count=36, max_numel=1 << 20)
-INTERPRETER_CASES = _random_cases(seed=2, count=12, max_numel=1200)
+# then guided-diffusion's scale-shift: scale only, shift only or both in turn (float64 too on the CPU)
+CPU_CASES = (_random_cases(seed=1, count=36, max_numel=1 << 20)
+             + _random_cases(seed=5, count=30, max_numel=1 << 19, dtypes=DTYPES + [torch.float64],
+                             scale_shift=SCALE_SHIFT))
+INTERPRETER_CASES = (_random_cases(seed=2, count=12, max_numel=1200)
+                     + _random_cases(seed=6, count=9, max_numel=1200, scale_shift=SCALE_SHIFT))
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
@@ -112,7 +142,7 @@ def test_triton_matches_group_norm_silu(triton_device, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", [case for case in CPU_CASES if case[2] != torch.float64], ids=_case_id)
 def test_cuda_op_matches_group_norm_silu(case):
     _check_forward("cuda", cuda_or_skip(), *case)
 
@@ -142,12 +172,7 @@ def test_triton_channel_chunks(triton_device, monkeypatch, layout):
     monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", 2)
     assert triton_kernels._blocks((2, 8, 5, 3), 2, 16) == (2, 1, False)
     _check_forward("triton", triton_device, (2, 8, 5, 3), 2, torch.float32, layout, True, True)
-    leaves, grads, grad_out = _gradients("triton", triton_device, torch.float32, layout, True, True, groups=2)
-    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], 2, ref_leaves[3]), ref_leaves,
-                                    grad_out.double().cpu())
-    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
-        assert relative_error(got, want) < 1e-5, name
+    _check_gradients("triton", triton_device, torch.float32, layout, 1e-5, groups=2)
 
 
 # The CPU kernel's blocks (csrc/cpu/group_norm_silu.cpp): several small NCHW groups per block
@@ -161,12 +186,7 @@ def test_triton_channel_chunks(triton_device, monkeypatch, layout):
 def test_cpu_op_block_partitions(shape, groups, layout, dtype):
     _check_forward("cpu", torch.device("cpu"), shape, groups, dtype, layout, True, True)
     if dtype == torch.float32:
-        leaves, grads, grad_out = _gradients("cpu", torch.device("cpu"), dtype, layout, True, True, shape, groups)
-        ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-        ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], groups, ref_leaves[3]), ref_leaves,
-                                        grad_out.double().cpu())
-        for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
-            assert relative_error(got, want) < 1e-5, name
+        _check_gradients("cpu", torch.device("cpu"), dtype, layout, 1e-5, shape, groups)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -199,70 +219,83 @@ def test_fp16_magnitudes_around_300_stay_finite(fused):
     assert relative_error(out, _reference(x, weight, bias, 8, add * 100)) < 1e-2
 
 
-def _gradients(impl, device, dtype, layout, with_add, act, shape=(2, 8, 5, 3), groups=4):
+def _check_gradients(impl, device, dtype, layout, tolerance, shape=(2, 8, 5, 3), groups=4, with_add=True, act=True,
+                     which=None):
+    """Gradients of every input (x, weight, bias, and add, scale, shift where given) through the op
+    against autograd through the float64 reference, each within `tolerance`, in the inputs' dtypes."""
     x, weight, bias, add = _inputs(shape, groups, dtype, device, layout, with_add, seed=3)
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) + ((add,) if with_add else ())]
-    out = group_norm_silu(*leaves[:3], groups, add=leaves[3] if with_add else None, act=act, impl=impl)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype).to(device)
-    return leaves, torch.autograd.grad(out, leaves, grad_out), grad_out
+    scale, shift = _scale_shift_inputs(shape, dtype, device, which, seed=5)
+    named = {name: t for name, t in dict(x=x, weight=weight, bias=bias, add=add, scale=scale, shift=shift).items()
+             if t is not None}
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(dtype).to(device)
+
+    def run(op, leaves):
+        per_sample = {name: leaves.get(name) for name in ("add", "scale", "shift")}
+        out = op(leaves["x"], leaves["weight"], leaves["bias"], per_sample)
+        return torch.autograd.grad(out, list(leaves.values()), grad_out.to(out))
+
+    leaves = {name: t.detach().requires_grad_() for name, t in named.items()}
+    grads = run(lambda x, w, b, kw: group_norm_silu(x, w, b, groups, act=act, impl=impl, **kw), leaves)
+    ref_leaves = {name: t.detach().double().cpu().requires_grad_() for name, t in named.items()}
+    ref_grads = run(lambda x, w, b, kw: _reference(x, w, b, groups, act=act, **kw), ref_leaves)
+    for name, got, want in zip(named, grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape and got.device == device, name
+        assert relative_error(got, want) < tolerance, name
+    return grads
 
 
+@pytest.mark.parametrize("which", [None] + SCALE_SHIFT)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("with_add,act", [(True, True), (False, True), (True, False)])
-def test_gradients_match_autograd_through_the_reference(fused, layout, with_add, act):
+def test_gradients_match_autograd_through_the_reference(fused, layout, with_add, act, which):
     impl, device = fused
-    leaves, grads, grad_out = _gradients(impl, device, torch.float32, layout, with_add, act)
-    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    expected = _reference(*ref_leaves[:3], 4, ref_leaves[3] if with_add else None, act)
-    ref_grads = torch.autograd.grad(expected, ref_leaves, grad_out.double().cpu())
-    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        assert relative_error(got, want) < 1e-5, name
-    assert grads[0].is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
-                                  else torch.contiguous_format)
+    grad_x = _check_gradients(impl, device, torch.float32, layout, 1e-5, with_add=with_add, act=act, which=which)[0]
+    assert grad_x.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("which", [None, "both"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_gradients(fused, dtype):
+def test_low_precision_gradients(fused, dtype, which):
     impl, device = fused
-    leaves, grads, grad_out = _gradients(impl, device, dtype, "channels_last", True, True)
-    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], 4, ref_leaves[3]), ref_leaves,
-                                    grad_out.double().cpu())
-    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
-        assert got.dtype == dtype and relative_error(got, want) < 1e-2, name
+    _check_gradients(impl, device, dtype, "channels_last", 1e-2, which=which)
 
 
 def test_triton_multi_pass_gradients(triton_device, monkeypatch):
     monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", 16)
     monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", 8)
-    leaves, grads, grad_out = _gradients("triton", triton_device, torch.float32, "contiguous", True, True)
-    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    ref_grads = torch.autograd.grad(_reference(*ref_leaves[:3], 4, ref_leaves[3]), ref_leaves,
-                                    grad_out.double().cpu())
-    for name, got, want in zip(("x", "weight", "bias", "add"), grads, ref_grads):
-        assert relative_error(got, want) < 1e-5, name
+    _check_gradients("triton", triton_device, torch.float32, "contiguous", 1e-5)
 
 
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+@pytest.mark.parametrize("which", [None] + SCALE_SHIFT)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", [True, False])
-def test_gradcheck_cpu_op(layout, act):
-    x, weight, bias, add = _inputs((2, 6, 3, 4), 3, torch.float64, torch.device("cpu"), layout)
-    leaves = [t.requires_grad_() for t in (x, weight, bias, add)]
-    assert torch.autograd.gradcheck(
-        lambda x, w, b, a: group_norm_silu(x, w, b, 3, add=a, act=act, impl="cpu"), leaves)
+def test_gradcheck(impl, which, layout, act):
+    shape, device = (2, 6, 3, 4), torch.device("cpu")
+    x, weight, bias, add = _inputs(shape, 3, torch.float64, device, layout)
+    scale, shift = _scale_shift_inputs(shape, torch.float64, device, which, seed=1)
+    leaves = [t.requires_grad_() for t in (x, weight, bias, add, scale, shift) if t is not None]
+
+    def f(x, w, b, a, *per_sample):
+        given = iter(per_sample)
+        return group_norm_silu(x, w, b, 3, add=a, act=act, impl=impl, scale=next(given) if scale is not None else None,
+                               shift=next(given) if shift is not None else None)
+    assert torch.autograd.gradcheck(f, leaves)
 
 
-def _op_and_args(impl, device, dtype=torch.float32, layout="contiguous"):
+def _op_and_args(impl, device, dtype=torch.float32, layout="contiguous", which=None):
     x, weight, bias, add = _inputs((2, 8, 3, 5), 4, dtype, device, layout)
+    scale, shift = _scale_shift_inputs(x.shape, dtype, device, which, seed=2)
     op = torch.ops.ddpm_fast.group_norm_silu_triton if impl == "triton" else torch.ops.ddpm_fast.group_norm_silu
-    return op, (x, weight, bias, add, 4, 1e-6, True)
+    return op, (x, weight, bias, add, scale, shift, 4, 1e-6, True)
 
 
+@pytest.mark.parametrize("which", [None, "both", "shift"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_opcheck(fused, layout):
+def test_opcheck(fused, layout, which):
     impl, device = fused
-    op, args = _op_and_args(impl, device, torch.bfloat16, layout)
+    op, args = _op_and_args(impl, device, torch.bfloat16, layout, which)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     if not _interpreted(impl, device):
         tests += ("test_aot_dispatch_dynamic",)
@@ -272,28 +305,31 @@ def test_opcheck(fused, layout):
     _, mean, rstd = op(*grad_args)
     backward = (torch.ops.ddpm_fast.group_norm_silu_backward_triton if impl == "triton"
                 else torch.ops.ddpm_fast.group_norm_silu_backward)
-    x = grad_args[0].detach()
-    torch.library.opcheck(backward.default, (torch.randn_like(x), x, *(t.detach() for t in grad_args[1:4]),
-                                             mean.detach(), rstd.detach(), 4, True), test_utils=tests)
+    inputs = [t.detach() if isinstance(t, torch.Tensor) else t for t in grad_args[:6]]
+    torch.library.opcheck(backward.default, (torch.randn_like(inputs[0]), *inputs, mean.detach(), rstd.detach(), 4,
+                                             True), test_utils=tests)
 
 
-def test_compiles_without_graph_breaks(fused):
+@pytest.mark.parametrize("which", [None, "both"])
+def test_compiles_without_graph_breaks(fused, which):
     impl, device = fused
-    _, (x, weight, bias, add, groups, eps, act) = _op_and_args(impl, device)
+    _, (x, weight, bias, add, scale, shift, groups, eps, act) = _op_and_args(impl, device, which=which)
 
-    def f(x, weight, bias, add):
-        h = group_norm_silu(x * 1.0, weight, bias, groups, eps, add=add, impl=impl)
-        return group_norm_silu(h, weight, bias, groups, eps, act=False, impl=impl) + 0.0
+    def f(x, weight, bias, add, *scale_shift):
+        scale, shift = scale_shift or (None, None)
+        h = group_norm_silu(x * 1.0, weight, bias, groups, eps, add=add, impl=impl, scale=scale, shift=shift)
+        return group_norm_silu(h, weight, bias, groups, eps, act=False, impl=impl, scale=scale) + 0.0
 
     # inductor on GPUs; aot_eager on the CPU keeps the test quick and still traces through the fake
     # kernels, forward and backward
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     compiled = torch.compile(f, fullgraph=True, backend=backend)
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, add)]
+    inputs = [t for t in (x, weight, bias, add, scale, shift) if t is not None]
+    leaves = [t.detach().requires_grad_() for t in inputs]
     out = compiled(*leaves)
-    assert torch.allclose(out, f(x, weight, bias, add), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, f(*inputs), rtol=1e-5, atol=1e-6)
     grads = torch.autograd.grad(out.square().sum(), leaves)
-    eager_leaves = [t.detach().requires_grad_() for t in (x, weight, bias, add)]
+    eager_leaves = [t.detach().requires_grad_() for t in inputs]
     eager_grads = torch.autograd.grad(f(*eager_leaves).square().sum(), eager_leaves)
     for got, want in zip(grads, eager_grads):
         assert relative_error(got, want) < 1e-5
@@ -373,8 +409,102 @@ def test_bad_inputs(impl):
 def test_raw_cpu_op_checks_its_arguments():
     x, weight, bias, add = _inputs((2, 8, 3, 3), 4, torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match=r"C = 8 must be divisible by num_groups = 3"):
-        torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add, 3, 1e-6, True)
+        torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add, None, None, 3, 1e-6, True)
     with pytest.raises(RuntimeError, match=r"add must have shape \[2, 8\], got \[8\]"):
-        torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add[0], 4, 1e-6, True)
+        torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add[0], None, None, 4, 1e-6, True)
     with pytest.raises(RuntimeError, match="weight must have x's dtype Double, got Float"):
-        torch.ops.ddpm_fast.group_norm_silu(x.double(), weight, bias.double(), None, 4, 1e-6, True)
+        torch.ops.ddpm_fast.group_norm_silu(x.double(), weight, bias.double(), None, None, None, 4, 1e-6, True)
+
+
+# -- the scale-shift form (guided-diffusion's ResBlock with use_scale_shift_norm) ------------------------
+# guided-diffusion's ImageNet-64 U-Net (model_channels 192, channel_mult 1, 2, 3, 4, 32 groups): groups of 6,
+# 12, 18 and 24 channels, not powers of 2
+ADM_SHAPES = [(2, 192, 64, 64), (1, 384, 32, 32), (3, 576, 16, 16), (2, 768, 8, 8), (1, 1152, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", ADM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_op_scale_shift_at_guided_diffusions_shapes(shape, layout, dtype):
+    _check_forward("cpu", torch.device("cpu"), shape, 32, dtype, layout, False, True, "both", eps=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ADM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_scale_shift_at_guided_diffusions_shapes(shape, dtype, impl):
+    _check_forward(impl, cuda_or_skip(), shape, 32, dtype, "channels_last", False, True, "both", eps=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_shift_covers_guided_diffusions_group_norm32(fused, dtype):
+    # guided-diffusion's ResBlock: GroupNorm32 (statistics in float32, eps 1e-5, cast back to x's
+    # dtype), then · (1 + scale) + shift and SiLU in x's dtype. The fused op takes the whole affine
+    # and the SiLU in float32 and rounds once: within §6's bound of the float64 maths, and no
+    # further from them than guided-diffusion's own sequence of roundings.
+    impl, device = fused
+    shape, groups = (2, 64, 8, 8), 32
+    x, weight, bias, _ = _inputs(shape, groups, dtype, device, "channels_last", False, seed=7)
+    scale, shift = _scale_shift_inputs(shape, dtype, device, "both", seed=8)
+    out = group_norm_silu(x, weight, bias, groups, 1e-5, impl=impl, scale=scale, shift=shift)
+    _assert_matches_reference(out, x, weight, bias, groups, None, True, scale, shift, eps=1e-5)
+    theirs = F.group_norm(x.float(), groups, weight.float(), bias.float(), 1e-5).to(dtype)
+    theirs = F.silu(_scale_shift(theirs, scale, shift))
+    expected = _reference(x, weight, bias, groups, None, True, 1e-5, scale, shift)
+    assert relative_error(out, expected) <= relative_error(theirs, expected)
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 256, 4, 4), 32), ((3, 96, 3, 5), 32), ((1, 192, 9, 9), 8)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"g{v}")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_op_scale_shift_gradients_over_block_partitions(shape, groups, layout):
+    # the CPU kernel's blocks of several groups (NCHW) and of 64-channel runs (NHWC): the scale-shift
+    # coefficients are taken per block, of its sample and channels
+    _check_gradients("cpu", torch.device("cpu"), torch.float32, layout, 1e-5, shape, groups, which="both")
+
+
+@pytest.mark.parametrize("on_chip,chunk", [(16, 2), (16, 8)])
+def test_triton_scale_shift_over_chunks(triton_device, monkeypatch, on_chip, chunk):
+    # the forward's three sweeps and the backward's two, over channel chunks (chunk 2 of 4-channel
+    # groups) and position chunks: each chunk's coefficients are its own channels'
+    monkeypatch.setattr(triton_kernels, "ON_CHIP_ELEMENTS", on_chip)
+    monkeypatch.setattr(triton_kernels, "CHUNK_ELEMENTS", chunk)
+    _check_forward("triton", triton_device, (2, 8, 5, 3), 2, torch.float32, "channels_last", True, True,
+                               "both")
+    _check_gradients("triton", triton_device, torch.float32, "contiguous", 1e-5, groups=2, which="both")
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("name", ["scale", "shift"])
+def test_bad_scale_shift(impl, name):
+    x, weight, bias, add = _inputs((2, 8, 3, 3), 4, torch.float32, torch.device("cpu"))
+    good = torch.randn(2, 8)
+
+    def call(t):
+        return group_norm_silu(x, weight, bias, 4, add=add, impl=impl, **{name: t})
+
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(2, 8\) for x of shape \(2, 8, 3, 3\), got \(8,\)"):
+        call(good[0])
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(2, 8\).*got \(2, 8, 1, 1\)"):
+        call(good[:, :, None, None])
+    with pytest.raises(TypeError, match=f"{name} must have x's dtype torch.float32, got torch.float16"):
+        call(good.half())
+    with pytest.raises(ValueError, match=f"{name} is on meta but x is on cpu"):
+        call(good.to("meta"))
+
+
+@pytest.mark.parametrize("position,name", [(4, "scale"), (5, "shift")])
+def test_raw_ops_check_scale_and_shift(position, name):
+    x, weight, bias, add = _inputs((2, 8, 3, 3), 4, torch.float32, torch.device("cpu"))
+    args = [x, weight, bias, add, None, None, 4, 1e-6, True]
+    args[position] = torch.randn(8)
+    with pytest.raises(RuntimeError, match=rf"{name} must have shape \[2, 8\], got \[8\]"):
+        torch.ops.ddpm_fast.group_norm_silu(*args)
+    args[position] = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=f"{name} must have x's dtype Float, got Double"):
+        torch.ops.ddpm_fast.group_norm_silu(*args)
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, add, None, None, 4, 1e-6, True)
+    args[position] = torch.randn(2, 9)
+    with pytest.raises(RuntimeError, match=rf"{name} must have shape \[2, 8\], got \[2, 9\]"):
+        torch.ops.ddpm_fast.group_norm_silu_backward(torch.randn_like(x), *args[:6], mean, rstd, 4, True)

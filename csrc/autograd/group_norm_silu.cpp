@@ -15,51 +15,71 @@ namespace ddpm_fast {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Optional = std::optional<at::Tensor>;
 
-Outputs forward_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                   const std::optional<at::Tensor>& add, int64_t num_groups, double eps, bool act) {
+Outputs forward_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const Optional& add,
+                   const Optional& scale, const Optional& shift, int64_t num_groups, double eps, bool act) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("ddpm_fast::group_norm_silu", "")
-                             .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const std::optional<at::Tensor>&, int64_t, double, bool)>();
+                             .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Optional&,
+                                            const Optional&, const Optional&, int64_t, double, bool)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(x, weight, bias, add, num_groups, eps, act);
+  return op.call(x, weight, bias, add, scale, shift, num_groups, eps, act);
+}
+
+Optional optional_of(const at::Tensor& t) {
+  return t.defined() ? Optional(t) : std::nullopt;
 }
 
 class GroupNormSilu : public torch::autograd::Function<GroupNormSilu> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                const at::Tensor& weight, const at::Tensor& bias,
-                                                const std::optional<at::Tensor>& add, int64_t num_groups,
+                                                const at::Tensor& weight, const at::Tensor& bias, const Optional& add,
+                                                const Optional& scale, const Optional& shift, int64_t num_groups,
                                                 double eps, bool act) {
-    auto [y, mean, rstd] = forward_op(x, weight, bias, add, num_groups, eps, act);
-    ctx->save_for_backward({x, weight, bias, add.value_or(at::Tensor()), mean, rstd});
+    auto [y, mean, rstd] = forward_op(x, weight, bias, add, scale, shift, num_groups, eps, act);
+    ctx->save_for_backward({x, weight, bias, add.value_or(at::Tensor()), scale.value_or(at::Tensor()),
+                            shift.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["act"] = act;
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
   }
 
-  // (grad_x, grad_weight, grad_bias, grad_add): weight and bias gradients are the backward's
-  // per-(n, c) sums summed over the batch.
+  // (grad_x, grad_weight, grad_bias, grad_add, grad_scale, grad_shift) from the backward's per-(n, c)
+  // sums Σ dz and Σ dz·x̂ at z = x̂·weight·(1 + scale) + bias·(1 + scale) + shift, by the chain rule
+  // through those per-(n, c) coefficients (ddpm_fast/ops/group_norm_silu.py's affine_gradients, the same).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("ddpm_fast::group_norm_silu_backward", "")
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Optional&,
+                const Optional&, const Optional&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &add = saved[3];
-    const std::optional<at::Tensor> add_opt = add.defined() ? std::optional<at::Tensor>(add) : std::nullopt;
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &add = saved[3], &scale = saved[4],
+                     &shift = saved[5];
     auto [grad_x, sum_dz, sum_dz_xhat, grad_add] =
-        op.call(grads[0], x, weight, bias, add_opt, saved[4], saved[5], ctx->saved_data["num_groups"].toInt(),
-                ctx->saved_data["act"].toBool());
+        op.call(grads[0], x, weight, bias, optional_of(add), optional_of(scale), optional_of(shift), saved[6],
+                saved[7], ctx->saved_data["num_groups"].toInt(), ctx->saved_data["act"].toBool());
+    at::Tensor grad_weight, grad_bias, grad_scale;
+    if (scale.defined()) {
+      const auto dtype = sum_dz.scalar_type();
+      const at::Tensor factor = scale.to(dtype).add(1);
+      grad_weight = sum_dz_xhat.mul(factor).sum(0);
+      grad_bias = sum_dz.mul(factor).sum(0);
+      grad_scale = sum_dz_xhat.mul(weight.to(dtype)).add(sum_dz.mul(bias.to(dtype))).to(scale.scalar_type());
+    } else {
+      grad_weight = sum_dz_xhat.sum(0);
+      grad_bias = sum_dz.sum(0);
+    }
     return {grad_x,
-            sum_dz_xhat.sum(0).to(weight.scalar_type()),
-            sum_dz.sum(0).to(bias.scalar_type()),
+            grad_weight.to(weight.scalar_type()),
+            grad_bias.to(bias.scalar_type()),
             add.defined() ? grad_add.to(add.scalar_type()) : at::Tensor(),
+            grad_scale,
+            shift.defined() ? sum_dz.to(shift.scalar_type()) : at::Tensor(),
             at::Tensor(),
             at::Tensor(),
             at::Tensor()};
@@ -67,15 +87,22 @@ class GroupNormSilu : public torch::autograd::Function<GroupNormSilu> {
 };
 
 bool wants_grad(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                const std::optional<at::Tensor>& add) {
-  return at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad() ||
-                                        (add.has_value() && add->requires_grad()));
+                std::initializer_list<const Optional*> per_sample) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (x.requires_grad() || weight.requires_grad() || bias.requires_grad()) return true;
+  for (const Optional* t : per_sample) {
+    if (t->has_value() && (*t)->requires_grad()) return true;
+  }
+  return false;
 }
 
 Outputs group_norm_silu_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                 const std::optional<at::Tensor>& add, int64_t num_groups, double eps, bool act) {
-  if (!wants_grad(x, weight, bias, add)) return forward_op(x, weight, bias, add, num_groups, eps, act);
-  const auto out = GroupNormSilu::apply(x, weight, bias, add, num_groups, eps, act);
+                                 const Optional& add, const Optional& scale, const Optional& shift,
+                                 int64_t num_groups, double eps, bool act) {
+  if (!wants_grad(x, weight, bias, {&add, &scale, &shift})) {
+    return forward_op(x, weight, bias, add, scale, shift, num_groups, eps, act);
+  }
+  const auto out = GroupNormSilu::apply(x, weight, bias, add, scale, shift, num_groups, eps, act);
   return {out[0], out[1], out[2]};
 }
 

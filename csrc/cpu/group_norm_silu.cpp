@@ -308,18 +308,23 @@ PerChannel<A> group_means(const Block& b, const PerChannel<double>& sums) {
   return means;
 }
 
-// The pointers of one call; per-channel tensors and add are contiguous, add may be null.
+// The pointers of one call; per-channel and per-(n, c) tensors are contiguous, add, scale and shift
+// may be null.
 template <typename T, typename A>
 struct GroupNormArgs {
   const T* x;
   const T* weight;
   const T* bias;
   const T* add;
+  const T* scale;
+  const T* shift;
   A* mean;
   A* rstd;
 };
 
-// The block's per-channel add[n, c0 + c] (0 without an add), weight and bias in the statistics' type.
+// The block's per-channel add[n, c0 + c] (0 without an add) and the coefficients of its affine in
+// the statistics' type, weight·(1 + scale[n, c]) and bias·(1 + scale[n, c]) + shift[n, c]: a block
+// lies in one sample, so the scale-shift costs nothing per element.
 template <typename A>
 struct ChannelParams {
   PerChannel<A> add, weight, bias;
@@ -329,9 +334,11 @@ template <typename T, typename A>
 ChannelParams<A> channel_params(const GroupNormArgs<T, A>& a, const GroupNormShape& s, const Block& b) {
   ChannelParams<A> p{PerChannel<A>(b.channels, A(0)), PerChannel<A>(b.channels), PerChannel<A>(b.channels)};
   for (int64_t c = 0; c < b.channels; ++c) {
-    if (a.add != nullptr) p.add[c] = static_cast<A>(a.add[b.n * s.channels + b.c0 + c]);
+    const int64_t nc = b.n * s.channels + b.c0 + c;
+    if (a.add != nullptr) p.add[c] = static_cast<A>(a.add[nc]);
     p.weight[c] = static_cast<A>(a.weight[b.c0 + c]);
     p.bias[c] = static_cast<A>(a.bias[b.c0 + c]);
+    apply_scale_shift(p.weight[c], p.bias[c], a.scale, a.shift, nc);
   }
   return p;
 }
@@ -433,7 +440,7 @@ DDPM_FAST_VECTOR_CLONES void backward_block(const GroupNormShape& s, const Block
   }
   const A *m = mean.data(), *r = rstd.data();
   const auto xhat = [&](int64_t c, int64_t o) { return (static_cast<A>(xb[o]) + ad[c] - m[c]) * r[c]; };
-  const auto dz = [&](int64_t c, int64_t o) {  // the gradient at z = x̂·weight + bias
+  const auto dz = [&](int64_t c, int64_t o) {  // the gradient at z = x̂·w + b (w, b the block's coefficients)
     const A g_out = static_cast<A>(gy[o]);
     if constexpr (!kAct) return g_out;
     const A z = xhat(c, o) * w[c] + bi[c], sig = sigmoid(z);
@@ -482,14 +489,18 @@ template <typename T>
 GroupNormArgs<T, at::opmath_type<T>> args_of(const GroupNormInputs& in, const at::Tensor& mean, const at::Tensor& rstd) {
   using A = at::opmath_type<T>;
   return {in.x.const_data_ptr<T>(), in.weight.const_data_ptr<T>(), in.bias.const_data_ptr<T>(),
-          in.add.defined() ? in.add.const_data_ptr<T>() : nullptr, mean.data_ptr<A>(), rstd.data_ptr<A>()};
+          data_or_null<T>(in.add), data_or_null<T>(in.scale), data_or_null<T>(in.shift), mean.data_ptr<A>(),
+          rstd.data_ptr<A>()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                                    const at::Tensor& bias,
                                                                    const std::optional<at::Tensor>& add,
+                                                                   const std::optional<at::Tensor>& scale,
+                                                                   const std::optional<at::Tensor>& shift,
                                                                    int64_t num_groups, double eps, bool act) {
-  const GroupNormInputs in = prepare_inputs("ddpm_fast::group_norm_silu", x_in, weight, bias, add, num_groups);
+  const GroupNormInputs in =
+      prepare_inputs("ddpm_fast::group_norm_silu", x_in, weight, bias, add, scale, shift, num_groups);
   const GroupNormShape& s = in.shape;
   TORCH_CHECK(in.x.device().is_cpu(), "ddpm_fast::group_norm_silu (CPU kernel): x on ", in.x.device());
   at::Tensor y, mean, rstd;
@@ -509,10 +520,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
-    const std::optional<at::Tensor>& add, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
     bool act) {
   constexpr const char* op = "ddpm_fast::group_norm_silu_backward";
-  const GroupNormInputs in = prepare_inputs(op, x_in, weight, bias, add, num_groups);
+  const GroupNormInputs in = prepare_inputs(op, x_in, weight, bias, add, scale, shift, num_groups);
   const GroupNormShape& s = in.shape;
   check_backward_args(op, grad_y, in.x, mean, rstd, s);
   TORCH_CHECK(in.x.device().is_cpu(), op, " (CPU kernel): x on ", in.x.device());

@@ -13,15 +13,16 @@ namespace {
 
 template <typename T, bool kNCHW, bool kAct>
 __global__ void group_norm_silu_kernel(const T* __restrict__ x, const T* __restrict__ weight,
-                                       const T* __restrict__ bias, const T* __restrict__ add, T* __restrict__ y,
+                                       const T* __restrict__ bias, const T* __restrict__ add,
+                                       const T* __restrict__ scale, const T* __restrict__ shift, T* __restrict__ y,
                                        at::opmath_type<T>* __restrict__ mean_out,
                                        at::opmath_type<T>* __restrict__ rstd_out, GroupNormShape s, double eps,
                                        bool cached) {
   using A = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ A scratch[kGroupNormWarps];
-  group_norm_silu_block<kNCHW, kAct>(CudaThread{}, reinterpret_cast<A*>(shared_raw), scratch, x, weight, bias, add, y,
-                                     mean_out, rstd_out, s, eps, cached);
+  group_norm_silu_block<kNCHW, kAct>(CudaThread{}, reinterpret_cast<A*>(shared_raw), scratch, x, weight, bias, add,
+                                     scale, shift, y, mean_out, rstd_out, s, eps, cached);
 }
 
 // The kernel's static shared memory as the runtime counts it, read once per instantiation.
@@ -39,9 +40,11 @@ int64_t static_shared_bytes() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                     const at::Tensor& bias,
                                                                     const std::optional<at::Tensor>& add,
+                                                                    const std::optional<at::Tensor>& scale,
+                                                                    const std::optional<at::Tensor>& shift,
                                                                     int64_t num_groups, double eps, bool act) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_group_norm_silu(x, weight, bias, add, num_groups, eps, act,
+  return run_group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, act,
                              [](auto kernel, unsigned int blocks, int64_t group_bytes, auto... args) {
     using Kernel = decltype(kernel);
     const auto function = group_norm_silu_kernel<typename Kernel::scalar_t, Kernel::kNCHW, Kernel::kAct>;

@@ -59,11 +59,12 @@ struct BlockIndex {
 
 // One block's (n, group), the parameters as __restrict__ as the kernel's (csrc/cuda/diffusion_step.cuh
 // says why); `cache` is the dynamic shared memory (the group's count values when `cached`),
-// `scratch` block_sum's.
+// `scratch` block_sum's. add, scale and shift may be null.
 template <bool kNCHW, bool kAct, typename T, class Thread>
 DDPM_FAST_DEVICE void group_norm_silu_block(const Thread& t, at::opmath_type<T>* cache, at::opmath_type<T>* scratch,
                                             const T* __restrict__ x, const T* __restrict__ weight,
-                                            const T* __restrict__ bias, const T* __restrict__ add, T* __restrict__ y,
+                                            const T* __restrict__ bias, const T* __restrict__ add,
+                                            const T* __restrict__ scale, const T* __restrict__ shift, T* __restrict__ y,
                                             at::opmath_type<T>* __restrict__ mean_out,
                                             at::opmath_type<T>* __restrict__ rstd_out, const GroupNormShape& s,
                                             double eps, bool cached) {
@@ -92,10 +93,21 @@ DDPM_FAST_DEVICE void group_norm_silu_block(const Thread& t, at::opmath_type<T>*
   }
   const A rstd = static_cast<A>(1) / sqrt(block_sum(t, squares, scratch) / static_cast<A>(count) + static_cast<A>(eps));
   T* yb = y + s.group_offset(n, g);
-  for (int64_t i = t.thread(); i < count; i += t.threads()) {
-    const int64_t c = c0 + index.channel(i);
-    const A z = ((cached ? cache[i] : value(i)) - mean) * rstd * static_cast<A>(weight[c]) + static_cast<A>(bias[c]);
-    yb[index.offset(i)] = static_cast<T>(kAct ? z / (static_cast<A>(1) + exp_neg(z)) : z);
+  // the output sweep, with the scale-shift's per-(n, c) coefficients or without (a compile-time
+  // flag: the sweep without them is the loop it was before they existed)
+  const auto write = [&](auto scale_shift) {
+    for (int64_t i = t.thread(); i < count; i += t.threads()) {
+      const int64_t c = c0 + index.channel(i);
+      A w = static_cast<A>(weight[c]), b = static_cast<A>(bias[c]);
+      if constexpr (decltype(scale_shift)::value) apply_scale_shift(w, b, scale, shift, n * s.channels + c);
+      const A z = ((cached ? cache[i] : value(i)) - mean) * rstd * w + b;
+      yb[index.offset(i)] = static_cast<T>(kAct ? z / (static_cast<A>(1) + exp_neg(z)) : z);
+    }
+  };
+  if (scale != nullptr || shift != nullptr) {
+    write(std::true_type{});
+  } else {
+    write(std::false_type{});
   }
   if (t.thread() == 0) {
     mean_out[t.block()] = mean;
@@ -135,9 +147,12 @@ template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_group_norm_silu(const at::Tensor& x_in, const at::Tensor& weight,
                                                                    const at::Tensor& bias,
                                                                    const std::optional<at::Tensor>& add,
+                                                                   const std::optional<at::Tensor>& scale,
+                                                                   const std::optional<at::Tensor>& shift,
                                                                    int64_t num_groups, double eps, bool act,
                                                                    Launch&& launch) {
-  const GroupNormInputs in = prepare_inputs("ddpm_fast::group_norm_silu", x_in, weight, bias, add, num_groups);
+  const GroupNormInputs in =
+      prepare_inputs("ddpm_fast::group_norm_silu", x_in, weight, bias, add, scale, shift, num_groups);
   const GroupNormShape& s = in.shape;
   at::Tensor y, mean, rstd;
   std::tie(y, mean, rstd) = empty_outputs(in.x, s);
@@ -149,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_group_norm_silu(const at::Ten
     const int64_t group_bytes = s.group_channels() * s.hw * static_cast<int64_t>(sizeof(A));
     const auto start = [&](auto kernel) {
       launch(kernel, static_cast<unsigned int>(blocks), group_bytes, in.x.const_data_ptr<scalar_t>(),
-             in.weight.const_data_ptr<scalar_t>(), in.bias.const_data_ptr<scalar_t>(),
-             in.add.defined() ? in.add.const_data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+             in.weight.const_data_ptr<scalar_t>(), in.bias.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(in.add),
+             data_or_null<scalar_t>(in.scale), data_or_null<scalar_t>(in.shift), y.data_ptr<scalar_t>(),
              mean.data_ptr<A>(), rstd.data_ptr<A>(), s, eps);
     };
     if (s.nchw) {

@@ -57,9 +57,11 @@ void run_grid(unsigned int blocks, int64_t requested, int threads, bool reverse,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu(const at::Tensor& x, const at::Tensor& weight,
                                                                const at::Tensor& bias,
                                                                const std::optional<at::Tensor>& add,
+                                                               const std::optional<at::Tensor>& scale,
+                                                               const std::optional<at::Tensor>& shift,
                                                                int64_t num_groups, double eps, bool act,
                                                                int64_t optin_bytes, int64_t blocks, bool reverse) {
-  return run_group_norm_silu(x, weight, bias, add, num_groups, eps, act,
+  return run_group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, act,
                              [&](auto kernel, unsigned int grid, int64_t group_bytes, auto... args) {
     using Kernel = decltype(kernel);
     using A = at::opmath_type<typename Kernel::scalar_t>;
@@ -134,8 +136,8 @@ std::tuple<bool, int64_t, bool> group_norm_shared_plan_of(int64_t group_bytes, i
 
 TORCH_LIBRARY(ddpm_fast_emulator, m) {
   using namespace ddpm_fast::emulator;
-  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, int num_groups, float eps, bool act, "
-        "int optin_bytes, int blocks, bool reverse) -> (Tensor, Tensor, Tensor)",
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor? scale, Tensor? shift, "
+        "int num_groups, float eps, bool act, int optin_bytes, int blocks, bool reverse) -> (Tensor, Tensor, Tensor)",
         &group_norm_silu);
   m.def("diffusion_step_(Tensor(a!) x, Tensor model_output, Tensor coefs, Tensor noise_keys, Tensor step_index, "
         "int seed, int sample_offset, Tensor(b!)? history, Tensor? uncond_output, Tensor? guidance_grad, "

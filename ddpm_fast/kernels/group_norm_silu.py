@@ -1,6 +1,7 @@
 """Triton kernels of the fused GroupNorm + SiLU (DESIGN §5), forward and backward.
 
-    y = act((x + add[n, c] − mean[n, g])·rstd[n, g]·weight[c] + bias[c]),  act = SiLU or identity
+    y = act(x̂·weight[c]·(1 + scale[n, c]) + bias[c]·(1 + scale[n, c]) + shift[n, c]),  act = SiLU or identity,
+    x̂ = (x + add[n, c] − mean[n, g])·rstd[n, g]
 
 One program per (n, group) works on a [BLOCK_C, BLOCK_P] tile: the group's channels by a run
 of its H·W positions, addressed through x's four strides, so NCHW, channels_last and strided
@@ -8,9 +9,10 @@ views all take the same path. When the whole group fits in ON_CHIP_ELEMENTS, the
 it: x is read once, y written once (ONE_PASS). A larger group (LSUN-256: 4 channels × 65,536
 positions; or more than CHUNK_ELEMENTS channels) is swept in BLOCK_C × BLOCK_P chunks three times: the
 sum, the squared deviations, the output.
-Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504). The add and the
-SiLU are run-time flags (0 or 1), not constexprs: a uniform branch costs nothing in this memory-bound
-kernel, and it keeps the configs few enough to compile every one (DESIGN §5.5).
+Statistics are float32 whatever the input dtype (fp16 x² overflows past 65504). The add, the scale,
+the shift and the SiLU are run-time flags (0 or 1), not constexprs: a uniform branch costs nothing in
+this memory-bound kernel, and it keeps the configs few enough to compile every one (DESIGN §5.5). The
+scale-shift folds into each channel chunk's coefficients (_channels), once a chunk, not an element.
 """
 from __future__ import annotations
 
@@ -46,14 +48,28 @@ def _count(C, G, HW):
 
 
 @triton.jit
-def _channels(pid, c0, Weight, Bias, C, G, BLOCK_C: tl.constexpr):
-    # (channels c0 … c0 + BLOCK_C − 1 of program pid's group, their mask, weight[c], bias[c])
+def _per_sample(P, nc, c_mask):
+    # P[n, c] as float32 for the channel chunk's offsets nc = n·C + c
+    return tl.load(P + nc, mask=c_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C: tl.constexpr):
+    # (channels c0 … c0 + BLOCK_C − 1 of program pid's group, their mask, and their affine's
+    # coefficients w = weight[c]·(1 + scale[n, c]), b = bias[c]·(1 + scale[n, c]) + shift[n, c])
     group_channels = C // G
     offs = c0 + tl.arange(0, BLOCK_C)
     c = (pid % G) * group_channels + offs
     c_mask = offs < group_channels
     weight = tl.load(Weight + c, mask=c_mask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)
+    nc = (pid // G).to(tl.int64) * C + c
+    if HAS_SCALE:
+        factor = 1.0 + _per_sample(Scale, nc, c_mask)
+        weight = weight * factor
+        bias = bias * factor
+    if HAS_SHIFT:
+        bias = bias + _per_sample(Shift, nc, c_mask)
     return c, c_mask, weight, bias
 
 
@@ -76,14 +92,15 @@ def _write(Y, y_offsets, mask, v, mean, rstd, weight, bias, ACT):
 
 
 @triton.jit
-def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G, eps,
-                               sxn, sxc, sxh, sxw, syn, syc, syh, syw, HAS_ADD, ACT, ONE_PASS: tl.constexpr,
+def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Scale, Shift, Y, Mean, Rstd, C, HW, W, G, eps,
+                               sxn, sxc, sxh, sxw, syn, syc, syh, syw, HAS_ADD, HAS_SCALE, HAS_SHIFT, ACT,
+                               ONE_PASS: tl.constexpr,
                                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
     group_channels, count = _count(C, G, HW)
     if ONE_PASS:
-        c, c_mask, weight, bias = _channels(pid, 0, Weight, Bias, C, G, BLOCK_C)
+        c, c_mask, weight, bias = _channels(pid, 0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
         v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
         mean = tl.sum(tl.sum(v, axis=1), axis=0) / count
@@ -94,7 +111,7 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
     else:  # three sweeps of BLOCK_C × BLOCK_P chunks over the group's channels and positions
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         for c0 in range(0, group_channels, BLOCK_C):
-            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C)
             for p0 in range(0, HW, BLOCK_P):
                 v, mask = _shifted(X, Add, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh, sxw,
                                    HAS_ADD)
@@ -102,7 +119,7 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
         mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
         acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         for c0 in range(0, group_channels, BLOCK_C):
-            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C)
             for p0 in range(0, HW, BLOCK_P):
                 v, mask = _shifted(X, Add, n, c, c_mask, p0 + tl.arange(0, BLOCK_P), HW, W, C, sxn, sxc, sxh, sxw,
                                    HAS_ADD)
@@ -110,7 +127,7 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
                 acc += d * d
         rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / count + eps)
         for c0 in range(0, group_channels, BLOCK_C):
-            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+            c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C)
             for p0 in range(0, HW, BLOCK_P):
                 p = p0 + tl.arange(0, BLOCK_P)
                 v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
@@ -123,7 +140,7 @@ def group_norm_silu_fwd_kernel(X, Weight, Bias, Add, Y, Mean, Rstd, C, HW, W, G,
 @triton.jit
 def _grad_z(X, Add, GradY, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, mean, rstd,
             weight, bias, HAS_ADD, ACT):
-    # (x̂, dz = ∂L/∂z at z = x̂·weight + bias, mask), zero outside the mask
+    # (x̂, dz = ∂L/∂z at z = x̂·weight + bias, mask), zero outside the mask (weight, bias: _channels')
     v, mask = _shifted(X, Add, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, HAS_ADD)
     g_offsets, _ = _tile(n, c, c_mask, p, HW, W, sgn, sgc, sgh, sgw)
     dz = tl.load(GradY + g_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -136,19 +153,19 @@ def _grad_z(X, Add, GradY, n, c, c_mask, p, HW, W, C, sxn, sxc, sxh, sxw, sgn, s
 
 
 @triton.jit
-def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Mean, Rstd, GradX, SumDz, SumDzXhat, GradAdd,
-                               C, HW, W, G, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw, HAS_ADD, ACT,
-                               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Scale, Shift, Mean, Rstd, GradX, SumDz, SumDzXhat,
+                               GradAdd, C, HW, W, G, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+                               HAS_ADD, HAS_SCALE, HAS_SHIFT, ACT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # two sweeps of BLOCK_C × BLOCK_P chunks over the group (one chunk when the group fits)
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
     group_channels, count = _count(C, G, HW)
     mean = tl.load(Mean + pid)
     rstd = tl.load(Rstd + pid)
-    dxhat_total = 0.0  # Σ dx̂ and Σ dx̂·x̂ over the group, dx̂ = dz·weight
+    dxhat_total = 0.0  # Σ dx̂ and Σ dx̂·x̂ over the group, dx̂ = dz·w (w: _channels' coefficient)
     dxhat_xhat_total = 0.0
     for c0 in range(0, group_channels, BLOCK_C):
-        c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+        c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         acc_dz = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         acc_dz_xhat = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         for p0 in range(0, HW, BLOCK_P):
@@ -165,7 +182,7 @@ def group_norm_silu_bwd_kernel(GradY, X, Weight, Bias, Add, Mean, Rstd, GradX, S
     mean_dxhat = dxhat_total / count
     mean_dxhat_xhat = dxhat_xhat_total / count
     for c0 in range(0, group_channels, BLOCK_C):
-        c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, C, G, BLOCK_C)
+        c, c_mask, weight, bias = _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         acc_dx = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         for p0 in range(0, HW, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
@@ -202,17 +219,17 @@ MAX_REGISTERS = 255
 
 def _config(backward: bool, dtype: torch.dtype, block_c: int, block_p: int, one_pass: bool) -> dict:
     t = "*" + _TYPES[dtype]
-    flags = dict(HAS_ADD="i32", ACT="i32")  # 0 or 1, as the launchers pass them (_flags)
+    flags = dict(HAS_ADD="i32", HAS_SCALE="i32", HAS_SHIFT="i32", ACT="i32")  # 0 or 1 (_per_sample_args)
     if backward:
         kernel, name = group_norm_silu_bwd_kernel, "bwd"
-        scalars = dict(GradY=t, X=t, Weight=t, Bias=t, Add=t, Mean="*fp32", Rstd="*fp32", GradX=t, SumDz="*fp32",
+        scalars = dict(GradY=t, X=t, Weight=t, Bias=t, Add=t, Scale=t, Shift=t, Mean="*fp32", Rstd="*fp32", GradX=t, SumDz="*fp32",
                        SumDzXhat="*fp32", GradAdd="*fp32", C="i32", HW="i32", W="i32", G="i32",
                        **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh", "sgw", "sdn", "sdc", "sdh",
                                         "sdw"), "i32"), **flags)
         constexprs = dict(BLOCK_C=block_c, BLOCK_P=block_p)
     else:
         kernel, name = group_norm_silu_fwd_kernel, "fwd_one_pass" if one_pass else "fwd_three_pass"
-        scalars = dict(X=t, Weight=t, Bias=t, Add=t, Y=t, Mean="*fp32", Rstd="*fp32", C="i32", HW="i32", W="i32",
+        scalars = dict(X=t, Weight=t, Bias=t, Add=t, Scale=t, Shift=t, Y=t, Mean="*fp32", Rstd="*fp32", C="i32", HW="i32", W="i32",
                        G="i32", eps="fp32",
                        **dict.fromkeys(("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw"), "i32"), **flags)
         constexprs = dict(ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_P=block_p)
@@ -244,33 +261,41 @@ def select(shape: tuple[int, int, int, int], num_groups: int, dtype: torch.dtype
     return _config(backward, dtype, block_c, block_p, one_pass and not backward)
 
 
-def _flags(add: torch.Tensor | None, act: bool) -> tuple[int, int]:
-    # (HAS_ADD, ACT) as ints: Triton 3.6's interpreter cannot take a Python bool argument (it
-    # stores an i1 in an int32 array and raises), and a uniform branch on an int costs the same
-    return int(add is not None), int(act)
+def _per_sample_args(x: torch.Tensor, add, scale, shift, act: bool) -> tuple[tuple, tuple[int, ...]]:
+    # ((Add, Scale, Shift) with x standing in for an absent one, which its flag keeps unread;
+    # (HAS_ADD, HAS_SCALE, HAS_SHIFT, ACT) as ints: Triton 3.6's interpreter cannot take a Python
+    # bool argument (it stores an i1 in an int32 array and raises), and a uniform branch on an int
+    # costs the same)
+    per_sample = (add, scale, shift)
+    return tuple(x if t is None else t for t in per_sample), (*(int(t is not None) for t in per_sample), int(act))
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None, y: torch.Tensor,
-            mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, eps: float, act: bool) -> None:
+def _launch_options(config: dict) -> dict:
+    return dict(**config["constexprs"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+                maxnreg=config["maxnreg"])
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: torch.Tensor | None,
+            scale: torch.Tensor | None, shift: torch.Tensor | None, y: torch.Tensor, mean: torch.Tensor,
+            rstd: torch.Tensor, num_groups: int, eps: float, act: bool) -> None:
     """Launch the forward kernel into y (x's dense layout), mean and rstd ([N, G] float32);
-    weight, bias and add contiguous."""
+    weight, bias, add, scale and shift contiguous."""
     N, C, H, W = x.shape
     config = select(x.shape, num_groups, x.dtype, False, _capability(x))
+    per_sample, flags = _per_sample_args(x, add, scale, shift, act)
     group_norm_silu_fwd_kernel[(N * num_groups,)](
-        x, weight, bias, add if add is not None else x, y, mean, rstd, C, H * W, W, num_groups, eps,
-        *x.stride(), *y.stride(), *_flags(add, act), **config["constexprs"], num_warps=config["num_warps"],
-        num_stages=config["num_stages"], maxnreg=config["maxnreg"])
+        x, weight, bias, *per_sample, y, mean, rstd, C, H * W, W, num_groups, eps, *x.stride(), *y.stride(), *flags,
+        **_launch_options(config))
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             add: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, grad_x: torch.Tensor,
-             sum_dz: torch.Tensor, sum_dz_xhat: torch.Tensor, grad_add: torch.Tensor, num_groups: int,
-             act: bool) -> None:
+             add: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor,
+             rstd: torch.Tensor, grad_x: torch.Tensor, sum_dz: torch.Tensor, sum_dz_xhat: torch.Tensor,
+             grad_add: torch.Tensor, num_groups: int, act: bool) -> None:
     """Launch the backward kernel into grad_x (x's dense layout) and the [N, C] sums."""
     N, C, H, W = x.shape
     config = select(x.shape, num_groups, x.dtype, True, _capability(x))
+    per_sample, flags = _per_sample_args(x, add, scale, shift, act)
     group_norm_silu_bwd_kernel[(N * num_groups,)](
-        grad_y, x, weight, bias, add if add is not None else x, mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add,
-        C, H * W, W, num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), *_flags(add, act),
-        **config["constexprs"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=config["maxnreg"])
+        grad_y, x, weight, bias, *per_sample, mean, rstd, grad_x, sum_dz, sum_dz_xhat, grad_add, C, H * W, W,
+        num_groups, *x.stride(), *grad_y.stride(), *grad_x.stride(), *flags, **_launch_options(config))
