@@ -30,12 +30,14 @@ def _inputs(batch, config, seed=0, channels_last=False):
 def test_accelerated_cifar10_unet_equals_the_plain_one(channels_last):
     model = _random_unet2d(CIFAR10_CONFIG)
     keys = list(model.state_dict())
+    convs = sum(type(m) is torch.nn.Conv2d for m in model.modules())
     x, t = _inputs(2, CIFAR10_CONFIG, seed=3, channels_last=channels_last)
     with torch.no_grad():
         expected = model(x, t).sample
         counts = accelerate(model)
         got = model(x, t).sample
-    assert counts == {"resnets": _resnets(model), "resnets_left": 0, "final_norm": 1, "attention": 6}
+    assert counts == {"resnets": _resnets(model), "resnets_left": 0, "final_norm": 1, "attention": 6,
+                      "convs": convs}
     assert counts["resnets"] == 22 and type(model.conv_act) is torch.nn.Identity
     assert list(model.state_dict()) == keys  # checkpoints still load and save under diffusers' names
     assert relative_error(got, expected) < 1e-5
