@@ -162,7 +162,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "benchmarks.cpu_convs", "--worker", str(threads), "--json", f.name],
                            cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             results.append(json.loads(Path(f.name).read_text()))
-    command = f"make cpu-convs-report CONV_REPORT={Path(args.out).relative_to(ROOT)} CONV_THREADS={args.threads}"
+    command = f"make cpu-convs-report CONV_REPORT={Path(args.out).resolve().relative_to(ROOT)} CONV_THREADS={args.threads}"
     Path(args.out).write_text(render(results, time.time() - started, command))
     print(f"wrote {args.out}")
 
