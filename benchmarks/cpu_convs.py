@@ -23,7 +23,7 @@ from statistics import median
 
 import torch
 
-from benchmarks import conv_shapes, cpu_e2e
+from benchmarks import conv_profile, conv_shapes, cpu_e2e
 from benchmarks.cpu_e2e import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +54,12 @@ def worker(threads: int) -> dict:
     """Everything measured with `threads` torch threads."""
     torch.set_num_threads(threads)
     result = dict(threads=threads, start=environment(), peak_gflops=conv_shapes.gemm_peak_gflops(), convs={}, e2e=[])
-    if threads == 1:  # the per-conv table and its goal are single-core
+    if threads == 1:  # the per-conv table and its goal are single-core, and so is the profile of misses
         for model, batch in CONV_TABLES:
             rows = conv_shapes.table(cpu_e2e.base_model(model), batch, CONV_ROUNDS)
             result["convs"][f"{model} B{batch}"] = rows
+        result["profile"] = {f"{model} B{batch}": conv_profile.profile(cpu_e2e.base_model(model), batch)
+                             for model, batch in CONV_TABLES}
     for work in WORKLOADS:
         result["e2e"].append(cpu_e2e.measure(work))
         print(f"[{threads} thread(s)] {work.name}: done", file=sys.stderr, flush=True)
@@ -141,6 +143,10 @@ def render(results: list[dict], duration_s: float, command: str) -> str:
                 "ratio is the 1000-step run's); the DPM-Solver++ row is a whole run from fresh noise.", ""] + lines + [""]
         goal_rows += [(f"{name} ({n} thread{'s' if n > 1 else ''})", f"{got:.2f}×", f"≥ {want}×", got >= want)
                       for name, got, want in goals]
+        if result.get("profile"):
+            out += ["### Profile of ours (one forward, torch.profiler, self CPU time)", ""]
+            out += [line for name, found in result["profile"].items() for line in conv_profile.lines(name, found)]
+            out += [""]
     table = ["## Goals", "", "| goal | measured | wanted | |", "|---|---|---|---|"]
     table += [f"| {name} | {got} | {want} | {'met' if met else 'missed'} |" for name, got, want, met in goal_rows]
     return "\n".join(out[:4] + table + [""] + out[4:]) + "\n"
@@ -162,6 +168,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "benchmarks.cpu_convs", "--worker", str(threads), "--json", f.name],
                            cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             results.append(json.loads(Path(f.name).read_text()))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, default=str))  # the figures, for re-reading
     command = f"make cpu-convs-report CONV_REPORT={Path(args.out).resolve().relative_to(ROOT)} CONV_THREADS={args.threads}"
     Path(args.out).write_text(render(results, time.time() - started, command))
     print(f"wrote {args.out}")
