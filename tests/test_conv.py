@@ -78,6 +78,19 @@ def test_every_plan_equals_the_float64_reference(shape, layout, residual, impl):
         assert x.shape in conv2d_module._packs[conv][1]
 
 
+@pytest.mark.parametrize("fused_add", [False, True])
+def test_the_residual_add_inside_or_after_the_packed_conv(monkeypatch, fused_add):
+    # torch < 2.14 adds after the convolution (FUSED_ADD); both ways must give the reference
+    monkeypatch.setattr(conv2d_module, "FUSED_ADD", fused_add)
+    conv = _random_conv(16, 24, 3, 1, 1)
+    for layout in ("nchw", "channels_last", "strided"):
+        x = _in_layout(torch.randn(2, 16, 7, 9), layout)
+        add = _in_layout(torch.randn(2, 24, 7, 9), layout)
+        with torch.no_grad():
+            got = ops.conv2d(conv, x, add, impl="packed")
+        assert relative_error(got, _expected(conv, x, add)) < 1e-5
+
+
 def _check_follows(conv, x, previous):
     """The packed output equals the reference for the weights as they are now, and differs from
     what the previous weights gave (so a stale pack would fail)."""

@@ -33,6 +33,11 @@ IMPLS = ("auto",) + _conv2d_plan.PLANS
 # The private oneDNN ops the packed plan calls (same schemas on torch 2.11 to 2.14).
 REQUIRED_OPS = ("_reorder_convolution_weight", "_convolution_pointwise")
 
+# The residual add as the convolution's binary post-op from torch 2.14; before it (seen on 2.11)
+# the op copies a channels_last `other` to NCHW first, a layout copy of every residual, so there
+# the add follows the packed convolution, in place on its fresh output.
+FUSED_ADD = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
 # conv module → (weight stamp, {input shape: packed weight}). Keyed by the module, weakly: a
 # deleted model takes its packed weights with it, and the module itself holds no opaque tensor
 # (deepcopy, pickling and state dicts never see one).
@@ -83,8 +88,9 @@ def run(plan: str, conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None) -
         x = x.contiguous(memory_format=torch.channels_last)
     args = (_packed_weight(conv, x.shape), conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
             conv.groups)
-    if add is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], None)
+    if add is None or not FUSED_ADD:
+        out = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], None)
+        return out if add is None else out.add_(add)
     if not _layout_known(add):
         add = add.contiguous(memory_format=torch.channels_last)
     return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", None, None, [], None)
