@@ -27,7 +27,7 @@ REPORT_FLAGS ?=
 # what the benchmarks were run with.
 WHEELS ?= diffusers==0.42.1 importlib-metadata==10.2.0 lazy-importer==0.1.0
 
-.PHONY: deps build test test-oldest sample report gpu-report gpu-check gpu-check-rehearsal bench-smoke kernel-report \
+.PHONY: deps build test test-oldest sample report cpu-convs-report gpu-report gpu-check gpu-check-rehearsal bench-smoke kernel-report \
 	kernel-report-oldest wheels clean
 
 # Dependencies come from pyproject.toml alone: build-system requires + dependencies + [test].
@@ -72,6 +72,14 @@ report:
 	REPORT_DIR=$(REPORT_DIR) $(REPORT_PY) -m benchmarks.report $(if $(STAGES),--stage $(STAGES)) $(REPORT_FLAGS)
 
 gpu-report: report
+
+# The CPU convolution report (benchmarks/cpu_convs.py, DESIGN §5.8): every conv of both U-Nets against
+# the single-core FMA peak, and the end-to-end goals against diffusers eager and compiled, with
+# CONV_THREADS torch threads (each count in its own process), into CONV_REPORT.
+CONV_REPORT ?= benchmarks/results/$(shell date -u +%F)-cpu-convs.md
+CONV_THREADS ?= 1,2
+cpu-convs-report:
+	$(REPORT_PY) -m benchmarks.cpu_convs --out $(CONV_REPORT) --threads $(CONV_THREADS)
 
 # One GPU lease's check (benchmarks/report/check.py): stages env, build, tests, ops, e2e, each
 # under a hard time cap (about 8.5 minutes in all), into GPU_CHECK_DIR (default

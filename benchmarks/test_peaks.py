@@ -2,14 +2,16 @@
 datasheet rates are leads, measure them): a large device-to-device copy, counting bytes read
 plus bytes written, and a large square matmul in bfloat16 and float32 on random data (zeros
 run faster than real data on some GPUs). The float32 matmul runs under torch's defaults (no
-TF32 for matmuls), which is the float32 the benchmarks' float32 rows run in.
+TF32 for matmuls), which is the float32 the benchmarks' float32 rows run in. On a CPU also the
+single core's float32 FMA peak, a GEMM on one thread: what each convolution's share of the peak
+is of (DESIGN §5.8; benchmarks/cpu_convs.py).
 
     pytest benchmarks/test_peaks.py --benchmark-only [--quick]
 """
 import pytest
 import torch
 
-from benchmarks import settings
+from benchmarks import conv_shapes, settings
 
 SIZES = settings.sizes()
 DEVICE = settings.DEVICE
@@ -28,3 +30,17 @@ def test_matmul(measure, dtype):
     out = torch.empty(n, n, device=DEVICE, dtype=dtype)
     measure(f"peak matmul {str(dtype)[6:]}", "matmul", lambda: torch.mm(a, b, out=out), flops=2 * n ** 3, kind="peak",
             dtype=str(dtype)[6:], n=n, tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def test_matmul_one_core(measure):
+    if DEVICE.type != "cpu":
+        pytest.skip("a CPU core's peak")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = max(conv_shapes.GEMM_SIZES)
+        fn, flops = conv_shapes.gemm(n)
+        # its own dtype label: the float32 row above stays the ceiling of the all-threads figures
+        measure("peak matmul float32, one core", "matmul", fn, flops=flops, kind="peak", dtype="float32, one core", n=n)
+    finally:
+        torch.set_num_threads(threads)

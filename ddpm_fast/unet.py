@@ -19,6 +19,7 @@ from torch import nn
 
 from . import checkpoints, ops
 from .contract import BACKENDS, check_choice
+from .ops.conv2d import PackedConv2d
 from .reference.attention import attention as reference_attention
 from .reference.group_norm_silu import group_norm_silu as reference_group_norm_silu
 
@@ -66,8 +67,9 @@ def _variance_scaling_init_(module: nn.Module, scale: float = 1.0) -> None:
     nn.init.zeros_(module.bias)
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, scale: float = 1.0) -> nn.Conv2d:
-    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, padding)
+def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0,
+          scale: float = 1.0) -> PackedConv2d:
+    conv = PackedConv2d(in_ch, out_ch, kernel, stride, padding)
     _variance_scaling_init_(conv, scale)
     return conv
 
@@ -93,8 +95,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_normalize(x, self.norm1, self.backend))
-        h = self.conv2(self.dropout(_normalize(h, self.norm2, self.backend, add=self.temb_proj(F.silu(temb)))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        h = self.dropout(_normalize(h, self.norm2, self.backend, add=self.temb_proj(F.silu(temb))))
+        # the skip connection added by the convolution itself (oneDNN's binary post-op, DESIGN §5.8)
+        return self.conv2(h, add=x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -293,6 +296,8 @@ class UNet(nn.Module):
         for module in self.modules():  # every block that names one (a class attribute: ResnetBlock, AttnBlock, …)
             if module is not self and isinstance(getattr(type(module), "backend", None), str):
                 module.backend = value
+            if isinstance(module, PackedConv2d):  # the baselines keep F.conv2d; ours packs where faster
+                module.impl = "torch" if value in ("reference", "torch") else "auto"
 
     # -- presets: the architectures the package ships, trains and tests ----------------------
 
@@ -384,7 +389,9 @@ class UNet(nn.Module):
                     h = up.attn[i_block](h)
             if i_level != 0:
                 h = up.upsample(h)
-        return self.conv_out(_normalize(h, self.norm_out, self.backend))
+        out = self.conv_out(_normalize(h, self.norm_out, self.backend))
+        # the packed convolutions write channels_last: the output comes back in x's layout
+        return out.contiguous() if x.is_contiguous() and not out.is_contiguous() else out
 
     def compiled(self, mode: str | None = None, freezing: bool | None = None) -> "CompiledUNet":
         """This network's forward through torch.compile, our ops opaque in the graph, as a module

@@ -1,6 +1,8 @@
 """accelerate() on diffusers models and pipelines, and FusedDDPMScheduler against DDPMScheduler
 (DESIGN §6: an accelerated model gives the plain model's numbers; the fused step gives
 diffusers' step for the same noise)."""
+import copy
+
 import pytest
 import torch
 
@@ -30,17 +32,37 @@ def _inputs(batch, config, seed=0, channels_last=False):
 def test_accelerated_cifar10_unet_equals_the_plain_one(channels_last):
     model = _random_unet2d(CIFAR10_CONFIG)
     keys = list(model.state_dict())
+    convs = sum(type(m) is torch.nn.Conv2d for m in model.modules())
     x, t = _inputs(2, CIFAR10_CONFIG, seed=3, channels_last=channels_last)
     with torch.no_grad():
         expected = model(x, t).sample
         counts = accelerate(model)
         got = model(x, t).sample
-    assert counts == {"resnets": _resnets(model), "resnets_left": 0, "final_norm": 1, "attention": 6}
+    assert counts == {"resnets": _resnets(model), "resnets_left": 0, "final_norm": 1, "attention": 6,
+                      "convs": convs}
     assert counts["resnets"] == 22 and type(model.conv_act) is torch.nn.Identity
     assert list(model.state_dict()) == keys  # checkpoints still load and save under diffusers' names
     assert relative_error(got, expected) < 1e-5
     with torch.no_grad():  # a second call changes nothing
         assert accelerate(model) == counts and torch.equal(model(x, t).sample, got)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_accelerated_unet_with_every_conv_packed_equals_the_float64_model(channels_last):
+    # DESIGN §5.8: the packed plan forced on every convolution (auto may measure "torch" faster),
+    # the residual adds inside the convolutions, against the plain model in float64
+    from ddpm_fast.ops.conv2d import PackedConv2d
+    model = _random_unet2d(SMALL_CONFIG, seed=2)
+    x, t = _inputs(3, SMALL_CONFIG, seed=5, channels_last=channels_last)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double(), t).sample
+        accelerate(model)
+        packed = [m for m in model.modules() if isinstance(m, PackedConv2d)]
+        for module in packed:
+            module.impl = "packed"
+        got = model(x, t).sample
+    assert len(packed) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 0
+    assert relative_error(got, expected) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -81,7 +81,7 @@ def _stems(folder: Path, suffix: str) -> set[str]:
 
 def test_one_stem_per_op():
     ops = _stems(PACKAGE / "ops", ".py")
-    assert ops == {"attention", "diffusion_step", "group_norm_silu", "noise", "vb_terms"}
+    assert ops == {"attention", "conv2d", "diffusion_step", "group_norm_silu", "noise", "vb_terms"}
     assert _stems(PACKAGE / "kernels", ".py") <= ops
     # beside the ops' references, the papers' samplers: q_/p_ maths (diffusion.py), DPM-Solver++ (dpm_solver.py),
     # classifier-free and classifier guidance (guidance.py)

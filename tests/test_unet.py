@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast import UNet
+from ddpm_fast.ops.conv2d import PackedConv2d
 from ddpm_fast.unet import get_timestep_embedding
 from helpers import relative_error
 
@@ -201,12 +202,15 @@ def test_bad_configs(kwargs, match):
 
 
 def _layout_conversions(model, x, t):
-    """aten::copy_ calls of one forward that convert a layout: rooted at a convolution (whose input
-    and weights disagree on the layout) or at an explicit contiguous, clone or copy_ — leaving
-    out the copies that are maths (addmm/baddbmm writing their bias or residual into the output,
-    the pad, dtype conversions, upsample_nearest2d's own)."""
-    with torch.inference_mode(), torch.profiler.profile() as prof:
+    """aten::copy_ calls of one forward (after a first one, which packs the weights) that convert a
+    layout, as (the op they are rooted at, the copied shape): rooted at a convolution (whose input
+    and weights disagree on the layout, or the packed op reading NCHW) or at an explicit
+    contiguous, clone or copy_ — leaving out the copies that are maths (addmm/baddbmm writing
+    their bias or residual into the output, the pad, dtype conversions, upsample_nearest2d's own)."""
+    with torch.inference_mode():
         model(x, t)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            model(x, t)
     found = []
     for event in prof.events():
         if event.name != "aten::copy_":
@@ -214,24 +218,35 @@ def _layout_conversions(model, x, t):
         root = event
         while root.cpu_parent is not None and root.cpu_parent.name.startswith("aten::"):
             root = root.cpu_parent
+        parent = root.cpu_parent.name if root.cpu_parent is not None else None
         if root.name in ("aten::conv2d", "aten::contiguous", "aten::clone", "aten::copy_"):
-            found.append(root.name)
+            found.append((parent if parent == "mkldnn::_convolution_pointwise" else root.name,
+                          tuple(event.input_shapes[0])))
     return found
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
-def test_forward_keeps_one_layout_on_the_cpu(backend, memory_format):
+@pytest.mark.parametrize("conv", ["torch", "packed"])
+def test_forward_keeps_one_layout_on_the_cpu(backend, memory_format, conv):
     # NCHW or channels_last from the first convolution to the last, the attention blocks included.
     # Two threads: with one, PyTorch runs a 1×1 convolution below batch 16 through its slow im2col
     # path (thnn_conv2d), whose own copies would count here whatever the layouts (CI runs with
-    # the default threads, OMP_NUM_THREADS=1 runs elsewhere)
+    # the default threads, OMP_NUM_THREADS=1 runs elsewhere). The packed convolutions (DESIGN §5.8)
+    # write channels_last: from NCHW, the network's input and output are the only tensors converted
+    # (the image, [B, in_ch, H, W] and [B, out_ch, H, W]), the activations never.
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         model = UNet(**SMALL, backend=backend).eval().to(memory_format=memory_format)
+        for module in model.modules():
+            if isinstance(module, PackedConv2d):
+                module.impl = conv
         x = torch.randn(2, 2, 8, 8).contiguous(memory_format=memory_format)
-        assert _layout_conversions(model, x, torch.tensor([3, 7])) == []
+        expected = []
+        if conv == "packed" and memory_format == torch.contiguous_format:
+            expected = [("mkldnn::_convolution_pointwise", (2, 2, 8, 8)), ("aten::contiguous", (2, 2, 8, 8))]
+        assert _layout_conversions(model, x, torch.tensor([3, 7])) == expected
     finally:
         torch.set_num_threads(threads)
     with torch.inference_mode():
