@@ -48,10 +48,9 @@ def _count(C, G, HW):
 
 
 @triton.jit
-def _per_sample(P, pid, c, c_mask, C, G):
-    # P[n, c] as float32 for program pid's sample n and the chunk's channels c: the row's offset a
-    # scalar (int64), so no int64 vector of offsets is held beside the tile
-    return tl.load(P + (pid // G).to(tl.int64) * C + c, mask=c_mask, other=0.0).to(tl.float32)
+def _per_sample(P, nc, c_mask):
+    # P[n, c] as float32 for the channel chunk's offsets nc = n·C + c
+    return tl.load(P + nc, mask=c_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -64,12 +63,13 @@ def _channels(pid, c0, Weight, Bias, Scale, Shift, C, G, HAS_SCALE, HAS_SHIFT, B
     c_mask = offs < group_channels
     weight = tl.load(Weight + c, mask=c_mask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + c, mask=c_mask, other=0.0).to(tl.float32)
+    nc = (pid // G).to(tl.int64) * C + c
     if HAS_SCALE:
-        factor = 1.0 + _per_sample(Scale, pid, c, c_mask, C, G)
+        factor = 1.0 + _per_sample(Scale, nc, c_mask)
         weight = weight * factor
         bias = bias * factor
     if HAS_SHIFT:
-        bias = bias + _per_sample(Shift, pid, c, c_mask, C, G)
+        bias = bias + _per_sample(Shift, nc, c_mask)
     return c, c_mask, weight, bias
 
 
