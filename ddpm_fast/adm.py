@@ -41,15 +41,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def _scale_shift_norm(h: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor,
-                      backend: str) -> torch.Tensor:
-    """SiLU(GN(h)·(1 + scale) + shift), scale and shift [B, C]: the AdaGN of Dhariwal & Nichol §3.
-    Until the fused op's scale-shift form (group_norm_silu(..., scale=, shift=), branch i28ss)
-    lands, the norm is fused and the modulation and SiLU follow it; that form replaces this body."""
-    normed = _normalize(h, norm, backend, act=False)
-    return F.silu(torch.addcmul(shift[:, :, None, None], normed, 1 + scale[:, :, None, None]))
-
-
 class ResBlock(nn.Module):
     """guided-diffusion's ResBlock (its names: in_layers, emb_layers, out_layers, skip_connection);
     `updown` "up" or "down" resamples inside the block (resblock_updown)."""
@@ -77,7 +68,7 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers[1](emb)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = _scale_shift_norm(h, self.out_layers[0], scale, shift, self.backend)
+            h = _normalize(h, self.out_layers[0], self.backend, scale=scale, shift=shift)  # AdaGN, their §3
         else:
             h = _normalize(h, self.out_layers[0], self.backend, add=emb_out)
         return self.skip_connection(x) + self.out_layers[3](self.out_layers[2](h))
@@ -183,6 +174,8 @@ class ADMUNet(nn.Module):
     attention_resolutions are downsample rates (1 = full resolution), as UNetModel takes them;
     create_model's "32,16,8" are image sizes (ddpm_fast/adm_checkpoints.py converts). channel_mult
     may hold fractions (the 512×512 model's 0.5): each width is int(mult · model_channels).
+    timestep_scale multiplies t first: 1000/T for the models improved-diffusion trained with
+    rescale_timesteps (their presets set it), so a sampler passes the chain's own indices.
     `backend`: as UNet's ("auto", "reference", "torch", "cpu", "cuda", "triton")."""
 
     null_label = False  # label_emb has num_classes rows: no "no label" token
@@ -192,8 +185,11 @@ class ADMUNet(nn.Module):
                  channel_mult: tuple[float, ...] = (1, 2, 4, 8), num_classes: int | None = None,
                  num_heads: int = 1, num_head_channels: int = -1, num_heads_upsample: int = -1,
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
-                 use_new_attention_order: bool = False, backend: str = "auto"):
+                 use_new_attention_order: bool = False, timestep_scale: float = 1.0, backend: str = "auto"):
         super().__init__()
+        if isinstance(timestep_scale, bool) or not isinstance(timestep_scale, (int, float)) or not (
+                math.isfinite(timestep_scale) and timestep_scale > 0):
+            raise ValueError(f"timestep_scale must be a finite number > 0, got {timestep_scale!r}")
         num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         _check_config(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                       out_channels=out_channels, num_res_blocks=num_res_blocks, dropout=dropout,
@@ -206,8 +202,9 @@ class ADMUNet(nn.Module):
                            channel_mult=list(channel_mult), num_classes=num_classes, num_heads=num_heads,
                            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
                            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-                           use_new_attention_order=use_new_attention_order)
+                           use_new_attention_order=use_new_attention_order, timestep_scale=float(timestep_scale))
         self.in_channels, self.model_channels, self.num_classes = in_channels, model_channels, num_classes
+        self.timestep_scale = float(timestep_scale)
         self.num_resolutions = len(channel_mult)
         encoder = _Encoder(self.config)
         self.time_embed, self.input_blocks, self.middle_block = encoder.time_embed, encoder.blocks, encoder.middle
@@ -234,6 +231,8 @@ class ADMUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t, y = UNet._check_inputs(self, x, timesteps, fractional=True), self._check_labels(x, y)
+        if self.timestep_scale != 1.0:  # improved-diffusion's rescale_timesteps: t·1000/T, T the chain's length
+            t = t * self.timestep_scale
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         if y is not None:
             emb = emb + self.label_emb(y)

@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoints
 from .adm import ADMClassifier, ADMUNet
+from .schedule import NoiseSchedule
 
 NUM_CLASSES = 1000  # ImageNet's, as both code bases hard-code it
 
@@ -293,19 +294,26 @@ def load_flag_text(source, text: str = "", preset_name: str | None = None):
     (`ddpm-fast convert --preset --flags`)."""
     builder = preset(preset_name).builder if preset_name else ("classifier" if "--classifier_" in text else "guided")
     cls = ADMClassifier if builder == "classifier" else ADMUNet
-    return _load(cls, source, preset_name, flag_text(text, builder), builder)
+    return _load(cls, source, preset_name, parse_flags(text, _BUILDERS[builder][1], _diffusion_table(builder)), builder)
 
 
 def _load(cls, source, preset_name: str | None, flags: dict, builder: str):
+    diffusion = {}
     if preset_name is not None:
         chosen = preset(preset_name)
         if (chosen.builder == "classifier") != (cls is ADMClassifier):
             kind, loader = ("a classifier", "classifier_from_guided_diffusion") if chosen.builder == "classifier" \
                 else ("a diffusion model", "from_guided_diffusion")
             raise ValueError(f"preset {preset_name!r} is {kind}: load it with {loader}")
-        builder, flags = chosen.builder, {**chosen.model_flags(), **flags}
+        builder, flags, diffusion = chosen.builder, {**chosen.model_flags(), **flags}, chosen.diffusion()
+    # the diffusion flags their scripts take beside the network's (diffusion_steps, rescale_timesteps, …)
+    table = _diffusion_table(builder)
+    diffusion = {**table, **diffusion, **{k: flags.pop(k) for k in list(flags)
+                                          if k in table and k not in _BUILDERS[builder][1]}}
     config = _BUILDERS[builder][0](**flags) if preset_name is not None or flags or not _is_safetensors(source) \
         else None
+    if config is not None and cls is ADMUNet:
+        config["timestep_scale"] = timestep_scale(diffusion)
     if _is_safetensors(source):
         model = checkpoints.load_safetensors(cls, source)
         if config is not None and checkpoints.skeleton(cls, config, str(source)).config != model.config:
@@ -320,6 +328,31 @@ def _load(cls, source, preset_name: str | None, flags: dict, builder: str):
         raise ValueError(f"{name} does not hold a state dict of tensors (guided-diffusion saves its model's "
                          f"state_dict())")
     return checkpoints.build_checked(cls, config, state_dict, name).eval()
+
+
+def timestep_scale(diffusion: dict) -> float:
+    """What the network's t is multiplied by: 1000/T under improved-diffusion's rescale_timesteps
+    (its _WrappedModel's t·1000/original_num_steps), else 1."""
+    return 1000.0 / diffusion["diffusion_steps"] if diffusion["rescale_timesteps"] else 1.0
+
+
+def sampling(diffusion: dict) -> tuple[NoiseSchedule, dict]:
+    """(the schedule, Sampler keywords) of a checkpoint's diffusion flags, as their
+    create_gaussian_diffusion builds the process: get_named_beta_schedule's "linear" (β from
+    0.1/T to 20/T, i.e. the paper's 1e-4 … 0.02 scaled by 1000/T) or "cosine"; learn_sigma →
+    learned_range, else sigma_small → fixed_small or fixed_large; predict_xstart → x0 prediction;
+    timestep_respacing as the steps ("" = all T)."""
+    T, name = diffusion["diffusion_steps"], diffusion["noise_schedule"]
+    if name == "linear":
+        schedule = NoiseSchedule.linear(T, 0.1 / T, 20.0 / T)
+    elif name == "cosine":
+        schedule = NoiseSchedule.cosine(T)
+    else:
+        raise ValueError(f"noise_schedule must be 'linear' or 'cosine' (their get_named_beta_schedule's), got {name!r}")
+    variance = "learned_range" if diffusion["learn_sigma"] else (
+        "fixed_small" if diffusion.get("sigma_small") else "fixed_large")
+    return schedule, dict(variance=variance, prediction_type="x0" if diffusion["predict_xstart"] else "epsilon",
+                          steps=diffusion["timestep_respacing"] or None)
 
 
 def _is_safetensors(source) -> bool:

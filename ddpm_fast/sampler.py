@@ -28,6 +28,7 @@ from .ops.noise import RANDN_IMPLEMENTATIONS
 from .reference.diffusion_step import diffusion_step as reference_step
 from .schedule import NoiseSchedule, StepTable
 from .classifier import classifier_gradient
+from .adm import ADMUNet
 from .compiled import CompiledUNet
 from .unet import UNet
 
@@ -93,13 +94,14 @@ class Sampler:
             raise ValueError(f"the model ({type(model).__name__}) has parameters on the meta device, which hold no "
                              f"values: load its weights first (model.to_empty(device=...) and load_state_dict)")
         network = model.model if isinstance(model, CompiledUNet) else model
-        self.num_classes = network.num_classes if isinstance(network, UNet) else None
+        self.num_classes = network.num_classes if isinstance(network, (UNet, ADMUNet)) else None
         scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
         guided = any(w != 0 for w in scales)  # else no unconditional half is run
-        if guided and self.num_classes is None:
+        if guided and (self.num_classes is None or not network.null_label):
             raise ValueError(f"guidance_scale={guidance_scale!r} is classifier-free guidance, which needs a "
                              f"class-conditional UNet (num_classes=K, trained with label dropout); this model is "
-                             f"unconditional (a classifier= guides it instead)")
+                             f"{'unconditional' if self.num_classes is None else 'conditional without a no-label token'}"
+                             f" (a classifier= guides it instead)")
         if classifier is not None and not callable(classifier):
             raise TypeError(f"classifier must be a callable (x_t, t) -> logits, got {type(classifier).__name__}")
         if classifier is None and classifier_scale is not None:
@@ -437,6 +439,8 @@ def _output_channels(model) -> int | None:
     model = model.model if isinstance(model, CompiledUNet) else model
     if isinstance(model, UNet):
         return model.config["out_ch"]
+    if isinstance(model, ADMUNet):
+        return model.config["out_channels"]
     return getattr(getattr(model, "config", None), "out_channels", None)
 
 
@@ -444,6 +448,8 @@ def _infer_sample_shape(model) -> tuple[int, int, int]:
     model = model.model if isinstance(model, CompiledUNet) else model
     if isinstance(model, UNet):
         return (model.in_channels, model.resolution, model.resolution)
+    if isinstance(model, ADMUNet):
+        return (model.in_channels, model.config["image_size"], model.config["image_size"])
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "in_channels") and hasattr(config, "sample_size"):  # diffusers
         size = config.sample_size

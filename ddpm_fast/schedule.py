@@ -161,7 +161,7 @@ class NoiseSchedule:
             raise ValueError(f"variance={variance!r} needs at least two DDPM steps: the last step's clipped log β̃ is "
                              f"the step before's (improved-diffusion's posterior_log_variance_clipped), got {len(kept)}")
         ab = self.alphas_cumprod.tolist()
-        rows, vp, variances, chain = [], [], [], []
+        rows, vp, shifts, chain = [], [], [], []
         for index, t in enumerate(kept):
             ab_s = ab[kept[index + 1]] if index + 1 < len(kept) else 1.0  # ᾱ at the next kept timestep
             sqrt_ab, sqrt_1m_ab = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
@@ -184,11 +184,19 @@ class NoiseSchedule:
                 # a learned row's noise is σ·√Σ_θ·z with Σ_θ per element: σ = 1 here (DESIGN §2.3)
                 sigma = 1.0 if learned else math.sqrt(beta if variance == "fixed_large" else beta_tilde)
             vp.append((sqrt_ab, sqrt_1m_ab))
-            variances.append(sigma ** 2)  # Σ_t of classifier guidance's mean shift, before the last step's σ = 0
+            if method == "ddpm":
+                shifts.append(sigma ** 2)  # Σ_t of classifier guidance's mean shift, before the last step's σ = 0
+            elif clip_denoised and sqrt_ab > 0:
+                # guided-diffusion's DDIM shifts the ε re-derived from the clipped x̂0 and does not clip
+                # again: ε' = ε(clip x̂0) − s·σ_t·g moves x̂0 by s(1−ᾱ_t)/√ᾱ_t·g and the ε term by −c·s·σ_t·g,
+                # c = D·σ_t (ddim_coefs' k), so x_prev moves by s·(1−ᾱ_t)(√ᾱ_s/√ᾱ_t − D)·g (DESIGN §2.5)
+                shifts.append((1.0 - ab[t]) * (math.sqrt(ab_s) / sqrt_ab - D))
+            else:
+                shifts.append(None)  # ε̂ = ε − s·σ_t·g through the output (eq. 14)
             if t == 0:
                 sigma = 0.0  # no noise on the last step, whatever the variance choice
             rows.append((A, B, C, D, E, sigma, float(clip_denoised), 0.0))
-        rows = _guided(rows, vp, variances if method == "ddpm" else None, guidance_scale, classifier_scale)
+        rows = _guided(rows, vp, shifts, guidance_scale, classifier_scale)
         return _table(rows, kept, kept, _learned_columns(variance, chain) if learned else None)
 
     def _dpm_solver_rows(self, stochastic: bool, clip_denoised: bool, prediction_type: str, steps, spacing: str,
@@ -294,11 +302,12 @@ def _learned_columns(variance: str, chain: list[tuple[float, float]]) -> list[tu
             for (beta, _), beta_tilde in zip(chain, clipped)]
 
 
-def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_variances: list[float] | None,
+def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_shifts: list[float | None] | None,
             guidance_scale: float | Sequence[float], classifier_scale: float) -> list[tuple[float, ...]]:
     """Rows with the guidance columns (w, Gout, Gmean) of DESIGN §2.5 appended. vp: each row's
-    (α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)); mean_variances: Σ_t of each DDPM row (None for the methods
-    whose classifier guidance shifts ε)."""
+    (α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)); mean_shifts: per row, what s·g is multiplied by in x_prev (Σ_t
+    of a DDPM row; a clipped DDIM row's shift) or None where classifier guidance shifts ε through
+    the output (None for every row: the same)."""
     scales = [guidance_scale] * len(rows) if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
     if len(scales) != len(rows) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf
                                        for w in scales):
@@ -309,8 +318,9 @@ def _guided(rows: list[tuple[float, ...]], vp: list[tuple[float, float]], mean_v
         raise ValueError(f"classifier_scale must be a finite number >= 0, got {classifier_scale!r}")
     guided = []
     for i, (row, w, (alpha, sigma)) in enumerate(zip(rows, scales, vp)):
-        if mean_variances is not None:  # μ + s·Σ·g (Algorithm 1)
-            g_out, g_mean = 0.0, s * mean_variances[i]
+        shift = None if mean_shifts is None else mean_shifts[i]
+        if shift is not None:  # μ + s·Σ·g (Algorithm 1), or a clipped DDIM row's equivalent
+            g_out, g_mean = 0.0, s * shift
         elif s == 0:
             g_out, g_mean = 0.0, 0.0
         elif alpha == 0.0:

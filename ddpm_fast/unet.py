@@ -45,17 +45,23 @@ UNET_BACKENDS = BACKENDS + ("torch",)
 
 
 def _normalize(x: torch.Tensor, norm: nn.GroupNorm, backend: str, add: torch.Tensor | None = None,
-               act: bool = True) -> torch.Tensor:
-    """The original's nonlinearity(normalize(x + add)): the fused group_norm_silu op (impl=backend,
-    "auto" being the op's own choice), the unfused reference maths for backend "reference", or
-    PyTorch's F.group_norm and F.silu for backend "torch"."""
+               act: bool = True, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The original's nonlinearity(normalize(x + add)), with the ADM ResBlock's scale-shift
+    (·(1 + scale) + shift, [B, C] each) before the nonlinearity: the fused group_norm_silu op
+    (impl=backend, "auto" being the op's own choice), the unfused reference maths for backend
+    "reference", or PyTorch's F.group_norm and F.silu for backend "torch"."""
     if backend == "reference":
-        return reference_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act)
+        return reference_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act,
+                                         scale=scale, shift=shift)
     if backend == "torch":
         h = F.group_norm(x if add is None else x + add[:, :, None, None], norm.num_groups, norm.weight, norm.bias,
                          norm.eps)
+        if scale is not None or shift is not None:
+            h = h * (1 + (0 if scale is None else scale[:, :, None, None])) + (0 if shift is None else
+                                                                              shift[:, :, None, None])
         return F.silu(h) if act else h
-    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act, impl=backend)
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add=add, act=act, impl=backend,
+                               scale=scale, shift=shift)
 
 
 def _variance_scaling_init_(module: nn.Module, scale: float = 1.0) -> None:

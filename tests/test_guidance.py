@@ -56,8 +56,9 @@ def test_guided_rows_reproduce_the_papers(schedule, method, variance, eta, clip,
             expected = G.p_sample(schedule, out, x, t, z, grad, S, clip, variance, prediction_type)
         else:
             t_prev = int(table.timesteps[index + 1]) if index + 1 < len(table) else -1
-            guided = G.condition_output(schedule, out, x, t, grad, S, prediction_type)
-            expected = D.ddim_step(schedule, guided, x, t, torch.full_like(t, t_prev), z, eta, clip, prediction_type)
+            guided = G.condition_output(schedule, out, x, t, grad, S, prediction_type, clip_denoised=clip)
+            # guided-diffusion's order: clip, shift ε, no second clip (condition_score, then ddim_sample)
+            expected = D.ddim_step(schedule, guided, x, t, torch.full_like(t, t_prev), z, eta, False, prediction_type)
         got = reference_step(x, cond, table.coefs[index], z, uncond_output=uncond, guidance_grad=grad)
         assert relative_error(got, expected) < 1e-12, (index, int(table.timesteps[index]))
 
@@ -83,19 +84,26 @@ def test_guided_multistep_rows_use_the_guided_output(schedule, method, predictio
 
 
 def test_guidance_columns(schedule):
-    # w per row as given; DDPM rows move the mean by s·σ_t², the others ε by −s·√(1−ᾱ_t)
+    # w per row as given; DDPM rows move the mean by s·σ_t², DDIM rows without the clip ε by
+    # −s·√(1−ᾱ_t), with it x_prev by s·(1−ᾱ_t)(√ᾱ_s/√ᾱ_t − D) (ε shifted after the clip)
     w_col, gout, gmean = (STEP_COLUMNS.index(c) for c in ("w", "Gout", "Gmean"))
     ddpm = schedule.step_table("ddpm", "fixed_large", guidance_scale=[float(i % 3) for i in range(T)],
                                classifier_scale=2.0)
     assert ddpm.coefs[:, w_col].tolist() == [float(i % 3) for i in range(T)]
     assert torch.allclose(ddpm.coefs[:, gmean], 2.0 * schedule.betas.flip(0), rtol=1e-14, atol=0)
     assert (ddpm.coefs[:, gout] == 0).all()
-    ddim = schedule.step_table("ddim", steps=10, classifier_scale=2.0)
+    ddim = schedule.step_table("ddim", steps=10, clip_denoised=False, classifier_scale=2.0)
     t = ddim.timesteps
     assert torch.allclose(ddim.coefs[:, gout], -2.0 * schedule.sqrt_one_minus_alphas_cumprod[t], rtol=1e-12, atol=0)
     assert (ddim.coefs[:, gmean] == 0).all() and (ddim.coefs[:, w_col] == 0).all()
-    unguided = schedule.step_table("ddim", steps=10)
+    unguided = schedule.step_table("ddim", steps=10, clip_denoised=False)
     assert torch.equal(unguided.coefs[:, :w_col], ddim.coefs[:, :w_col])
+    clipped = schedule.step_table("ddim", steps=10, classifier_scale=2.0)
+    ab = schedule.alphas_cumprod[t]
+    ab_s = torch.cat([schedule.alphas_cumprod[t[1:]], torch.ones(1, dtype=torch.float64)])
+    D = clipped.coefs[:, STEP_COLUMNS.index("D")]
+    assert torch.allclose(clipped.coefs[:, gmean], 2.0 * (1 - ab) * (ab_s.sqrt() / ab.sqrt() - D), rtol=1e-12, atol=0)
+    assert (clipped.coefs[:, gout] == 0).all()
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -192,7 +200,7 @@ def test_bad_guidance_inputs(schedule, impl):
                                                   uncond_output=uncond, guidance_grad=grad), **kw})
     with pytest.raises(ValueError, match="w = 2.5 ≠ 0: pass uncond_output"):
         call(uncond_output=None)
-    with pytest.raises(ValueError, match="Gout = .* ≠ 0: pass guidance_grad"):
+    with pytest.raises(ValueError, match="Gmean = .* ≠ 0: pass guidance_grad"):
         call(guidance_grad=None)
     for kw, match in ((dict(uncond_output=uncond.half()), "model_output's dtype"),
                       (dict(uncond_output=uncond[:, :2]), "model_output's dtype"),

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .. import NoiseSchedule, Sampler, UNet, _startup
-from ..adm_checkpoints import PRESETS as ADM_PRESETS, load_flag_text
+from ..adm_checkpoints import PRESETS as ADM_PRESETS, classifier_from_guided_diffusion, from_guided_diffusion, load_flag_text
+from ..adm_checkpoints import preset as adm_preset, sampling
 from ..classifier import NoisyClassifier
 from .._atomic import must_write, read_regular, write_bytes
 from ..checkpoints import Notice, skeleton
@@ -57,13 +58,12 @@ def _sample(args: argparse.Namespace) -> int:
         print(f"note: --dtype {args.dtype} on the CPU is emulated by PyTorch and runs many times slower than float32 "
               f"(it is for GPUs)", file=sys.stderr)
     with world_from_env(args.device) as world:  # torch.distributed when torchrun started us
-        model = _load_model(args.model, quiet=world.rank != 0)
+        model, classifier, schedule, process = _networks(args, quiet=world.rank != 0)
         checksum = state_dict_sha256(model)  # of the weights as loaded, before any dtype cast
-        classifier = NoisyClassifier.from_pretrained(args.classifier).to(world.device) if args.classifier else None
+        classifier = classifier.to(world.device) if classifier is not None else None
         labels, nrow = _labels(args, model, classifier)
-        sampler = Sampler(model.to(world.device), NoiseSchedule.linear(args.timesteps), method=args.method,
-                          variance=args.variance, steps=args.steps, eta=args.eta, spacing=args.spacing, use_karras_sigmas=args.karras,
-                          backend=args.backend,
+        sampler = Sampler(model.to(world.device), schedule, method=args.method, **process, eta=args.eta,
+                          spacing=args.spacing, use_karras_sigmas=args.karras, backend=args.backend,
                           dtype=DTYPES[args.dtype], clip_denoised=not args.no_clip,
                           finite_check_every=args.check_finite, compile=args.compile,
                           guidance_scale=args.guidance_scale, classifier=classifier,
@@ -92,6 +92,42 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _networks(args: argparse.Namespace, quiet: bool):
+    """(model, classifier or None, schedule, the Sampler's variance / prediction_type / steps) of
+    --model and --classifier: ours, or with --preset a guided-diffusion / improved-diffusion
+    checkpoint (.pt or our .safetensors), whose preset also gives the process (DESIGN §2.7)."""
+    if args.respacing is not None and args.steps is not None:
+        raise ValueError("--respacing and --steps both choose the timesteps: give one")
+    steps = args.respacing if args.respacing is not None else args.steps
+    if args.preset is None:
+        for flag, given in (("--classifier-preset", args.classifier_preset), ("--respacing", args.respacing)):
+            if given is not None:
+                raise ValueError(f"{flag} belongs to guided-diffusion and improved-diffusion checkpoints: pass --preset")
+        classifier = NoisyClassifier.from_pretrained(args.classifier) if args.classifier else None
+        process = dict(variance=args.variance or "fixed_large", prediction_type="epsilon", steps=steps)
+        return (_load_model(args.model, quiet), classifier, NoiseSchedule.linear(args.timesteps or 1000), process)
+    if args.timesteps is not None:
+        raise ValueError(f"--timesteps: preset {args.preset!r} sets the schedule (its diffusion_steps and "
+                         f"noise_schedule)")
+    chosen = adm_preset(args.preset)
+    if chosen.builder == "classifier":
+        raise ValueError(f"--preset {args.preset} is a classifier: give it as --classifier-preset")
+    model = from_guided_diffusion(args.model, preset=args.preset)
+    schedule, process = sampling(chosen.diffusion())
+    process["steps"] = process["steps"] if steps is None else steps
+    process["variance"] = args.variance or process["variance"]
+    classifier = None
+    if args.classifier:
+        size = model.config["image_size"]
+        name = args.classifier_preset or f"{size}x{size}_classifier"
+        if name not in ADM_PRESETS:
+            raise ValueError(f"no published classifier for {size}×{size} images: pass --classifier-preset")
+        classifier = classifier_from_guided_diffusion(args.classifier, preset=name)
+    elif args.classifier_preset is not None:
+        raise ValueError("--classifier-preset names the flags of --classifier: pass --classifier too")
+    return model, classifier, schedule, process
+
+
 def _trajectory(args: argparse.Namespace, sampler: Sampler, labels: list[int] | None) -> bytes:
     """The PNG of x̂0 over time of the first samples (at most 8), refused now if --trajectory
     holds another file and --overwrite is absent."""
@@ -106,7 +142,8 @@ def _labels(args: argparse.Namespace, model: UNet, classifier) -> tuple[list[int
     """The class of each sample from --label (N, or "all": an equal share of every class, in order)
     and the grid's samples per row (one class a row for "all")."""
     classes = model.num_classes if model.num_classes is not None else (
-        classifier.config["num_classes"] if classifier is not None else None)
+        classifier.config.get("num_classes", classifier.config.get("out_channels")) if classifier is not None
+        else None)
     if args.label is None:
         if classes is not None:
             raise ValueError(f"--model {args.model}{' with --classifier' * (classifier is not None)} draws classes: "
@@ -350,8 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="network evaluations (default: all T for ddpm/ddim, 20 for dpm-solver++); fewer give "
                              "DDIM's or a respaced DDPM's chain")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
-    sample.add_argument("--variance", choices=SAMPLING_VARIANCES, default="fixed_large",
-                        help="ddpm's σ_t²: fixed_large (β_t, the default), fixed_small (β̃_t), or learned by a model "
+    sample.add_argument("--preset", default=None, choices=[n for n, p in ADM_PRESETS.items() if p.builder != "classifier"],
+                        metavar="NAME",
+                        help="--model is a guided-diffusion or improved-diffusion checkpoint (.pt, or our .safetensors "
+                             "from ddpm-fast convert) published as NAME: its network flags and its process "
+                             "(schedule, learned variance, timestep rescaling) (DESIGN §2.7)")
+    sample.add_argument("--classifier-preset", default=None, metavar="NAME",
+                        choices=[n for n, p in ADM_PRESETS.items() if p.builder == "classifier"],
+                        help="with --preset: the flags of --classifier (default: the published classifier of the "
+                             "model's image size, e.g. 64x64_classifier)")
+    sample.add_argument("--respacing", default=None, metavar="TEXT",
+                        help="guided-diffusion's --timestep_respacing: '250', 'ddim25' or section counts '10,15,20' "
+                             "(DESIGN §2.3); instead of --steps")
+    sample.add_argument("--variance", choices=SAMPLING_VARIANCES, default=None,
+                        help="ddpm's σ_t²: fixed_large (β_t, the default; a --preset's own), fixed_small (β̃_t), or learned by a model "
                              "with 2C output channels: learned_range (Nichol & Dhariwal eq. 15) or learned (log σ²) "
                              "(DESIGN §2.3); ddim and dpm-solver++ ignore a learned variance")
     sample.add_argument("--spacing", choices=tuple(dict.fromkeys(SPACINGS + DPM_SPACINGS)), default=None,
@@ -372,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "whose gradient guides sampling towards --label")
     sample.add_argument("--classifier-scale", type=_non_negative_float, default=None, metavar="S",
                         help="scale s of the classifier's gradient (default 1; needs --classifier)")
-    sample.add_argument("--timesteps", type=_positive, default=1000, help="T of the linear schedule")
+    sample.add_argument("--timesteps", type=_positive, default=None,
+                        help="T of the linear schedule (default 1000; a --preset sets its own)")
     sample.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
     sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--out", default="samples/grid.png",

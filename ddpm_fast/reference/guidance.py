@@ -3,7 +3,8 @@ rows of the step table must reproduce (tests/test_guidance.py).
 
 - classifier-free guidance (Ho & Salimans 2022, eq. 6): ε̃ = (1 + w)·ε(x, y) − w·ε(x, ∅);
 - classifier guidance, ancestral (Dhariwal & Nichol 2021, Algorithm 1): x_{t−1} ~ N(μ + s·Σ·g, Σ);
-- classifier guidance, DDIM (their eq. 14 and Algorithm 2): ε̂ = ε − s·√(1−ᾱ_t)·g,
+- classifier guidance, DDIM (their eq. 14 and Algorithm 2): ε̂ = ε − s·√(1−ᾱ_t)·g, with ε taken
+  from the clipped x̂0 when clipping, as their code does,
 with g = ∇ₓ log p_φ(y | x_t, t).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..schedule import NoiseSchedule
-from .diffusion import _add_noise, extract, p_mean_variance, predict_start_and_noise
+from .diffusion import _add_noise, extract, p_mean_variance, predict_noise_from_start, predict_start_and_noise
 
 
 def classifier_free(conditional: torch.Tensor, unconditional: torch.Tensor, w: float) -> torch.Tensor:
@@ -29,10 +30,16 @@ def p_sample(schedule: NoiseSchedule, model_output: torch.Tensor, x_t: torch.Ten
 
 
 def condition_output(schedule: NoiseSchedule, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                     grad: torch.Tensor, s: float, prediction_type: str = "epsilon") -> torch.Tensor:
+                     grad: torch.Tensor, s: float, prediction_type: str = "epsilon",
+                     clip_denoised: bool = False) -> torch.Tensor:
     """The network output whose ε is ε̂ = ε − s·√(1−ᾱ_t)·g (eq. 14), in its own parametrisation
-    (x̂0 and v re-derived from x_t and ε̂ by eq. 4), for DDIM and every solver that reads ε."""
-    _, eps = predict_start_and_noise(schedule, model_output, x_t, t, prediction_type)
+    (x̂0 and v re-derived from x_t and ε̂ by eq. 4), for DDIM and every solver that reads ε. With
+    clip_denoised, ε is first re-derived from the clipped x̂0, as guided-diffusion's
+    condition_score takes it from its p_mean_variance; the x̂0 of ε̂ is then not clipped again
+    (a DDIM step on this output runs without the clip)."""
+    x0, eps = predict_start_and_noise(schedule, model_output, x_t, t, prediction_type)
+    if clip_denoised:
+        eps = predict_noise_from_start(schedule, x_t, t, x0.clamp(-1.0, 1.0))
     sqrt_ab = extract(schedule.sqrt_alphas_cumprod, t, x_t)
     sqrt_1m_ab = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
     eps_hat = eps - s * sqrt_1m_ab * grad
