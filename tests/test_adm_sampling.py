@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from ddpm_fast import NoiseSchedule, Sampler
 from ddpm_fast.adm import ADMClassifier, ADMUNet
-from ddpm_fast.adm_checkpoints import sampling, timestep_scale
+from ddpm_fast.adm_checkpoints import (from_guided_diffusion, from_improved_diffusion, improved_model_config, sampling,
+                                       timestep_scale)
 from helpers import relative_error
 
 with safe_open(str(Path(__file__).parent / "golden" / "adm_sampling.safetensors"), framework="pt") as _f:
@@ -85,3 +86,12 @@ def test_a_rescaled_model_sees_t_times_1000_over_T():
         assert torch.equal(rescaled(x, torch.tensor([400, 8]), y), model(x, torch.tensor([100.0, 2.0]), y))
     with pytest.raises(ValueError, match="timestep_scale"):
         ADMUNet(**{**model.config, "timestep_scale": 0.0})
+
+
+def test_improved_diffusions_loaders_rescale_t_as_its_scripts_do():
+    flags = dict(image_size=32, num_channels=32, num_res_blocks=1, learn_sigma=True)
+    state = ADMUNet(**improved_model_config(**flags)).state_dict()
+    assert from_improved_diffusion(state, **flags, diffusion_steps=4000).timestep_scale == 0.25  # their default
+    assert from_improved_diffusion(state, **flags, diffusion_steps=4000, rescale_timesteps=False).timestep_scale == 1.0
+    assert from_guided_diffusion(state, **flags, use_scale_shift_norm=True, num_heads=4, channel_mult="1,2,2,2",
+                                 attention_resolutions="16,8", diffusion_steps=4000).timestep_scale == 1.0
