@@ -154,7 +154,9 @@ def _e2e(records: list[dict], measured: dict) -> list[str]:
     for kind, title in (("e2e-step", "one denoising step (U-Net forward + update)"),
                         ("e2e-sample", "sampling runs from x_T"),
                         ("e2e-dpm-solver", "DPM-Solver++(2M) sampling runs from x_T (DESIGN §2.4)"),
-                        ("e2e-bound", "the variational bound, ddpm-fast nll's evaluation (DESIGN §2.6)")):
+                        ("e2e-bound", "the variational bound, ddpm-fast nll's evaluation (DESIGN §2.6)"),
+                        ("adm-forward", "the ADM U-Net's forward against guided-diffusion's code (DESIGN §2.7)"),
+                        ("adm-sampling", "respaced ADM sampling against guided-diffusion's loop (DESIGN §2.7)")):
         if A.groups(records, (kind,)):
             lines += [f"## End to end: {title}", ""] + _results(records, (kind,), measured, extra=True)
             lines += ["Ours against every baseline of the same CUDA-graph use:", ""] + _ratios(records, (kind,))

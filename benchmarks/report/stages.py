@@ -33,7 +33,7 @@ BENCHMARKS = {
     "env": ["test_peaks.py"],
     "peaks": ["test_peaks.py"],
     "ops": ["test_step.py", "test_vb_terms.py", "test_group_norm.py", "test_attention.py"],
-    "e2e": ["test_unet_step.py", "test_sampling.py", "test_dpm_solver.py", "test_bound.py"],
+    "e2e": ["test_unet_step.py", "test_sampling.py", "test_dpm_solver.py", "test_bound.py", "test_adm.py"],
     "breakdown": ["test_breakdown.py"],
 }
 ALL = ("env", "build", "tests", "peaks", "ops", "e2e", "breakdown", "plot")
