@@ -110,7 +110,7 @@ def test_goals_are_judged_on_exact_values():
     assert cpu["step: fused cpu vs eager"]  # 4× against 3×
     assert "step: fused cpu vs torch.compile" not in cpu  # the step's CPU goal is against eager alone
     # no CPU-sized run among the records: every end-to-end goal is a row, not measured
-    assert sum(met is None for met in cpu.values()) == 2 * len(analysis.CPU_E2E_GOALS)
+    assert sum(met is None for met in cpu.values()) == 2 * len(analysis.CPU_E2E_GOALS) + len(analysis.CPU_ADM_GOALS)
     gpu = {g["goal"]: g for g in analysis.gpu_goals(_records())}
     compile_goal = gpu["end to end bf16-cl: vs torch.compile"]
     assert compile_goal["value"] == 1.125 and not compile_goal["met"]  # against 1.15×
@@ -118,6 +118,19 @@ def test_goals_are_judged_on_exact_values():
     fid = next(g for g in gpu.values() if g["at_most"])
     assert fid["value"] == pytest.approx(50_000 / (256 / 50.0) / 60) and not fid["met"]  # 162.7 min
     assert ratio(1.999) == "1.99×"  # truncated, never rounded up to a goal
+
+
+def test_adm_goals_compare_ours_with_guided_diffusions_code():
+    records = [_record("adm-sampling", "adm64 sampling 250 steps B=16", name, median)
+               for name, median in (("eager", 3.0), ("ours", 2.0), ("torch.compile", 2.2))]
+    records.append(_record("adm-forward", "adm64 forward B=16", "eager", 9.0))  # a forward is not a sampling goal
+    gpu = {g["goal"]: g for g in analysis.gpu_goals(records)}
+    assert gpu["ADM sampling: ours vs guided-diffusion's eager code"]["value"] == 1.5
+    assert gpu["ADM sampling: ours vs guided-diffusion's eager code"]["met"]  # 1.5× against 1.5×
+    compiled = gpu["ADM sampling: ours vs guided-diffusion's code under torch.compile"]
+    assert compiled["value"] == pytest.approx(1.1) and not compiled["met"]  # against 1.15×
+    cpu = {g["goal"]: g for g in analysis.cpu_goals(records[:2])}
+    assert cpu["ADM sampling: ours vs guided-diffusion's eager code"]["value"] == 1.5
 
 
 def test_gpu_op_goals_take_the_worst_shape_with_our_faster_kernel():

@@ -51,6 +51,11 @@ GPU_E2E_GOALS = (  # (baseline, config, ratio): ours over the baseline, CIFAR-10
     ("diffusers", "bf16-cl", 2.0),
 )
 GPU_FID = ("ours + CUDA graph", "bf16-cl", 30.0)  # 50,000 samples within this many minutes
+# The ADM network against guided-diffusion's own code (benchmarks/test_adm.py): (kind, baseline,
+# wanted), ours over the baseline — on the CPU its eager code at one thread (a reduced network),
+# on the GPU its fp16 sampling and torch.compile of it.
+CPU_ADM_GOALS = (("adm-sampling", "eager", 1.1),)
+GPU_ADM_GOALS = (("adm-sampling", "eager", 1.5), ("adm-sampling", "torch.compile", 1.15))
 
 
 def load(report_dir: Path) -> list[dict]:
@@ -162,6 +167,20 @@ def cpu_goals(records: list[dict]) -> list[dict]:
             else:
                 goal = _goal(label, base["median_s"] / best["median_s"], want)
                 goals.append(dict(goal, where=f"{best['name']} against {base['name']}"))
+    return goals + adm_goals(records, CPU_ADM_GOALS)
+
+
+def adm_goals(records: list[dict], table: tuple) -> list[dict]:
+    """One row per goal of `table`, ours against guided-diffusion's code ("eager") or torch.compile
+    of it, the worst of the groups measured (rows without its code are not measured)."""
+    rows = comparisons(records, ("adm-forward", "adm-sampling"))
+    goals = []
+    for kind, baseline, want in table:
+        values = {row["group"]: row["ratio"] for row in rows
+                  if row["ours_record"]["kind"] == kind and row["baseline"] == baseline}
+        against = "eager code" if baseline == "eager" else "code under torch.compile"
+        goals.append(_worst(f"ADM {kind.removeprefix('adm-')}: ours vs guided-diffusion's {against}", values, want,
+                            "ratio"))
     return goals
 
 
@@ -191,7 +210,7 @@ def gpu_goals(records: list[dict]) -> list[dict]:
               and r["config"] == config}
     goals.append(_worst(f"{FID_SAMPLES} CIFAR-10 samples, {config}, {name} (projected)", values, minutes, "minutes",
                         at_most=True))
-    return goals
+    return goals + adm_goals(records, GPU_ADM_GOALS)
 
 
 def _in_op_group(group: str, prefix: str) -> bool:
