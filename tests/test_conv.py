@@ -239,3 +239,19 @@ def test_whole_unet_packed_equals_the_float64_reference(preset, memory_format, i
         expected = model.double()(x.double(), t)
     assert got.is_contiguous(memory_format=memory_format)
     assert relative_error(got, expected) < 1e-5 and relative_error(unpacked, expected) < 1e-5
+
+
+def test_new_storage_at_a_freed_address_is_not_taken_for_the_packed_weights():
+    # assigning .data (as module.to() does) keeps the version counter, and the allocator hands the
+    # freed block of the packed weights straight back to new weights of the same size (seen in CI
+    # with .to(bfloat16).to(float32)) unless the pack holds the storage it packed
+    conv = _random_conv(16, 16, 3, 1, 1)
+    x = torch.randn(2, 16, 9, 9)
+    for _ in range(4):
+        with torch.no_grad():
+            ops.conv2d(conv, x, impl="packed")
+            packed_at = conv.weight.data_ptr()
+            conv.weight.data = conv.weight.data.double()  # the packed float32 block is free now
+            conv.weight.data = (conv.weight.data * 0.5).float()
+            reused = conv.weight.data_ptr() == packed_at
+            assert relative_error(ops.conv2d(conv, x, impl="packed"), _expected(conv, x, None)) < 1e-5, reused

@@ -180,7 +180,6 @@ def test_accelerated_pipeline_equals_the_plain_pipeline(monkeypatch):
 
 @pytest.mark.parametrize("config,match", [
     (dict(thresholding=True), "thresholding"),
-    (dict(variance_type="learned_range"), "variance_type"),
     (dict(clip_sample_range=2.0), "clip_sample_range"),
 ])
 def test_unsupported_scheduler_options_are_refused(config, match):

@@ -38,7 +38,7 @@ REQUIRED_OPS = ("_reorder_convolution_weight", "_convolution_pointwise")
 # the add follows the packed convolution, in place on its fresh output.
 FUSED_ADD = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
 
-# conv module → (weight stamp, {input shape: packed weight}). Keyed by the module, weakly: a
+# conv module → (weight stamp, {input shape: packed weight}, the weight packed). Keyed by the module, weakly: a
 # deleted model takes its packed weights with it, and the module itself holds no opaque tensor
 # (deepcopy, pickling and state dicts never see one).
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -101,7 +101,9 @@ def _packed_weight(conv: nn.Conv2d, shape: torch.Size) -> torch.Tensor:
     stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
     entry = _packs.get(conv)
     if entry is None or entry[0] != stamp:  # new weights (or none packed yet): every shape packs again
-        entry = _packs[conv] = (stamp, {})
+        # the entry holds the packed storage (an alias): a weight given new storage (.to(), .data = …)
+        # can never reuse its address, with its version unchanged, and pass for it
+        entry = _packs[conv] = (stamp, {}, weight.detach())
     packed = entry[1].get(shape)
     if packed is None:
         packed = entry[1][shape] = torch.ops.mkldnn._reorder_convolution_weight(
