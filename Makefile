@@ -89,6 +89,11 @@ cpu-convs-report:
 GPU_CHECK_DIR ?=
 GPU_CHECK_STAGES ?=
 GPU_CHECK_ARCHIVE ?=
+# guided-diffusion's code for benchmarks/test_adm.py's baselines (not on PyPI, never committed): a
+# checkout at third_party/guided-diffusion (git-ignored; carried to a GPU lease with the device
+# tool's carry), unless GUIDED_DIFFUSION_PATH names one.
+export GUIDED_DIFFUSION_PATH ?= $(if $(wildcard third_party/guided-diffusion/guided_diffusion),$(abspath third_party/guided-diffusion))
+
 gpu-check:
 	PYTHONUNBUFFERED=1 $(REPORT_PY) -m benchmarks.report --check $(if $(GPU_CHECK_DIR),--dir $(GPU_CHECK_DIR)) \
 		$(if $(GPU_CHECK_STAGES),--stage $(GPU_CHECK_STAGES)) $(if $(GPU_CHECK_ARCHIVE),--archive $(GPU_CHECK_ARCHIVE))
