@@ -155,7 +155,8 @@ def test_a_check_without_gpu_data_renders_every_gpu_goal_not_measured(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     text = render(tmp_path)
     goals = text.split("## GPU goals (H200, like for like)")[1].split("## Verdict")[0]
-    assert goals.count("| not measured |") == len(analysis.GPU_OP_GOALS) + len(analysis.GPU_E2E_GOALS) + 1
+    assert goals.count("| not measured |") == len(analysis.GPU_OP_GOALS) + len(analysis.GPU_E2E_GOALS) + 1 + len(
+        analysis.GPU_ADM_GOALS)
     assert "Environment: GPU none;" in text and "copy not measured; bf16 matmul not measured" in text
 
 
